@@ -1,0 +1,225 @@
+//! Keys: the node's Ed25519 signing key (ring) and X25519 encryption key (HPKE), and the
+//! file format they are kept in.
+//!
+//! Key file format (version 1): UTF-8 text, one line `refex-<kind>-v1:<hex>` where kind is
+//! `ed25519-pkcs8` (the PKCS#8 v2 document ring produces) or `x25519` (the 32-byte secret).
+//! Public keys travel in the peer directory as 64 hex digits.
+//! Invariants: a private key is only ever read from a file that is a regular file, not a
+//! symlink, and not readable by group or others (mode & 0o077 == 0); the bytes are never logged.
+//! Must not: do network I/O or know about envelopes' wire layout beyond what seal/open need.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::rand::SystemRandom;
+use ring::signature::{self, Ed25519KeyPair, KeyPair};
+
+/// Errors loading, parsing or generating keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The key file is readable by group or others, or is not a plain file.
+    #[error("key file {path} must be a regular file readable only by its owner (mode 0600), found mode {mode:o}")]
+    Permissions { path: PathBuf, mode: u32 },
+    /// The content is not a key of the expected kind.
+    #[error("key file {path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+    /// A public key string is not 64 hex digits of a valid key.
+    #[error("public key '{0}' is not 64 hex digits")]
+    BadPublicKey(String),
+    /// The system random generator failed.
+    #[error("random generator failed")]
+    Random,
+}
+
+/// Reads a secret file, refusing symlinks, non-regular files and group/world access.
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = fs::symlink_metadata(path).map_err(io)?;
+    let mode = meta.mode() & 0o7777;
+    if !meta.file_type().is_file() || mode & 0o077 != 0 {
+        return Err(KeyError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    fs::read(path).map_err(io)
+}
+
+/// Writes a secret file with mode 0600 (created new; an existing file is an error) and syncs it.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(contents).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+fn decode_key_text(path: &Path, text: &[u8], kind: &str) -> Result<Vec<u8>, KeyError> {
+    let fmt_err = |reason: String| KeyError::Format {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::str::from_utf8(text).map_err(|_| fmt_err("not UTF-8 text".into()))?;
+    let prefix = format!("refex-{kind}-v1:");
+    let hex_part = text
+        .trim()
+        .strip_prefix(&prefix)
+        .ok_or_else(|| fmt_err(format!("expected a line starting '{prefix}'")))?;
+    hex::decode(hex_part).map_err(|_| fmt_err("key material is not hex".into()))
+}
+
+fn encode_key_text(kind: &str, bytes: &[u8]) -> String {
+    format!("refex-{kind}-v1:{}\n", hex::encode(bytes))
+}
+
+/// The node's Ed25519 signing key.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("public", &self.public_key())
+            .finish()
+    }
+}
+
+impl SigningKey {
+    /// Generates a new key and returns it with its key-file text.
+    pub fn generate() -> Result<(Self, String), KeyError> {
+        let doc =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
+        let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| KeyError::Random)?;
+        Ok((
+            Self { pair },
+            encode_key_text("ed25519-pkcs8", doc.as_ref()),
+        ))
+    }
+
+    /// Loads a key file (see the module doc for format and permission rules).
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let text = read_secret_file(path)?;
+        let der = decode_key_text(path, &text, "ed25519-pkcs8")?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| KeyError::Format {
+                path: path.to_owned(),
+                reason: format!("not an Ed25519 PKCS#8 key: {e}"),
+            })?;
+        Ok(Self { pair })
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(self.pair.public_key().as_ref());
+        VerifyingKey(k)
+    }
+
+    /// Signs `msg`; callers prepend their own domain-separation tag.
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(self.pair.sign(msg).as_ref());
+        out
+    }
+}
+
+/// An Ed25519 public key, as listed in the peer directory.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VerifyingKey([u8; 32]);
+
+impl fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VerifyingKey({})", self.to_hex())
+    }
+}
+
+impl VerifyingKey {
+    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+        let v = hex::decode(s.trim())
+            .map_err(|_| KeyError::BadPublicKey(s.chars().take(80).collect()))?;
+        let k: [u8; 32] = v
+            .try_into()
+            .map_err(|_| KeyError::BadPublicKey(s.chars().take(80).collect()))?;
+        Ok(Self(k))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// True when `sig` is this key's signature over `msg`.
+    pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
+        signature::UnparsedPublicKey::new(&signature::ED25519, &self.0)
+            .verify(msg, sig)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signing_key_round_trips_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sign.key");
+        let (key, text) = SigningKey::generate().unwrap();
+        write_secret_file(&path, text.as_bytes()).unwrap();
+        let loaded = SigningKey::load(&path).unwrap();
+        assert_eq!(loaded.public_key(), key.public_key());
+        let sig = loaded.sign(b"hello");
+        assert!(key.public_key().verify(b"hello", &sig));
+        assert!(!key.public_key().verify(b"hellp", &sig));
+    }
+
+    #[test]
+    fn group_readable_key_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sign.key");
+        let (_, text) = SigningKey::generate().unwrap();
+        write_secret_file(&path, text.as_bytes()).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            SigningKey::load(&path),
+            Err(KeyError::Permissions { .. })
+        ));
+    }
+
+    #[test]
+    fn symlinked_key_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sign.key");
+        let (_, text) = SigningKey::generate().unwrap();
+        write_secret_file(&path, text.as_bytes()).unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(matches!(
+            SigningKey::load(&link),
+            Err(KeyError::Permissions { .. })
+        ));
+    }
+}

@@ -1,0 +1,4 @@
+//! refex
+pub mod crypto;
+pub mod digest;
+pub mod types;
