@@ -1,1 +1,5 @@
-fn main() {}
+//! The `refex` command line: a thin edge over the library (see `refex::cli`).
+
+fn main() -> std::process::ExitCode {
+    refex::cli::main()
+}

@@ -1,1 +1,6 @@
+//! Integration tests: real `refex run` processes exchanging referrals over QUIC on 127.0.0.1.
+//! One test binary so the library links once; `harness` carries the detail.
 
+mod harness;
+
+mod exchange;

@@ -1,0 +1,296 @@
+//! Test harness: a development federation in a temp dir, with each area's daemon run as a real
+//! `refex run` process on its own loopback ports. Processes are killed and directories removed
+//! on drop.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use refex::config::Settings;
+use refex::types::AreaId;
+
+/// Each federation takes a block of ports of its own, so tests can run in parallel.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+const BLOCK: u16 = 8;
+
+fn port_block(n: usize) -> u16 {
+    if NEXT_PORT.load(Ordering::SeqCst) == 0 {
+        // Spread concurrent test runs (e.g. CI and a developer) apart by process id.
+        let start = 20_000 + (std::process::id() % 200) as u16 * 100;
+        let _ = NEXT_PORT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    loop {
+        let base = NEXT_PORT.fetch_add(BLOCK, Ordering::SeqCst);
+        assert!(n as u16 <= BLOCK);
+        let free = (0..n as u16).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+/// Waits until `ok` holds, polling; panics with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+pub struct Node {
+    pub area: AreaId,
+    pub config: PathBuf,
+    pub settings: Settings,
+    pub log: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Federation {
+    /// Creates the federation (no daemon started yet).
+    pub fn new(areas: &[&str]) -> Self {
+        Self::with_config(areas, "")
+    }
+
+    /// Creates the federation, appending `extra` TOML to every node's config.
+    pub fn with_config(areas: &[&str], extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids: Vec<AreaId> = areas.iter().map(|a| a.parse().expect("area id")).collect();
+        let base = port_block(areas.len());
+        let configs = refex::federation::init(dir.path(), &ids, base).expect("federation init");
+        let nodes = ids
+            .into_iter()
+            .zip(configs)
+            .map(|(area, config)| {
+                if !extra.is_empty() {
+                    let mut text = fs::read_to_string(&config).expect("config");
+                    text = merge_toml(&text, extra);
+                    fs::write(&config, text).expect("config");
+                }
+                let settings = Settings::load(&config).expect("generated config loads");
+                let log = dir.path().join(format!("{area}.log"));
+                Node { area, config, settings, log, extra_env: Vec::new(), child: None }
+            })
+            .collect();
+        Self { dir, nodes }
+    }
+
+    pub fn node(&self, area: &str) -> &Node {
+        self.nodes.iter().find(|n| n.area.as_str() == area).expect("area in federation")
+    }
+
+    pub fn node_mut(&mut self, area: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.area.as_str() == area).expect("area in federation")
+    }
+
+    pub fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            n.start();
+        }
+    }
+}
+
+/// Appends `extra` to `base`, replacing keys of sections that already exist.
+fn merge_toml(base: &str, extra: &str) -> String {
+    let mut doc: toml::Table = base.parse().expect("base toml");
+    let add: toml::Table = extra.parse().expect("extra toml");
+    for (k, v) in add {
+        match (doc.get_mut(&k), v) {
+            (Some(toml::Value::Table(t)), toml::Value::Table(add)) => t.extend(add),
+            (_, v) => {
+                doc.insert(k, v);
+            }
+        }
+    }
+    toml::to_string(&doc).expect("toml")
+}
+
+impl Node {
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.area);
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_refex"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn refex run"));
+        let sock = self.settings.control_socket.clone();
+        let log = self.log.clone();
+        let start = Instant::now();
+        while !sock.exists() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("{} exited at start ({status}); log:\n{}", self.area, fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{} did not start", self.area);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("{} did not stop within 30 s of SIGTERM", self.area);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the process dies wherever it is.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn outbox(&self) -> &Path {
+        &self.settings.paths.outbox
+    }
+
+    pub fn inbox(&self) -> &Path {
+        &self.settings.paths.inbox
+    }
+
+    /// Drops a file the careful way: temporary name, then rename.
+    pub fn drop_file(&self, name: &str, bytes: &[u8]) {
+        let tmp = self.outbox().join(format!(".{name}.tmp"));
+        fs::write(&tmp, bytes).expect("write");
+        fs::rename(&tmp, self.outbox().join(name)).expect("rename");
+    }
+
+    /// The delivered referral files (visible names only).
+    pub fn inbox_files(&self) -> Vec<PathBuf> {
+        list(self.inbox(), |n| n.ends_with(".json") && !n.starts_with('.'))
+    }
+
+    /// Parsed inbox documents.
+    pub fn inbox_docs(&self) -> Vec<serde_json::Value> {
+        self.inbox_files()
+            .iter()
+            .filter_map(|p| serde_json::from_slice(&fs::read(p).ok()?).ok())
+            .collect()
+    }
+
+    /// Files still waiting in the outbox (not rejected/).
+    pub fn outbox_files(&self) -> Vec<PathBuf> {
+        list(self.outbox(), |_| true).into_iter().filter(|p| p.is_file()).collect()
+    }
+
+    pub fn rejected_files(&self) -> Vec<PathBuf> {
+        list(&self.outbox().join("rejected"), |_| true)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `refex <args> --config <this node's config>`, returning (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_refex"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run refex");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn list(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().map(|n| keep(&n.to_string_lossy())).unwrap_or(false))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A valid referral (fake person) for `area`, as REFERRAL.md's JSON.
+pub fn referral(source_ref: &str, area: &str) -> String {
+    referral_with(source_ref, area, "burglary", false)
+}
+
+/// A referral with a chosen category; `enhanced` sets a VCOP priority flag.
+pub fn referral_with(source_ref: &str, area: &str, category: &str, enhanced: bool) -> String {
+    serde_json::json!({
+        "schema": "refex.referral.v1",
+        "source_system": "test-records",
+        "source_ref": source_ref,
+        "referring_org": "Test Police",
+        "referred_at": "2026-11-20T14:03:00Z",
+        "residence": { "area": area },
+        "victim": {
+            "name": "Testy McTestface",
+            "date_of_birth": "1980-01-01",
+            "phone": "07700 900999",
+            "email": "testy@example.org",
+            "address": "1 Test Street, Testtown",
+            "preferred_language": "en",
+            "needs": ["emotional support"]
+        },
+        "offence": { "category": category, "crime_ref": "TEST-0001", "date": "2026-11-19" },
+        "priority": {
+            "most_serious_crime": enhanced,
+            "persistently_targeted": false,
+            "vulnerable_or_intimidated": false
+        },
+        "consent": {
+            "referral": true,
+            "explicit": { "given": true, "recorded_by": "PC 0000", "recorded_at": "2026-11-20T13:55:00Z" }
+        },
+        "incident": null,
+        "notes": "Fake note for tests."
+    })
+    .to_string()
+}
