@@ -4,6 +4,15 @@
 //! Key file format (version 1): UTF-8 text, one line `refex-<kind>-v1:<hex>` where kind is
 //! `ed25519-pkcs8` (the PKCS#8 v2 document ring produces) or `x25519` (the 32-byte secret).
 //! Public keys travel in the peer directory as 64 hex digits.
+//!
+//! Sealing (envelope format v1, see `envelope`): HPKE base mode (RFC 9180) to the recipient's
+//! X25519 key with KEM X25519-HKDF-SHA256, KDF HKDF-SHA256, AEAD ChaCha20-Poly1305;
+//! `info` = `refex/1 envelope`, AAD = the exact header bytes. The signature is Ed25519 over
+//! `SIG_TAG ‖ u64be(len header) ‖ header ‖ u64be(len enc) ‖ enc ‖ u64be(len ct) ‖ ct`.
+//! Opening checks run in DESIGN.md's order, each with its own [`OpenError`]: size, decode,
+//! recipient, sender = TLS peer, known sender, signature, clock window; the caller then checks
+//! duplicates (it owns the store) before [`VerifiedEnvelope::decrypt`], then decodes the payload.
+//! Receipts: Ed25519 over `RECEIPT_TAG ‖ body bytes`.
 //! Invariants: a private key is only ever read from a file that is a regular file, not a
 //! symlink, and not readable by group or others (mode & 0o077 == 0); the bytes are never logged.
 //! Must not: do network I/O or know about envelopes' wire layout beyond what seal/open need.
@@ -14,8 +23,22 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use ring::rand::SystemRandom;
+use chrono::{DateTime, Utc};
+use hpke::aead::ChaCha20Poly1305;
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
+
+use crate::digest::sha256;
+use crate::envelope::{FormatError, Header, ReceiptBody, SignedReceipt, WireEnvelope, VERSION};
+use crate::types::{AreaId, EnvelopeId};
+
+type Kem = X25519HkdfSha256;
+const HPKE_INFO: &[u8] = b"refex/1 envelope";
+const SIG_TAG: &[u8] = b"refex/1 envelope-signature\0";
+const RECEIPT_TAG: &[u8] = b"refex/1 receipt\0";
 
 /// Errors loading, parsing or generating keys.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +199,363 @@ impl VerifyingKey {
             .verify(msg, sig)
             .is_ok()
     }
+}
+
+/// Fills `buf` from the operating system's random source.
+pub fn random_bytes(buf: &mut [u8]) {
+    // The system RNG failing is not recoverable and not input-driven.
+    if SystemRandom::new().fill(buf).is_err() {
+        panic!("the system random generator failed");
+    }
+}
+
+/// The node's X25519 secret key (HPKE recipient).
+pub struct KemSecretKey {
+    sk: <Kem as hpke::Kem>::PrivateKey,
+    pk: KemPublicKey,
+}
+
+impl fmt::Debug for KemSecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KemSecretKey").field("public", &self.pk).finish()
+    }
+}
+
+impl KemSecretKey {
+    fn from_secret(bytes: &[u8]) -> Option<Self> {
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(bytes).ok()?;
+        let pk = <Kem as hpke::Kem>::sk_to_pk(&sk);
+        let pk = KemPublicKey(pk.to_bytes().as_slice().try_into().ok()?);
+        Some(Self { sk, pk })
+    }
+
+    /// Generates a new key and returns it with its key-file text.
+    pub fn generate() -> Result<(Self, String), KeyError> {
+        let mut ikm = [0u8; 32];
+        random_bytes(&mut ikm);
+        let (sk, _) = Kem::derive_keypair(&ikm);
+        let bytes = sk.to_bytes();
+        let key = Self::from_secret(&bytes).ok_or(KeyError::Random)?;
+        Ok((key, encode_key_text("x25519", &bytes)))
+    }
+
+    /// Loads a key file (see the module doc for format and permission rules).
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let text = read_secret_file(path)?;
+        let raw = decode_key_text(path, &text, "x25519")?;
+        Self::from_secret(&raw).ok_or_else(|| KeyError::Format {
+            path: path.to_owned(),
+            reason: "not a 32-byte X25519 secret key".into(),
+        })
+    }
+
+    pub fn public_key(&self) -> KemPublicKey {
+        self.pk
+    }
+}
+
+/// An X25519 public key, as listed in the peer directory.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KemPublicKey([u8; 32]);
+
+impl fmt::Debug for KemPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KemPublicKey({})", self.to_hex())
+    }
+}
+
+impl KemPublicKey {
+    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+        let bad = || KeyError::BadPublicKey(s.chars().take(80).collect());
+        let v = hex::decode(s.trim()).map_err(|_| bad())?;
+        let k: [u8; 32] = v.try_into().map_err(|_| bad())?;
+        <Kem as hpke::Kem>::PublicKey::from_bytes(&k).map_err(|_| bad())?;
+        Ok(Self(k))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// Why sealing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The header's payload length does not match the payload.
+    #[error("header payload_len {header} does not match the payload ({actual} bytes)")]
+    Length { header: u64, actual: usize },
+    /// HPKE refused (an invalid recipient key).
+    #[error("encryption failed: {0}")]
+    Hpke(String),
+}
+
+/// A sealed envelope. Only [`seal`] (or reloading our own store) makes one.
+#[derive(Clone, Debug)]
+pub struct SealedEnvelope {
+    header: Header,
+    bytes: Vec<u8>,
+}
+
+impl SealedEnvelope {
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn id(&self) -> EnvelopeId {
+        self.header.id
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.bytes.clone()
+    }
+
+    /// Reloads an envelope this node sealed and stored (no signature check: our own store).
+    pub fn from_stored(bytes: Vec<u8>) -> Result<Self, OpenError> {
+        let w = WireEnvelope::decode(&bytes).map_err(OpenError::Decode)?;
+        let header = Header::decode(&w.header).map_err(OpenError::Decode)?;
+        Ok(Self { header, bytes })
+    }
+}
+
+fn signed_message(header: &[u8], enc: &[u8], ct: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIG_TAG.len() + 24 + header.len() + enc.len() + ct.len());
+    m.extend_from_slice(SIG_TAG);
+    for part in [header, enc, ct] {
+        m.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        m.extend_from_slice(part);
+    }
+    m
+}
+
+/// Encrypts `payload` to `recipient` and signs the result.
+pub fn seal(header: Header, payload: &[u8], signer: &SigningKey, recipient: &KemPublicKey) -> Result<SealedEnvelope, SealError> {
+    if header.payload_len != payload.len() as u64 {
+        return Err(SealError::Length { header: header.payload_len, actual: payload.len() });
+    }
+    let header_bytes = header.encode();
+    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&recipient.0).map_err(|e| SealError::Hpke(e.to_string()))?;
+    let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem, _>(
+        &OpModeS::Base,
+        &pk,
+        HPKE_INFO,
+        payload,
+        &header_bytes,
+        &mut rand_core::OsRng,
+    )
+    .map_err(|e| SealError::Hpke(e.to_string()))?;
+    let enc = enc.to_bytes().to_vec();
+    let sig = signer.sign(&signed_message(&header_bytes, &enc, &ct));
+    let wire = WireEnvelope {
+        v: VERSION,
+        header: serde_bytes::ByteBuf::from(header_bytes),
+        enc: serde_bytes::ByteBuf::from(enc),
+        ct: serde_bytes::ByteBuf::from(ct),
+        sig: serde_bytes::ByteBuf::from(sig.to_vec()),
+    };
+    Ok(SealedEnvelope { header, bytes: wire.encode() })
+}
+
+/// Bounds for opening envelopes.
+#[derive(Clone, Debug)]
+pub struct OpenPolicy {
+    pub max_bytes: usize,
+    pub max_age: chrono::Duration,
+    pub max_skew: chrono::Duration,
+}
+
+/// Why an envelope was refused, in the order the checks run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// Larger than the configured limit (checked before decoding).
+    #[error("envelope of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    /// Not a well-formed envelope.
+    #[error("envelope does not decode: {0}")]
+    Decode(FormatError),
+    /// Addressed to another area.
+    #[error("envelope is addressed to {to}, not this area")]
+    WrongRecipient { to: AreaId },
+    /// `from` is not the area the TLS connection authenticated.
+    #[error("envelope claims to be from {claimed} but the connection is from {peer}")]
+    SenderMismatch { claimed: AreaId, peer: AreaId },
+    /// The sender has no keys in the directory.
+    #[error("sender {0} is not in the peer directory")]
+    UnknownSender(AreaId),
+    /// The signature does not verify against the sender's keys.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// Created too long ago.
+    #[error("envelope created {0} is older than the accepted window")]
+    Stale(DateTime<Utc>),
+    /// Created too far in the future.
+    #[error("envelope created {0} is further in the future than the clock skew allows")]
+    FromFuture(DateTime<Utc>),
+    /// HPKE decryption failed (sealed to another key, or corrupted).
+    #[error("envelope does not decrypt with this node's key")]
+    Decrypt,
+    /// The plaintext length differs from the header's `payload_len`.
+    #[error("payload length differs from the header")]
+    Length,
+}
+
+impl OpenError {
+    /// A stable code for replies and audit records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::Decode(_) => "decode",
+            Self::WrongRecipient { .. } => "wrong_recipient",
+            Self::SenderMismatch { .. } => "sender_mismatch",
+            Self::UnknownSender(_) => "unknown_sender",
+            Self::BadSignature => "bad_signature",
+            Self::Stale(_) => "stale",
+            Self::FromFuture(_) => "from_future",
+            Self::Decrypt => "decrypt",
+            Self::Length => "payload_length",
+        }
+    }
+
+    /// True when re-sending the same bytes can never succeed. A future-dated envelope may be
+    /// accepted once clocks agree, so it is not permanent.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, Self::FromFuture(_))
+    }
+}
+
+/// An envelope whose signature, addressing and freshness have been checked.
+#[derive(Debug)]
+pub struct VerifiedEnvelope {
+    header: Header,
+    wire: WireEnvelope,
+    digest: [u8; 32],
+}
+
+/// A decrypted envelope.
+#[derive(Debug)]
+pub struct OpenedEnvelope {
+    pub header: Header,
+    pub payload: Vec<u8>,
+    pub digest: [u8; 32],
+}
+
+/// Runs the opening checks up to (not including) the duplicate check and decryption.
+pub fn verify(
+    bytes: &[u8],
+    me: &AreaId,
+    tls_peer: &AreaId,
+    sender_keys: impl Fn(&AreaId) -> Option<Vec<VerifyingKey>>,
+    now: DateTime<Utc>,
+    policy: &OpenPolicy,
+) -> Result<VerifiedEnvelope, OpenError> {
+    if bytes.len() > policy.max_bytes {
+        return Err(OpenError::TooLarge { size: bytes.len(), max: policy.max_bytes });
+    }
+    let wire = WireEnvelope::decode(bytes).map_err(OpenError::Decode)?;
+    let header = Header::decode(&wire.header).map_err(OpenError::Decode)?;
+    if &header.to != me {
+        return Err(OpenError::WrongRecipient { to: header.to });
+    }
+    if &header.from != tls_peer {
+        return Err(OpenError::SenderMismatch { claimed: header.from, peer: tls_peer.clone() });
+    }
+    let keys = sender_keys(&header.from).ok_or_else(|| OpenError::UnknownSender(header.from.clone()))?;
+    let msg = signed_message(&wire.header, &wire.enc, &wire.ct);
+    if !keys.iter().any(|k| k.verify(&msg, &wire.sig)) {
+        return Err(OpenError::BadSignature);
+    }
+    if header.created < now - policy.max_age {
+        return Err(OpenError::Stale(header.created));
+    }
+    if header.created > now + policy.max_skew {
+        return Err(OpenError::FromFuture(header.created));
+    }
+    Ok(VerifiedEnvelope { header, wire, digest: sha256(bytes) })
+}
+
+impl VerifiedEnvelope {
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// SHA-256 of the exact envelope bytes (what the receipt names).
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    pub fn decrypt(self, key: &KemSecretKey) -> Result<OpenedEnvelope, OpenError> {
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&self.wire.enc).map_err(|_| OpenError::Decrypt)?;
+        let payload = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
+            &OpModeR::Base,
+            &key.sk,
+            &enc,
+            HPKE_INFO,
+            &self.wire.ct,
+            &self.wire.header,
+        )
+        .map_err(|_| OpenError::Decrypt)?;
+        if payload.len() as u64 != self.header.payload_len {
+            return Err(OpenError::Length);
+        }
+        Ok(OpenedEnvelope { header: self.header, payload, digest: self.digest })
+    }
+}
+
+/// Signs a receipt body.
+pub fn sign_receipt(body: &ReceiptBody, signer: &SigningKey) -> SignedReceipt {
+    let bytes = body.encode();
+    let mut msg = RECEIPT_TAG.to_vec();
+    msg.extend_from_slice(&bytes);
+    SignedReceipt {
+        v: VERSION,
+        body: serde_bytes::ByteBuf::from(bytes),
+        sig: serde_bytes::ByteBuf::from(signer.sign(&msg).to_vec()),
+    }
+}
+
+/// Why a receipt does not prove delivery.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("receipt does not decode: {0}")]
+    Decode(FormatError),
+    #[error("receipt signature does not verify against the receiver's keys")]
+    BadSignature,
+    #[error("receipt names another envelope")]
+    WrongEnvelope,
+    #[error("receipt's digest does not match the envelope sent")]
+    WrongDigest,
+    #[error("receipt is from another area")]
+    WrongReceiver,
+}
+
+/// Checks a receipt: signature by one of `receiver_keys`, and it names exactly what was sent.
+pub fn verify_receipt(
+    bytes: &[u8],
+    receiver_keys: &[VerifyingKey],
+    expected_id: &EnvelopeId,
+    expected_sha256: &[u8; 32],
+    expected_receiver: &AreaId,
+) -> Result<ReceiptBody, ReceiptError> {
+    let signed = SignedReceipt::decode(bytes).map_err(ReceiptError::Decode)?;
+    let mut msg = RECEIPT_TAG.to_vec();
+    msg.extend_from_slice(&signed.body);
+    if !receiver_keys.iter().any(|k| k.verify(&msg, &signed.sig)) {
+        return Err(ReceiptError::BadSignature);
+    }
+    let body = ReceiptBody::decode(&signed.body).map_err(ReceiptError::Decode)?;
+    if &body.envelope_id != expected_id {
+        return Err(ReceiptError::WrongEnvelope);
+    }
+    if &body.envelope_sha256 != expected_sha256 {
+        return Err(ReceiptError::WrongDigest);
+    }
+    if &body.receiver != expected_receiver {
+        return Err(ReceiptError::WrongReceiver);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

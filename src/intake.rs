@@ -161,6 +161,7 @@ impl IntakeContext {
                     Ok(class) => {
                         self.accept(&f.name, file_hash, vec![Accepted { referral, class, row: None }], false, now)
                             .await?;
+                        crate::failpoint::hit("intake_before_delete");
                         outbox_dir::remove_taken(&self.outbox, f)?;
                     }
                 },
@@ -193,6 +194,7 @@ impl IntakeContext {
                         }
                     }
                     self.accept(&f.name, file_hash, good, true, now).await?;
+                    crate::failpoint::hit("intake_before_delete");
                     if !bad.is_empty() {
                         warn!(file = %f.name, refused_rows = bad.len(), "batch rows refused; written to rejected/");
                         let rows = write_rows(&batch.header, &bad);
@@ -261,6 +263,7 @@ impl IntakeContext {
             queued.push((result, digest, subject));
         }
         self.store.durable().await?;
+        crate::failpoint::hit("intake_after_store");
 
         for (item, (result, digest, subject)) in items.iter().zip(&queued) {
             let (id, duplicate) = match result {

@@ -9,7 +9,7 @@
 //! # Layout
 //! Modules are layered; imports only go downward (a module never imports a higher layer, and
 //! adapters never import each other).
-//! 1. Pure domain, no I/O, time passed in: [`types`], [`digest`], [`referral`] (model,
+//! 1. Pure domain, no I/O, time passed in: [`types`], [`digest`], [`failpoint`], [`referral`] (model,
 //!    validation, CSV), [`routing`], [`calendar`], [`envelope`] (wire formats), [`retry`],
 //!    `audit::chain`.
 //! 2. Crypto and key material: [`crypto`] (keys, seal/open, receipts), [`directory`] (peer
@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod demo;
 pub mod digest;
 pub mod directory;
+pub mod failpoint;
 pub mod envelope;
 pub mod federation;
 pub mod inbox_dir;

@@ -224,6 +224,7 @@ impl Receiver {
         tokio::task::spawn_blocking(move || inbox.stage(&staged_name, &doc))
             .await
             .map_err(|_| TakeError::Join)??;
+        crate::failpoint::hit("receiver_after_stage");
 
         let subject = self.subject.key(&referral.source_system, &referral.source_ref);
         let head = self
@@ -257,6 +258,7 @@ impl Receiver {
         };
         self.store.put_seen(&id, &rec)?;
         self.store.durable().await?;
+        crate::failpoint::hit("receiver_after_seen");
 
         let inbox = self.inbox.clone();
         tokio::task::spawn_blocking(move || inbox.publish(&name))
@@ -273,6 +275,7 @@ impl Receiver {
                     .reason("written_to_inbox"),
             )
             .await?;
+        crate::failpoint::hit("receiver_before_reply");
         info!(peer = %peer, envelope_id = %id, priority = %header.priority, "referral delivered to inbox");
         Ok(receipt)
     }

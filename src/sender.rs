@@ -189,6 +189,7 @@ async fn send_one(ctx: &SenderContext, peer: &AreaId, id: EnvelopeId, rec: OutRe
                     return SendOutcome::Transient(format!("invalid receipt: {e}"));
                 }
             };
+            crate::failpoint::hit("sender_before_receipt_stored");
             if let Err(e) = ctx.store.mark_delivered(&id, &receipt, &body.audit_head, Utc::now()) {
                 return SendOutcome::Transient(format!("cannot store receipt: {e}"));
             }
@@ -207,11 +208,17 @@ async fn send_one(ctx: &SenderContext, peer: &AreaId, id: EnvelopeId, rec: OutRe
                 .route(route.0, route.1)
                 .digest(digest)
                 .peer_head(&body.audit_head);
+            let mut erasure = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+                .envelope(id)
+                .route(route.0, route.1)
+                .digest(digest)
+                .reason("payload_erased_after_receipt");
             if let Some(k) = &rec.subject_key {
                 disclosure = disclosure.subject_hex(k);
                 receipt_ev = receipt_ev.subject_hex(k);
+                erasure = erasure.subject_hex(k);
             }
-            for ev in [disclosure, receipt_ev] {
+            for ev in [disclosure, receipt_ev, erasure] {
                 if let Err(e) = ctx.audit.record(ev).await {
                     error!(envelope_id = %id, "audit record of a delivery failed: {e}");
                 }

@@ -4,3 +4,5 @@
 mod harness;
 
 mod exchange;
+mod outage;
+mod torture;

@@ -1,0 +1,35 @@
+//! Crash points for the torture tests: `REFEX_CRASH_AT=<point>[:<n>]` makes the process abort
+//! (as `kill -9` would, no cleanup, no flush) the n-th time (default 1st) it passes `point`.
+//!
+//! The points sit in the windows where a crash is most dangerous: between a durable store write
+//! and the deletion of the outbox file, between staging and publishing an inbox file, between
+//! publishing and answering, between receiving a receipt and storing it. Without the variable
+//! this is one relaxed atomic load per call.
+//! Must not: be set in production (it is only read from the environment; nothing else sets it).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static PASSES: AtomicU64 = AtomicU64::new(0);
+
+fn target() -> &'static Option<(String, u64)> {
+    TARGET.get_or_init(|| {
+        let v = std::env::var("REFEX_CRASH_AT").ok()?;
+        let (point, n) = match v.split_once(':') {
+            Some((p, n)) => (p.to_owned(), n.parse().unwrap_or(1)),
+            None => (v, 1),
+        };
+        Some((point, n.max(1)))
+    })
+}
+
+/// Aborts the process here if this is the configured crash point and pass.
+pub fn hit(point: &str) {
+    if let Some((p, n)) = target() {
+        if p == point && PASSES.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+            eprintln!("REFEX_CRASH_AT: aborting at {point}");
+            std::process::abort();
+        }
+    }
+}

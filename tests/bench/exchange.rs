@@ -1,0 +1,196 @@
+//! `cargo bench --bench exchange`: figures for the closing notes, printed, never asserted.
+//!
+//! 1. seal → verify → decrypt of one referral (library, per second).
+//! 2. store durability: one sync per envelope (baseline) vs group commit, envelopes per second
+//!    and the ratio.
+//! 3. end to end between two real daemons over QUIC on loopback: referrals per second from
+//!    outbox drop to the last inbox file, single JSON files and CSV batches.
+//! 4. startup with 100,000 envelopes queued: time until the control socket answers, and RSS.
+
+#[path = "../it/harness.rs"]
+mod harness;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
+use refex::envelope::{Header, CONTENT_TYPE_REFERRAL_V1};
+use refex::referral::parse_json;
+use refex::store::{NewEnvelope, Store};
+use refex::types::{AreaId, EnvelopeId, PriorityClass};
+
+use harness::{referral, wait_until, Federation};
+
+fn header(from: &AreaId, to: &AreaId, len: usize) -> Header {
+    Header {
+        v: 1,
+        id: EnvelopeId::generate(),
+        from: from.clone(),
+        to: to.clone(),
+        created: Utc::now(),
+        priority: PriorityClass::Standard,
+        due_by: Utc::now(),
+        content_type: CONTENT_TYPE_REFERRAL_V1.into(),
+        payload_len: len as u64,
+    }
+}
+
+fn bench_crypto() {
+    let (signer, _) = SigningKey::generate().unwrap();
+    let (kem, _) = KemSecretKey::generate().unwrap();
+    let (a, b): (AreaId, AreaId) = ("west-midlands".parse().unwrap(), "london".parse().unwrap());
+    let payload = parse_json(referral("BENCH-1", "london").as_bytes()).unwrap().to_cbor();
+    let policy = OpenPolicy { max_bytes: 1 << 20, max_age: chrono::Duration::days(1), max_skew: chrono::Duration::minutes(5) };
+    let keys = vec![signer.public_key()];
+    let n = 2_000;
+    let start = Instant::now();
+    for _ in 0..n {
+        let sealed = crypto::seal(header(&a, &b, payload.len()), &payload, &signer, &kem.public_key()).unwrap();
+        let v = crypto::verify(&sealed.to_bytes(), &b, &a, |_| Some(keys.clone()), Utc::now(), &policy).unwrap();
+        v.decrypt(&kem).unwrap();
+    }
+    let per_sec = n as f64 / start.elapsed().as_secs_f64();
+    println!("crypto: seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s", payload.len());
+}
+
+async fn bench_store() {
+    let to: AreaId = "london".parse().unwrap();
+    let env = |i: u32| {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&i.to_be_bytes());
+        (
+            NewEnvelope {
+                id: EnvelopeId::generate(),
+                to: to.clone(),
+                priority: PriorityClass::Standard,
+                due_by: Utc::now(),
+                created: Utc::now(),
+                sealed: vec![0u8; 2048],
+                digest: [0; 32],
+                subject_key: None,
+            },
+            key,
+        )
+    };
+    let n = 1_000u32;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        let (e, k) = env(i);
+        store.enqueue(e, &k).unwrap();
+        store.durable().await.unwrap();
+    }
+    let one_by_one = n as f64 / start.elapsed().as_secs_f64();
+    let syncs_one = store.sync_count();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let store = store.clone();
+        let (e, k) = env(i);
+        tasks.push(tokio::spawn(async move {
+            store.enqueue(e, &k).unwrap();
+            store.durable().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let grouped = n as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "store: durable enqueue, one sync per envelope {one_by_one:.0}/s ({syncs_one} syncs) vs group commit {grouped:.0}/s ({} syncs): {:.1}x",
+        store.sync_count(),
+        grouped / one_by_one
+    );
+}
+
+fn bench_end_to_end(n: usize, batch: usize) {
+    let mut fed = Federation::with_config(&["west-midlands", "london"], "[intake]\nsettle_ms = 50\nrescan_ms = 1000\n");
+    fed.start_all();
+    let start = Instant::now();
+    if batch == 1 {
+        for i in 0..n {
+            fed.node("west-midlands").drop_file(&format!("r{i}.json"), referral(&format!("E2E-{i}"), "london").as_bytes());
+        }
+    } else {
+        for b in 0..n / batch {
+            let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
+            for i in 0..batch {
+                csv.push_str(&format!("bench,B-{b}-{i},2026-11-20T14:03:00Z,london,Test Person,07700 900999,theft,yes\n"));
+            }
+            fed.node("west-midlands").drop_file(&format!("b{b}.csv"), csv.as_bytes());
+        }
+    }
+    wait_until(Duration::from_secs(600), "all referrals to arrive", || fed.node("london").inbox_files().len() >= n);
+    let secs = start.elapsed().as_secs_f64();
+    let what = if batch == 1 { "single JSON files".to_owned() } else { format!("CSV batches of {batch}") };
+    println!("end to end: {n} referrals as {what}: {secs:.2} s, {:.0} referrals/s", n as f64 / secs);
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn bench_startup(n: u32) {
+    let mut fed = Federation::new(&["west-midlands", "london"]);
+    let wm = fed.node("west-midlands");
+    {
+        let store = Store::open(&wm.settings.paths.state.join("db")).unwrap();
+        let to: AreaId = "london".parse().unwrap();
+        let (signer, _) = SigningKey::generate().unwrap();
+        let kem = wm.settings.directory.get(&to).unwrap().encryption_key;
+        let payload = parse_json(referral("BENCH", "london").as_bytes()).unwrap().to_cbor();
+        for i in 0..n {
+            let sealed = crypto::seal(header(&wm.area, &to, payload.len()), &payload, &signer, &kem).unwrap();
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            let e = NewEnvelope {
+                id: sealed.id(),
+                to: to.clone(),
+                priority: if i % 7 == 0 { PriorityClass::Enhanced } else { PriorityClass::Standard },
+                due_by: Utc::now(),
+                created: Utc::now(),
+                digest: [0; 32],
+                sealed: sealed.to_bytes(),
+                subject_key: None,
+            };
+            store.enqueue(e, &key).unwrap();
+        }
+        store.close().await.unwrap();
+        let queued = store.next_queued(&to, 10, &HashSet::new()).unwrap().len();
+        assert_eq!(queued, 10);
+    }
+    let start = Instant::now();
+    fed.node_mut("west-midlands").start();
+    let serving = start.elapsed();
+    let pid = fed.node("west-midlands").pid();
+    std::thread::sleep(Duration::from_secs(2));
+    println!(
+        "startup with {n} envelopes queued: control socket up after {:.2} s; RSS {} MiB (peak {} MiB) with the peer down",
+        serving.as_secs_f64(),
+        rss_kib(pid, "VmRSS:") / 1024,
+        rss_kib(pid, "VmHWM:") / 1024
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    bench_crypto();
+    rt.block_on(bench_store());
+    bench_end_to_end(1_000, 1);
+    bench_end_to_end(2_000, 100);
+    rt.block_on(bench_startup(100_000));
+}
