@@ -22,7 +22,11 @@ use crate::types::AreaId;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "refex", version, about = "Referral exchange daemon for PCC victim services")]
+#[command(
+    name = "refex",
+    version,
+    about = "Referral exchange daemon for PCC victim services"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -155,11 +159,19 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
-        Cmd::Federation { cmd: FederationCmd::Init { dir, areas, base_port } } => {
-            let areas: Result<Vec<AreaId>, _> = areas.iter().map(|a| AreaId::parse(a.trim())).collect();
-            let result = areas
-                .map_err(|e| e.to_string())
-                .and_then(|areas| crate::federation::init(&dir, &areas, base_port).map_err(|e| e.to_string()));
+        Cmd::Federation {
+            cmd:
+                FederationCmd::Init {
+                    dir,
+                    areas,
+                    base_port,
+                },
+        } => {
+            let areas: Result<Vec<AreaId>, _> =
+                areas.iter().map(|a| AreaId::parse(a.trim())).collect();
+            let result = areas.map_err(|e| e.to_string()).and_then(|areas| {
+                crate::federation::init(&dir, &areas, base_port).map_err(|e| e.to_string())
+            });
             match result {
                 Ok(configs) => {
                     for c in configs {
@@ -175,9 +187,20 @@ pub fn main() -> ExitCode {
             Err(e) => fail(&format!("demo failed: {e:#}")),
         },
         Cmd::Status { config } => with_settings(&config, |s| {
-            let resp = block_on(control::call(&s.control_socket, &request("status", None, None, None)))
-                .map_err(|e| format!("cannot reach the daemon at {}: {e}", s.control_socket.display()))?;
-            println!("{}", serde_json::to_string_pretty(&resp).unwrap_or_default());
+            let resp = block_on(control::call(
+                &s.control_socket,
+                &request("status", None, None, None),
+            ))
+            .map_err(|e| {
+                format!(
+                    "cannot reach the daemon at {}: {e}",
+                    s.control_socket.display()
+                )
+            })?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&resp).unwrap_or_default()
+            );
             ok_field(&resp)
         }),
         Cmd::Outbox { cmd } => {
@@ -186,8 +209,16 @@ pub fn main() -> ExitCode {
                 OutboxCmd::Withdraw { config, id } => (config, id, "withdraw"),
             };
             with_settings(&config, |s| {
-                let resp = block_on(control::call(&s.control_socket, &request(action, Some(id), None, None)))
-                    .map_err(|e| format!("cannot reach the daemon at {}: {e}", s.control_socket.display()))?;
+                let resp = block_on(control::call(
+                    &s.control_socket,
+                    &request(action, Some(id), None, None),
+                ))
+                .map_err(|e| {
+                    format!(
+                        "cannot reach the daemon at {}: {e}",
+                        s.control_socket.display()
+                    )
+                })?;
                 println!("{resp}");
                 ok_field(&resp)
             })
@@ -202,7 +233,10 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("refex: cannot start runtime: {e}");
@@ -232,7 +266,11 @@ fn ok_field(resp: &serde_json::Value) -> Result<(), String> {
     if resp.get("ok").and_then(|v| v.as_bool()) == Some(true) {
         Ok(())
     } else {
-        Err(resp.get("error").and_then(|v| v.as_str()).unwrap_or("request failed").to_owned())
+        Err(resp
+            .get("error")
+            .and_then(|v| v.as_str())
+            .unwrap_or("request failed")
+            .to_owned())
     }
 }
 
@@ -244,8 +282,20 @@ fn local_user() -> String {
         .unwrap_or_else(|_| format!("uid:{}", rustix::process::getuid().as_raw()))
 }
 
-fn request(cmd: &str, id: Option<String>, what: Option<String>, subject: Option<String>) -> Request {
-    Request { v: 1, cmd: cmd.into(), id, user: Some(local_user()), what, subject }
+fn request(
+    cmd: &str,
+    id: Option<String>,
+    what: Option<String>,
+    subject: Option<String>,
+) -> Request {
+    Request {
+        v: 1,
+        cmd: cmd.into(),
+        id,
+        user: Some(local_user()),
+        what,
+        subject,
+    }
 }
 
 fn run(config: &Path) -> ExitCode {
@@ -260,7 +310,10 @@ fn run(config: &Path) -> ExitCode {
         }
     };
     crate::telemetry::init(settings.telemetry.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start runtime: {e}")),
     };
@@ -269,7 +322,10 @@ fn run(config: &Path) -> ExitCode {
         let signals = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
@@ -308,8 +364,13 @@ fn audit(cmd: AuditCmd) -> ExitCode {
                 }
             }
         }),
-        AuditCmd::Search { config, source_ref, source_system } => with_settings(&config, |s| {
-            let secret = crate::audit::SubjectSecret::load(&s.keys.subject_secret).map_err(|e| e.to_string())?;
+        AuditCmd::Search {
+            config,
+            source_ref,
+            source_system,
+        } => with_settings(&config, |s| {
+            let secret = crate::audit::SubjectSecret::load(&s.keys.subject_secret)
+                .map_err(|e| e.to_string())?;
             let key = secret.key(&source_system, &source_ref);
             record_consultation(s, "audit_search", &key)?;
             let records = crate::audit::search(&s.paths.audit, &key).map_err(|e| e.to_string())?;
@@ -319,20 +380,29 @@ fn audit(cmd: AuditCmd) -> ExitCode {
             eprintln!("{} record(s) for this subject", records.len());
             Ok(())
         }),
-        AuditCmd::Report { config, from, to, by, csv, svg } => with_settings(&config, |s| {
+        AuditCmd::Report {
+            config,
+            from,
+            to,
+            by,
+            csv,
+            svg,
+        } => with_settings(&config, |s| {
             let by_week = match by.as_str() {
                 "week" => true,
                 "day" => false,
                 other => return Err(format!("--by {other}: expected week or day")),
             };
-            let report = crate::audit::report(&s.paths.audit, from, to, by_week).map_err(|e| e.to_string())?;
+            let report = crate::audit::report(&s.paths.audit, from, to, by_week)
+                .map_err(|e| e.to_string())?;
             if csv {
                 print!("{}", report.to_csv());
             } else {
                 print!("{}", report.to_table());
             }
             if let Some(path) = svg {
-                std::fs::write(&path, report.to_svg()).map_err(|e| format!("{}: {e}", path.display()))?;
+                std::fs::write(&path, report.to_svg())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
             }
             Ok(())
         }),
@@ -341,8 +411,17 @@ fn audit(cmd: AuditCmd) -> ExitCode {
 
 /// Records a consultation: through the running daemon (the single writer of the audit chain),
 /// or, when none runs, by opening the log directly.
-fn record_consultation(s: &Settings, what: &str, key: &crate::audit::SubjectKey) -> Result<(), String> {
-    let req = request("consultation", None, Some(what.into()), Some(key.to_string()));
+fn record_consultation(
+    s: &Settings,
+    what: &str,
+    key: &crate::audit::SubjectKey,
+) -> Result<(), String> {
+    let req = request(
+        "consultation",
+        None,
+        Some(what.into()),
+        Some(key.to_string()),
+    );
     if let Ok(resp) = block_on(control::call(&s.control_socket, &req)) {
         return ok_field(&resp);
     }

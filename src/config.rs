@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::directory::Directory;
 use crate::calendar::Calendar;
+use crate::directory::Directory;
 use crate::routing::RoutingTable;
 use crate::types::AreaId;
 
@@ -238,22 +238,39 @@ impl Settings {
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
         };
         let delivery = Delivery {
-            max_in_flight_per_peer: NonZeroU32::new(r.number("delivery.max_in_flight_per_peer", 32, 1, 1024) as u32)
-                .unwrap_or(NonZeroU32::MIN),
+            max_in_flight_per_peer: NonZeroU32::new(r.number(
+                "delivery.max_in_flight_per_peer",
+                32,
+                1,
+                1024,
+            ) as u32)
+            .unwrap_or(NonZeroU32::MIN),
             retry_initial: r.millis("delivery.retry_initial_ms", 500),
             retry_max: r.millis("delivery.retry_max_ms", 60_000),
-            non_delivery_after: Duration::from_secs(r.number("delivery.non_delivery_after_secs", 48 * 3600, 1, 365 * 86400)),
+            non_delivery_after: Duration::from_secs(r.number(
+                "delivery.non_delivery_after_secs",
+                48 * 3600,
+                1,
+                365 * 86400,
+            )),
         };
         let limits = Limits {
             max_frame_bytes: r.number("limits.max_frame_bytes", 1 << 20, 1024, 64 << 20) as u32,
-            max_streams_per_connection: r.number("limits.max_streams_per_connection", 64, 1, 10_000) as u32,
-            max_connections_per_peer: r.number("limits.max_connections_per_peer", 4, 1, 1_000) as u32,
+            max_streams_per_connection: r.number("limits.max_streams_per_connection", 64, 1, 10_000)
+                as u32,
+            max_connections_per_peer: r.number("limits.max_connections_per_peer", 4, 1, 1_000)
+                as u32,
             max_connections: r.number("limits.max_connections", 256, 1, 100_000) as u32,
             handshake_timeout: r.millis("limits.handshake_timeout_ms", 10_000),
             idle_timeout: r.millis("limits.idle_timeout_ms", 30_000),
             request_timeout: r.millis("limits.request_timeout_ms", 30_000),
             clock_skew: Duration::from_secs(r.number("limits.clock_skew_secs", 300, 0, 86_400)),
-            max_envelope_age: Duration::from_secs(r.number("limits.max_envelope_age_secs", 30 * 86_400, 60, 3650 * 86_400)),
+            max_envelope_age: Duration::from_secs(r.number(
+                "limits.max_envelope_age_secs",
+                30 * 86_400,
+                60,
+                3650 * 86_400,
+            )),
         };
         let audit = Audit {
             lawful_basis: r.string("audit.lawful_basis", "UK GDPR Art. 6(1)(e) public task; DPA 2018 s.35 (law enforcement)"),
@@ -270,7 +287,10 @@ impl Settings {
                 "human" => LogFormat::Human,
                 "json" => LogFormat::Json,
                 other => {
-                    r.error("telemetry.log_format", format!("'{other}' is not one of human, json"));
+                    r.error(
+                        "telemetry.log_format",
+                        format!("'{other}' is not one of human, json"),
+                    );
                     LogFormat::Human
                 }
             },
@@ -281,18 +301,34 @@ impl Settings {
             .unwrap_or_else(|| paths.state.join("control.sock"));
 
         if delivery.retry_initial > delivery.retry_max {
-            r.error("delivery.retry_initial_ms", "must not exceed delivery.retry_max_ms".into());
+            r.error(
+                "delivery.retry_initial_ms",
+                "must not exceed delivery.retry_max_ms".into(),
+            );
         }
-        if telemetry.metrics_listen.is_some_and(|a| !a.ip().is_loopback()) {
-            r.error("telemetry.metrics_listen", "metrics are only served on a loopback address".into());
+        if telemetry
+            .metrics_listen
+            .is_some_and(|a| !a.ip().is_loopback())
+        {
+            r.error(
+                "telemetry.metrics_listen",
+                "metrics are only served on a loopback address".into(),
+            );
         }
-        let (area, listen, directory, routing, calendar) = (area?, listen?, directory?, routing?, calendar?);
+        let (area, listen, directory, routing, calendar) =
+            (area?, listen?, directory?, routing?, calendar?);
         if !directory.contains(&area) {
-            r.error("area", format!("'{area}' is not listed in the peer directory"));
+            r.error(
+                "area",
+                format!("'{area}' is not listed in the peer directory"),
+            );
         }
         for target in routing.areas().collect::<BTreeSet<_>>() {
             if !directory.contains(target) {
-                r.error("files.postcodes", format!("routes to area '{target}', which is not in the peer directory"));
+                r.error(
+                    "files.postcodes",
+                    format!("routes to area '{target}', which is not in the peer directory"),
+                );
             }
         }
         Some(Self {
@@ -329,16 +365,45 @@ impl Settings {
         line("paths.inbox", self.paths.inbox.display().to_string());
         line("paths.state", self.paths.state.display().to_string());
         line("paths.audit", self.paths.audit.display().to_string());
-        line("keys.signing_key", format!("{} (secret, not shown)", self.keys.signing_key.display()));
-        line("keys.encryption_key", format!("{} (secret, not shown)", self.keys.encryption_key.display()));
-        line("keys.subject_secret", format!("{} (secret, not shown)", self.keys.subject_secret.display()));
+        line(
+            "keys.signing_key",
+            format!("{} (secret, not shown)", self.keys.signing_key.display()),
+        );
+        line(
+            "keys.encryption_key",
+            format!("{} (secret, not shown)", self.keys.encryption_key.display()),
+        );
+        line(
+            "keys.subject_secret",
+            format!("{} (secret, not shown)", self.keys.subject_secret.display()),
+        );
         line("keys.tls_ca", self.keys.tls_ca.display().to_string());
         line("keys.tls_cert", self.keys.tls_cert.display().to_string());
-        line("keys.tls_key", format!("{} (secret, not shown)", self.keys.tls_key.display()));
+        line(
+            "keys.tls_key",
+            format!("{} (secret, not shown)", self.keys.tls_key.display()),
+        );
         line("keys.tls_crl", format!("{:?}", self.keys.tls_crl));
-        line("files.directory", format!("{} ({} areas)", self.directory_file.display(), self.directory.areas().count()));
-        line("files.postcodes", format!("{} ({} prefixes)", self.postcodes_file.display(), self.routing.len()));
-        line("files.bank_holidays", self.bank_holidays_file.display().to_string());
+        line(
+            "files.directory",
+            format!(
+                "{} ({} areas)",
+                self.directory_file.display(),
+                self.directory.areas().count()
+            ),
+        );
+        line(
+            "files.postcodes",
+            format!(
+                "{} ({} prefixes)",
+                self.postcodes_file.display(),
+                self.routing.len()
+            ),
+        );
+        line(
+            "files.bank_holidays",
+            self.bank_holidays_file.display().to_string(),
+        );
         line("intake", format!("{:?}", self.intake));
         line("delivery", format!("{:?}", self.delivery));
         line("limits", format!("{:?}", self.limits));
@@ -351,7 +416,8 @@ impl Settings {
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("'{s}' is not an address like 127.0.0.1:7401"))
+    s.parse()
+        .map_err(|_| format!("'{s}' is not an address like 127.0.0.1:7401"))
 }
 
 /// Walks the loaded configuration tree, recording every key it reads and every problem, so
@@ -365,7 +431,12 @@ struct Reader {
 
 impl Reader {
     fn new(root: Value, base: PathBuf) -> Self {
-        Self { root, base, seen: BTreeSet::new(), errors: Vec::new() }
+        Self {
+            root,
+            base,
+            seen: BTreeSet::new(),
+            errors: Vec::new(),
+        }
     }
 
     fn error(&mut self, key: &str, msg: String) {
@@ -397,7 +468,11 @@ impl Reader {
         }
     }
 
-    fn required<T>(&mut self, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    fn required<T>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         match self.text(key) {
             None => {
                 self.error(key, "is required".into());
@@ -407,7 +482,11 @@ impl Reader {
         }
     }
 
-    fn optional<T>(&mut self, key: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    fn optional<T>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let s = self.text(key)?;
         parse(&s).map_err(|e| self.error(key, e)).ok()
     }
@@ -417,7 +496,9 @@ impl Reader {
     }
 
     fn number(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
-        let Some(s) = self.text(key) else { return default };
+        let Some(s) = self.text(key) else {
+            return default;
+        };
         match s.parse::<u64>() {
             Ok(n) if (min..=max).contains(&n) => n,
             Ok(n) => {
@@ -455,15 +536,24 @@ impl Reader {
     }
 
     fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
-        self.text(key).filter(|s| !s.is_empty()).map(|s| self.resolve(&s))
+        self.text(key)
+            .filter(|s| !s.is_empty())
+            .map(|s| self.resolve(&s))
     }
 
-    fn load_file<T>(&mut self, key: &str, path: &Path, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    fn load_file<T>(
+        &mut self,
+        key: &str,
+        path: &Path,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         if path.as_os_str().is_empty() {
             return None;
         }
         match std::fs::read_to_string(path) {
-            Ok(text) => parse(&text).map_err(|e| self.error(key, format!("{}: {e}", path.display()))).ok(),
+            Ok(text) => parse(&text)
+                .map_err(|e| self.error(key, format!("{}: {e}", path.display())))
+                .ok(),
             Err(e) => {
                 self.error(key, format!("cannot read {}: {e}", path.display()));
                 None
@@ -488,7 +578,11 @@ fn collect_leaves(v: &Value, prefix: String, out: &mut Vec<String>) {
     match v {
         Value::Object(map) => {
             for (k, child) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 collect_leaves(child, key, out);
             }
         }
@@ -501,8 +595,12 @@ mod tests {
     use super::*;
 
     fn write_minimal(dir: &Path, extra: &str) -> PathBuf {
-        crate::federation::init(dir, &["west-midlands".parse().unwrap(), "london".parse().unwrap()], 17_400)
-            .unwrap();
+        crate::federation::init(
+            dir,
+            &["west-midlands".parse().unwrap(), "london".parse().unwrap()],
+            17_400,
+        )
+        .unwrap();
         let path = dir.join("west-midlands/refex.toml");
         if !extra.is_empty() {
             let mut text = std::fs::read_to_string(&path).unwrap();
@@ -531,13 +629,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write_minimal(dir.path(), "\n[typo_section]\nx = 1\n");
         let text = std::fs::read_to_string(&path).unwrap();
-        let text = text.replace("[intake]", "[intake]\nsettle_msec = 5\nmax_csv_rows = \"many\"");
+        let text = text.replace(
+            "[intake]",
+            "[intake]\nsettle_msec = 5\nmax_csv_rows = \"many\"",
+        );
         std::fs::write(&path, text).unwrap();
         let errs = Settings::load_with(&path, no_env()).unwrap_err().0;
         let all = errs.join("\n");
         assert!(all.contains("typo_section.x: unknown key"), "{all}");
         assert!(all.contains("intake.settle_msec: unknown key"), "{all}");
-        assert!(all.contains("intake.max_csv_rows: 'many' is not a whole number"), "{all}");
+        assert!(
+            all.contains("intake.max_csv_rows: 'many' is not a whole number"),
+            "{all}"
+        );
     }
 
     #[test]
@@ -549,8 +653,13 @@ mod tests {
             .separator("__")
             .try_parsing(true)
             .source(Some(
-                [("REFEX__NETWORK__LISTEN".to_owned(), "127.0.0.1:19999".to_owned()),
-                 ("REFEX__INTAKE__SETTLE_MS".to_owned(), "750".to_owned())]
+                [
+                    (
+                        "REFEX__NETWORK__LISTEN".to_owned(),
+                        "127.0.0.1:19999".to_owned(),
+                    ),
+                    ("REFEX__INTAKE__SETTLE_MS".to_owned(), "750".to_owned()),
+                ]
                 .into_iter()
                 .collect(),
             ));
@@ -563,10 +672,15 @@ mod tests {
     fn an_area_missing_from_the_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_minimal(dir.path(), "");
-        let text = std::fs::read_to_string(&path).unwrap().replace("area = \"west-midlands\"", "area = \"kent\"");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("area = \"west-midlands\"", "area = \"kent\"");
         std::fs::write(&path, text).unwrap();
         let errs = Settings::load_with(&path, no_env()).unwrap_err().0;
-        assert!(errs.iter().any(|e| e.contains("'kent' is not listed")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("'kent' is not listed")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -76,7 +76,9 @@ pub async fn serve(listener: UnixListener, h: Handles, shutdown: CancellationTok
 async fn handle(stream: UnixStream, h: &Handles) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await?;
+    BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(req) => dispatch(req, h).await,
         Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
@@ -145,7 +147,11 @@ fn status(h: &Handles) -> Value {
 
 async fn operator_action(h: &Handles, cmd: &str, id: EnvelopeId, user: &str) -> Value {
     let now = Utc::now();
-    let result = if cmd == "requeue" { h.store.requeue(&id) } else { h.store.withdraw(&id, now) };
+    let result = if cmd == "requeue" {
+        h.store.requeue(&id)
+    } else {
+        h.store.withdraw(&id, now)
+    };
     let rec = match result {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": e.to_string()}),
@@ -182,6 +188,8 @@ pub async fn call(path: &Path, req: &Request) -> std::io::Result<Value> {
     line.push(b'\n');
     stream.write_all(&line).await?;
     let mut buf = String::new();
-    BufReader::new(stream.take(16 << 20)).read_line(&mut buf).await?;
+    BufReader::new(stream.take(16 << 20))
+        .read_line(&mut buf)
+        .await?;
     serde_json::from_str(&buf).map_err(std::io::Error::other)
 }

@@ -217,7 +217,9 @@ pub struct KemSecretKey {
 
 impl fmt::Debug for KemSecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KemSecretKey").field("public", &self.pk).finish()
+        f.debug_struct("KemSecretKey")
+            .field("public", &self.pk)
+            .finish()
     }
 }
 
@@ -332,19 +334,28 @@ fn signed_message(header: &[u8], enc: &[u8], ct: &[u8]) -> Vec<u8> {
 }
 
 /// Encrypts `payload` to `recipient` and signs the result.
-pub fn seal(header: Header, payload: &[u8], signer: &SigningKey, recipient: &KemPublicKey) -> Result<SealedEnvelope, SealError> {
+pub fn seal(
+    header: Header,
+    payload: &[u8],
+    signer: &SigningKey,
+    recipient: &KemPublicKey,
+) -> Result<SealedEnvelope, SealError> {
     if header.payload_len != payload.len() as u64 {
-        return Err(SealError::Length { header: header.payload_len, actual: payload.len() });
+        return Err(SealError::Length {
+            header: header.payload_len,
+            actual: payload.len(),
+        });
     }
     let header_bytes = header.encode();
-    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&recipient.0).map_err(|e| SealError::Hpke(e.to_string()))?;
+    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&recipient.0)
+        .map_err(|e| SealError::Hpke(e.to_string()))?;
     let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem, _>(
         &OpModeS::Base,
         &pk,
         HPKE_INFO,
         payload,
         &header_bytes,
-        &mut rand_core::OsRng,
+        &mut rand_core::UnwrapErr(rand_core::OsRng),
     )
     .map_err(|e| SealError::Hpke(e.to_string()))?;
     let enc = enc.to_bytes().to_vec();
@@ -356,7 +367,10 @@ pub fn seal(header: Header, payload: &[u8], signer: &SigningKey, recipient: &Kem
         ct: serde_bytes::ByteBuf::from(ct),
         sig: serde_bytes::ByteBuf::from(sig.to_vec()),
     };
-    Ok(SealedEnvelope { header, bytes: wire.encode() })
+    Ok(SealedEnvelope {
+        header,
+        bytes: wire.encode(),
+    })
 }
 
 /// Bounds for opening envelopes.
@@ -452,7 +466,10 @@ pub fn verify(
     policy: &OpenPolicy,
 ) -> Result<VerifiedEnvelope, OpenError> {
     if bytes.len() > policy.max_bytes {
-        return Err(OpenError::TooLarge { size: bytes.len(), max: policy.max_bytes });
+        return Err(OpenError::TooLarge {
+            size: bytes.len(),
+            max: policy.max_bytes,
+        });
     }
     let wire = WireEnvelope::decode(bytes).map_err(OpenError::Decode)?;
     let header = Header::decode(&wire.header).map_err(OpenError::Decode)?;
@@ -460,9 +477,13 @@ pub fn verify(
         return Err(OpenError::WrongRecipient { to: header.to });
     }
     if &header.from != tls_peer {
-        return Err(OpenError::SenderMismatch { claimed: header.from, peer: tls_peer.clone() });
+        return Err(OpenError::SenderMismatch {
+            claimed: header.from,
+            peer: tls_peer.clone(),
+        });
     }
-    let keys = sender_keys(&header.from).ok_or_else(|| OpenError::UnknownSender(header.from.clone()))?;
+    let keys =
+        sender_keys(&header.from).ok_or_else(|| OpenError::UnknownSender(header.from.clone()))?;
     let msg = signed_message(&wire.header, &wire.enc, &wire.ct);
     if !keys.iter().any(|k| k.verify(&msg, &wire.sig)) {
         return Err(OpenError::BadSignature);
@@ -473,7 +494,11 @@ pub fn verify(
     if header.created > now + policy.max_skew {
         return Err(OpenError::FromFuture(header.created));
     }
-    Ok(VerifiedEnvelope { header, wire, digest: sha256(bytes) })
+    Ok(VerifiedEnvelope {
+        header,
+        wire,
+        digest: sha256(bytes),
+    })
 }
 
 impl VerifiedEnvelope {
@@ -487,7 +512,8 @@ impl VerifiedEnvelope {
     }
 
     pub fn decrypt(self, key: &KemSecretKey) -> Result<OpenedEnvelope, OpenError> {
-        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&self.wire.enc).map_err(|_| OpenError::Decrypt)?;
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&self.wire.enc)
+            .map_err(|_| OpenError::Decrypt)?;
         let payload = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
             &OpModeR::Base,
             &key.sk,
@@ -500,7 +526,11 @@ impl VerifiedEnvelope {
         if payload.len() as u64 != self.header.payload_len {
             return Err(OpenError::Length);
         }
-        Ok(OpenedEnvelope { header: self.header, payload, digest: self.digest })
+        Ok(OpenedEnvelope {
+            header: self.header,
+            payload,
+            digest: self.digest,
+        })
     }
 }
 

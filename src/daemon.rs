@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::audit::{self, Actor, AuditConfig, AuditLog, Event, Justification, Operation, Outcome, SubjectSecret};
+use crate::audit::{
+    self, Actor, AuditConfig, AuditLog, Event, Justification, Operation, Outcome, SubjectSecret,
+};
 use crate::config::Settings;
 use crate::control;
 use crate::crypto::{KemSecretKey, OpenPolicy, SigningKey};
@@ -92,32 +94,47 @@ pub fn load_tls(settings: &Settings) -> Result<TlsIdentity, crate::transport::Tr
 }
 
 /// Opens the audit log as configured (also used by CLI commands when no daemon runs).
-pub fn open_audit(settings: &Settings, signer: Arc<SigningKey>) -> Result<AuditLog, crate::audit::AuditError> {
+pub fn open_audit(
+    settings: &Settings,
+    signer: Arc<SigningKey>,
+) -> Result<AuditLog, crate::audit::AuditError> {
     AuditLog::open(
-        AuditConfig {
-            dir: settings.paths.audit.clone(),
-            area: settings.area.clone(),
-            justification: Justification {
+        AuditConfig::new(
+            settings.paths.audit.clone(),
+            settings.area.clone(),
+            Justification {
                 lawful_basis: settings.audit.lawful_basis.clone(),
                 purpose: settings.audit.purpose.clone(),
             },
-            checkpoint_interval: settings.audit.checkpoint_interval,
-            retention_days: settings.audit.retention_days,
-        },
+            settings.audit.checkpoint_interval,
+            settings.audit.retention_days,
+        ),
         signer,
     )
 }
 
 /// Runs the node until `shutdown` is cancelled. `ready` is called once serving.
-pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl FnOnce()) -> Result<(), StartError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(),
+) -> Result<(), StartError> {
     let settings = Arc::new(settings);
     let s = &settings;
-    for d in [&s.paths.state, &s.paths.audit, &s.paths.inbox, &s.paths.outbox] {
+    for d in [
+        &s.paths.state,
+        &s.paths.audit,
+        &s.paths.inbox,
+        &s.paths.outbox,
+    ] {
         std::fs::create_dir_all(d).map_err(|e| StartError::Dir(d.clone(), e))?;
     }
     let signer = Arc::new(SigningKey::load(&s.keys.signing_key)?);
     let kem = Arc::new(KemSecretKey::load(&s.keys.encryption_key)?);
-    let subject = Arc::new(SubjectSecret::load(&s.keys.subject_secret).map_err(|e| StartError::Subject(e.to_string()))?);
+    let subject = Arc::new(
+        SubjectSecret::load(&s.keys.subject_secret)
+            .map_err(|e| StartError::Subject(e.to_string()))?,
+    );
     if let Some(me) = s.directory.get(&s.area) {
         if !me.signing_keys.contains(&signer.public_key()) {
             warn!("this node's signing key is not listed for its area in the peer directory; peers will refuse its envelopes");
@@ -125,7 +142,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
     }
     let store = Store::open(&s.paths.state.join("db"))?;
     let audit = open_audit(s, signer.clone())?;
-    let inbox = Arc::new(InboxDir::open(s.paths.inbox.clone()).map_err(|e| StartError::Inbox(e.to_string()))?);
+    let inbox = Arc::new(
+        InboxDir::open(s.paths.inbox.clone()).map_err(|e| StartError::Inbox(e.to_string()))?,
+    );
     let directory = Arc::new(s.directory.clone());
 
     let receiver = Arc::new(Receiver::new(
@@ -139,8 +158,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
         inbox,
         OpenPolicy {
             max_bytes: s.limits.max_frame_bytes as usize,
-            max_age: chrono::Duration::from_std(s.limits.max_envelope_age).unwrap_or(chrono::Duration::days(30)),
-            max_skew: chrono::Duration::from_std(s.limits.clock_skew).unwrap_or(chrono::Duration::minutes(5)),
+            max_age: chrono::Duration::from_std(s.limits.max_envelope_age)
+                .unwrap_or(chrono::Duration::days(30)),
+            max_skew: chrono::Duration::from_std(s.limits.clock_skew)
+                .unwrap_or(chrono::Duration::minutes(5)),
         },
     ));
     receiver.recover().map_err(StartError::Inbox)?;
@@ -155,7 +176,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
     })
     .map_err(|e| StartError::Outbox(e.to_string()))?;
 
-    let wake: HashMap<_, _> = directory.areas().map(|e| (e.id.clone(), Arc::new(Notify::new()))).collect();
+    let wake: HashMap<_, _> = directory
+        .areas()
+        .map(|e| (e.id.clone(), Arc::new(Notify::new())))
+        .collect();
     let tracker = TaskTracker::new();
     let handles = Handles {
         settings: settings.clone(),
@@ -190,10 +214,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
         transport: transport.clone(),
         local: receiver.clone(),
         max_in_flight: s.delivery.max_in_flight_per_peer.get() as usize,
-        backoff: Backoff { initial: s.delivery.retry_initial, max: s.delivery.retry_max },
+        backoff: Backoff {
+            initial: s.delivery.retry_initial,
+            max: s.delivery.retry_max,
+        },
     });
     for (peer, notify) in &wake {
-        let worker = PeerWorker { ctx: sender.clone(), peer: peer.clone(), wake: notify.clone() };
+        let worker = PeerWorker {
+            ctx: sender.clone(),
+            peer: peer.clone(),
+            wake: notify.clone(),
+        };
         tracker.spawn(worker.run(shutdown.clone(), SHUTDOWN_GRACE));
     }
     // Intake.
@@ -209,7 +240,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
             store: store.clone(),
             audit: audit.clone(),
             wake: wake.clone(),
-            csv_limits: CsvLimits { max_rows: s.intake.max_csv_rows, max_field_bytes: s.intake.max_field_bytes },
+            csv_limits: CsvLimits {
+                max_rows: s.intake.max_csv_rows,
+                max_field_bytes: s.intake.max_field_bytes,
+            },
         },
         watcher,
     };
@@ -221,7 +255,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
         Ok(listener) => {
             tracker.spawn(control::serve(listener, handles.clone(), shutdown.clone()));
         }
-        Err(e) => warn!("control socket {} unavailable: {e}", s.control_socket.display()),
+        Err(e) => warn!(
+            "control socket {} unavailable: {e}",
+            s.control_socket.display()
+        ),
     }
     tracker.close();
     info!(area = %s.area, listen = %s.listen, "refex serving");
@@ -229,7 +266,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
 
     shutdown.cancelled().await;
     info!("shutting down: intake stopped, parking in-flight sends");
-    if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("some tasks did not stop within the grace period");
     }
     transport.close().await;
@@ -248,7 +288,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, ready: impl Fn
 async fn housekeeping(h: Handles, shutdown: CancellationToken) {
     let s = h.settings.clone();
     let mut checkpoint = tokio::time::interval(s.audit.checkpoint_interval);
-    let mut sweep = tokio::time::interval(Duration::from_secs(5).min(s.delivery.non_delivery_after));
+    let mut sweep =
+        tokio::time::interval(Duration::from_secs(5).min(s.delivery.non_delivery_after));
     let mut purge = tokio::time::interval(Duration::from_secs(3600));
     checkpoint.tick().await;
     loop {
@@ -266,7 +307,8 @@ async fn housekeeping(h: Handles, shutdown: CancellationToken) {
 }
 
 async fn sweep_non_delivered(h: &Handles) {
-    let window = chrono::Duration::from_std(h.settings.delivery.non_delivery_after).unwrap_or(chrono::Duration::days(2));
+    let window = chrono::Duration::from_std(h.settings.delivery.non_delivery_after)
+        .unwrap_or(chrono::Duration::days(2));
     let cutoff = Utc::now() - window;
     let ids = match h.store.queued_before(cutoff, 1000) {
         Ok(ids) => ids,
@@ -276,8 +318,13 @@ async fn sweep_non_delivered(h: &Handles) {
         }
     };
     for id in ids {
-        let Ok(Some(rec)) = h.store.get(&id) else { continue };
-        if h.store.mark_non_delivered(&id, "non_delivery_window_passed").is_err() {
+        let Ok(Some(rec)) = h.store.get(&id) else {
+            continue;
+        };
+        if h.store
+            .mark_non_delivered(&id, "non_delivery_window_passed")
+            .is_err()
+        {
             continue;
         }
         crate::telemetry::count_non_delivered();
@@ -302,7 +349,9 @@ async fn purge_expired(h: &Handles) {
     match h.store.purge_finished(now - receipts) {
         Ok(gone) => {
             for id in gone {
-                let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok).envelope(id).reason("retention_receipt");
+                let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+                    .envelope(id)
+                    .reason("retention_receipt");
                 let _ = h.audit.record(ev).await;
             }
         }
@@ -311,7 +360,8 @@ async fn purge_expired(h: &Handles) {
     let seen = chrono::Duration::days(i64::from(h.settings.retention.seen_ids_days));
     match h.store.purge_seen(now - seen) {
         Ok(n) if n > 0 => {
-            let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok).reason(&format!("retention_seen_ids:{n}"));
+            let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+                .reason(&format!("retention_seen_ids:{n}"));
             let _ = h.audit.record(ev).await;
         }
         Ok(_) => {}
@@ -324,8 +374,18 @@ async fn purge_expired(h: &Handles) {
 }
 
 /// Audit helper for CLI commands that read referral data (consultations).
-pub async fn audit_consultation(audit: &AuditLog, user: &str, what: &str, subject: Option<audit::SubjectKey>) {
-    let mut ev = Event::new(Operation::Consultation, Actor::User(user.to_owned()), Outcome::Ok).reason(what);
+pub async fn audit_consultation(
+    audit: &AuditLog,
+    user: &str,
+    what: &str,
+    subject: Option<audit::SubjectKey>,
+) {
+    let mut ev = Event::new(
+        Operation::Consultation,
+        Actor::User(user.to_owned()),
+        Outcome::Ok,
+    )
+    .reason(what);
     if let Some(k) = subject {
         ev = ev.subject(k);
     }

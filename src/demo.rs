@@ -18,9 +18,35 @@ use crate::config::Settings;
 use crate::types::AreaId;
 
 /// The shipped samples, embedded so the demo needs nothing beside the binary.
-pub const SAMPLES: &[(&str, &[u8])] = &[];
+pub const SAMPLES: &[(&str, &[u8])] = &[
+    (
+        "burglary-greater-manchester.json",
+        include_bytes!("../config/samples/burglary-greater-manchester.json"),
+    ),
+    (
+        "domestic-abuse-london-by-postcode.json",
+        include_bytes!("../config/samples/domestic-abuse-london-by-postcode.json"),
+    ),
+    (
+        "under-18-west-midlands.json",
+        include_bytes!("../config/samples/under-18-west-midlands.json"),
+    ),
+    (
+        "hate-crime-merseyside.json",
+        include_bytes!("../config/samples/hate-crime-merseyside.json"),
+    ),
+    (
+        "daily-2026-11-20.csv",
+        include_bytes!("../config/samples/daily-2026-11-20.csv"),
+    ),
+];
 
-const AREAS: [&str; 4] = ["west-midlands", "greater-manchester", "london", "merseyside"];
+const AREAS: [&str; 4] = [
+    "west-midlands",
+    "greater-manchester",
+    "london",
+    "merseyside",
+];
 
 /// Kills the daemons if the demo fails half-way.
 struct Daemons(Vec<(String, Child)>);
@@ -55,7 +81,8 @@ impl Daemons {
 /// Runs the demo in `dir` (or a temporary directory that is removed afterwards).
 pub fn run(dir: Option<PathBuf>, base_port: u16) -> Result<()> {
     let keep = dir.is_some();
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("refex-demo-{}", std::process::id())));
+    let dir = dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("refex-demo-{}", std::process::id())));
     let result = run_in(&dir, base_port);
     if keep {
         println!("\nThe federation is kept in {}", dir.display());
@@ -66,7 +93,10 @@ pub fn run(dir: Option<PathBuf>, base_port: u16) -> Result<()> {
 }
 
 fn run_in(dir: &Path, base_port: u16) -> Result<()> {
-    let areas: Vec<AreaId> = AREAS.iter().map(|a| AreaId::parse(a)).collect::<Result<_, _>>()?;
+    let areas: Vec<AreaId> = AREAS
+        .iter()
+        .map(|a| AreaId::parse(a))
+        .collect::<Result<_, _>>()?;
     println!("1. Development federation in {}", dir.display());
     let configs = crate::federation::init(dir, &areas, base_port)?;
     let settings: Vec<Settings> = configs
@@ -74,7 +104,12 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
         .map(|c| Settings::load(c).map_err(|e| anyhow::anyhow!("{e}")))
         .collect::<Result<_>>()?;
     for s in &settings {
-        println!("   {:<20} QUIC {}  outbox {}", s.area, s.listen, s.paths.outbox.display());
+        println!(
+            "   {:<20} QUIC {}  outbox {}",
+            s.area,
+            s.listen,
+            s.paths.outbox.display()
+        );
     }
 
     println!("2. Starting one `refex run` per area");
@@ -94,12 +129,22 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
         daemons.0.push((s.area.to_string(), child));
     }
     for s in &settings {
-        wait_for(Duration::from_secs(30), || s.control_socket.exists())
-            .with_context(|| format!("{} did not start; see {}/{}.log", s.area, dir.display(), s.area))?;
+        wait_for(Duration::from_secs(30), || s.control_socket.exists()).with_context(|| {
+            format!(
+                "{} did not start; see {}/{}.log",
+                s.area,
+                dir.display(),
+                s.area
+            )
+        })?;
     }
 
     let sender = &settings[0];
-    println!("3. Dropping {} sample files into {}'s outbox", SAMPLES.len(), sender.area);
+    println!(
+        "3. Dropping {} sample files into {}'s outbox",
+        SAMPLES.len(),
+        sender.area
+    );
     for (name, bytes) in SAMPLES {
         let tmp = sender.paths.outbox.join(format!(".{name}.part"));
         fs::write(&tmp, bytes)?;
@@ -108,10 +153,17 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
     }
 
     println!("4. Waiting for the referrals to arrive");
-    let expected = expected_deliveries();
-    let count = || settings.iter().map(|s| inbox_files(&s.paths.inbox).len()).sum::<usize>();
-    wait_for(Duration::from_secs(60), || count() >= expected && outbox_empty(&sender.paths.outbox))
-        .with_context(|| format!("only {} of {expected} referrals arrived", count()))?;
+    let expected = expected_deliveries(sender);
+    let count = || {
+        settings
+            .iter()
+            .map(|s| inbox_files(&s.paths.inbox).len())
+            .sum::<usize>()
+    };
+    wait_for(Duration::from_secs(60), || {
+        count() >= expected && outbox_empty(&sender.paths.outbox)
+    })
+    .with_context(|| format!("only {} of {expected} referrals arrived", count()))?;
     for s in &settings {
         for f in inbox_files(&s.paths.inbox) {
             let doc: serde_json::Value = serde_json::from_slice(&fs::read(&f)?)?;
@@ -122,7 +174,9 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
                 d["from_area"].as_str().unwrap_or("?"),
                 d["priority"].as_str().unwrap_or("?"),
                 d["due_by"].as_str().unwrap_or("?"),
-                f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                f.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             );
         }
     }
@@ -155,22 +209,40 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
             Err(e) => bail!("{}: audit log does not verify: {e}", s.area),
         }
     }
-    println!("Demo finished: {expected} referrals delivered exactly once, all audit logs verified.");
+    println!(
+        "Demo finished: {expected} referrals delivered exactly once, all audit logs verified."
+    );
     Ok(())
 }
 
-/// How many inbox files the samples should produce: every JSON sample, plus each good CSV row.
-fn expected_deliveries() -> usize {
+/// How many inbox files the samples should produce: every sample referral that validates and
+/// routes with the sender's own configuration.
+fn expected_deliveries(sender: &Settings) -> usize {
+    let known = |a: &AreaId| sender.directory.contains(a);
+    let ctx = crate::referral::Context {
+        routing: &sender.routing,
+        calendar: &sender.calendar,
+        is_known_area: &known,
+    };
+    let routes = |r: &crate::referral::Referral| crate::referral::classify(r, &ctx).is_ok();
     SAMPLES
         .iter()
         .map(|(name, bytes)| {
             if name.ends_with(".csv") {
-                let limits = crate::referral::csv::CsvLimits { max_rows: 10_000, max_field_bytes: 8192 };
+                let limits = crate::referral::csv::CsvLimits {
+                    max_rows: 10_000,
+                    max_field_bytes: 8192,
+                };
                 crate::referral::csv::parse_csv(bytes, &limits)
-                    .map(|b| b.rows.iter().filter(|r| r.parsed.is_ok()).count())
+                    .map(|b| {
+                        b.rows
+                            .iter()
+                            .filter(|r| r.parsed.as_ref().is_ok_and(routes))
+                            .count()
+                    })
                     .unwrap_or(0)
             } else {
-                1
+                usize::from(crate::referral::parse_json(bytes).is_ok_and(|r| routes(&r)))
             }
         })
         .sum()
@@ -183,7 +255,10 @@ fn inbox_files(dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n.ends_with(".json") && !n.starts_with('.')
         })
         .collect();

@@ -64,7 +64,10 @@ impl Directory {
         let raw: RawDirectory = toml::from_str(text).map_err(|e| vec![format!("{e}")])?;
         let mut errors = Vec::new();
         if raw.version != 1 {
-            errors.push(format!("version {} is not supported (expected 1)", raw.version));
+            errors.push(format!(
+                "version {} is not supported (expected 1)",
+                raw.version
+            ));
         }
         let mut areas = BTreeMap::new();
         for (i, e) in raw.area.into_iter().enumerate() {
@@ -83,7 +86,9 @@ impl Directory {
                 .map_err(|_| errors.push(format!("{at}.address: '{}' is not host:port", e.address)))
                 .ok();
             if e.signing_keys.is_empty() || e.signing_keys.len() > 2 {
-                errors.push(format!("{at}.signing_keys: expected one key, or two during a rotation"));
+                errors.push(format!(
+                    "{at}.signing_keys: expected one key, or two during a rotation"
+                ));
             }
             let signing_keys: Vec<_> = e
                 .signing_keys
@@ -144,7 +149,11 @@ impl Directory {
     pub fn render(entries: &[PeerEntry]) -> String {
         let mut out = String::from("# refex peer directory (format version 1)\nversion = 1\n");
         for e in entries {
-            let keys: Vec<String> = e.signing_keys.iter().map(|k| format!("\"{}\"", k.to_hex())).collect();
+            let keys: Vec<String> = e
+                .signing_keys
+                .iter()
+                .map(|k| format!("\"{}\"", k.to_hex()))
+                .collect();
             out.push_str(&format!(
                 "\n[[area]]\nid = \"{}\"\nname = \"{}\"\naddress = \"{}\"\nserver_name = \"{}\"\nsigning_keys = [{}]\nencryption_key = \"{}\"\n",
                 e.id,

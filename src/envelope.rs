@@ -141,7 +141,8 @@ impl ReceiptBody {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
-        let r: Self = serde_cbor::from_slice(b).map_err(|_| FormatError::Malformed("receipt body"))?;
+        let r: Self =
+            serde_cbor::from_slice(b).map_err(|_| FormatError::Malformed("receipt body"))?;
         check_version("receipt", r.v)?;
         Ok(r)
     }
@@ -175,12 +176,20 @@ pub enum Reply {
     /// The signed receipt (the original one, for a re-send).
     Receipt(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Not accepted. `permanent`: sending again can never succeed.
-    Refused { code: String, message: String, permanent: bool },
+    Refused {
+        code: String,
+        message: String,
+        permanent: bool,
+    },
 }
 
 impl Reply {
     pub fn refused(code: &str, message: &str, permanent: bool) -> Self {
-        Self::Refused { code: code.to_owned(), message: message.to_owned(), permanent }
+        Self::Refused {
+            code: code.to_owned(),
+            message: message.to_owned(),
+            permanent,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -220,12 +229,21 @@ mod tests {
     fn an_unknown_version_is_refused() {
         let mut h = header();
         h.v = 2;
-        assert_eq!(Header::decode(&h.encode()), Err(FormatError::Version { what: "header", found: 2 }));
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(FormatError::Version {
+                what: "header",
+                found: 2
+            })
+        );
     }
 
     #[test]
     fn replies_round_trip_and_garbage_is_refused() {
-        for r in [Reply::Receipt(vec![1, 2, 3]), Reply::refused("disk_full", "later", false)] {
+        for r in [
+            Reply::Receipt(vec![1, 2, 3]),
+            Reply::refused("disk_full", "later", false),
+        ] {
             assert_eq!(Reply::decode(&r.encode()).unwrap(), r);
         }
         assert!(Reply::decode(b"\xff\x00garbage").is_err());

@@ -37,7 +37,10 @@ pub enum FederationError {
     #[error("base port {0} leaves no room for {1} areas")]
     Ports(u16, usize),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Key(#[from] crate::crypto::KeyError),
     #[error(transparent)]
@@ -45,7 +48,10 @@ pub enum FederationError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FederationError + '_ {
-    move |source| FederationError::Io { path: path.to_owned(), source }
+    move |source| FederationError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<(), FederationError> {
@@ -82,7 +88,14 @@ pub fn init(dir: &Path, areas: &[AreaId], base_port: u16) -> Result<Vec<PathBuf>
     for (i, area) in areas.iter().enumerate() {
         let node = dir.join(area.as_str());
         let keys = node.join("keys");
-        for d in [&node, &keys, &node.join("outbox"), &node.join("inbox"), &node.join("state"), &node.join("audit")] {
+        for d in [
+            &node,
+            &keys,
+            &node.join("outbox"),
+            &node.join("inbox"),
+            &node.join("state"),
+            &node.join("audit"),
+        ] {
             fs::create_dir_all(d).map_err(io(d))?;
         }
         let cert = ca.issue_node(area, CERT_DAYS)?;
@@ -110,7 +123,10 @@ pub fn init(dir: &Path, areas: &[AreaId], base_port: u16) -> Result<Vec<PathBuf>
         configs.push(config);
     }
     write(&dir.join("directory.toml"), &Directory::render(&entries))?;
-    write(&dir.join("postcodes.toml"), &filter_postcodes(EXAMPLE_POSTCODES, areas))?;
+    write(
+        &dir.join("postcodes.toml"),
+        &filter_postcodes(EXAMPLE_POSTCODES, areas),
+    )?;
     write(&dir.join("bank-holidays.toml"), BANK_HOLIDAYS)?;
     Ok(configs)
 }
@@ -120,7 +136,9 @@ fn display_name(area: &AreaId) -> String {
         .split('-')
         .map(|w| {
             let mut c = w.chars();
-            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -135,7 +153,10 @@ fn filter_postcodes(table: &str, areas: &[AreaId]) -> String {
     let parsed: toml::Table = table.parse().unwrap_or_default();
     if let Some(prefixes) = parsed.get("prefixes").and_then(|p| p.as_table()) {
         for (prefix, target) in prefixes {
-            if let Some(t) = target.as_str().filter(|t| areas.iter().any(|a| a.as_str() == *t)) {
+            if let Some(t) = target
+                .as_str()
+                .filter(|t| areas.iter().any(|a| a.as_str() == *t))
+            {
                 out.push_str(&format!("\"{prefix}\" = \"{t}\"\n"));
             }
         }

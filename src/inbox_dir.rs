@@ -18,7 +18,10 @@ use chrono::{DateTime, Utc};
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     #[error("inbox {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("'{0}' is not a valid inbox file name")]
     BadName(String),
 }
@@ -32,15 +35,27 @@ impl InboxError {
 
 /// The file name for a delivered envelope.
 pub fn inbox_name(received_at: DateTime<Utc>, envelope_id_hex: &str) -> Result<String, InboxError> {
-    let ok = envelope_id_hex.len() == 32 && envelope_id_hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = envelope_id_hex.len() == 32
+        && envelope_id_hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !ok {
-        return Err(InboxError::BadName(envelope_id_hex.chars().take(40).collect()));
+        return Err(InboxError::BadName(
+            envelope_id_hex.chars().take(40).collect(),
+        ));
     }
-    Ok(format!("{}-{envelope_id_hex}.json", received_at.format("%Y%m%dT%H%M%SZ")))
+    Ok(format!(
+        "{}-{envelope_id_hex}.json",
+        received_at.format("%Y%m%dT%H%M%SZ")
+    ))
 }
 
 fn check(name: &str) -> Result<(), InboxError> {
-    let ok = !name.is_empty() && name.len() <= 128 && !name.starts_with('.') && !name.contains('/') && name.ends_with(".json");
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.contains('/')
+        && name.ends_with(".json");
     if ok {
         Ok(())
     } else {
@@ -55,7 +70,10 @@ pub struct InboxDir {
 
 impl InboxDir {
     pub fn open(dir: PathBuf) -> Result<Self, InboxError> {
-        fs::create_dir_all(&dir).map_err(|source| InboxError::Io { path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| InboxError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(Self { dir })
     }
 
@@ -64,7 +82,10 @@ impl InboxDir {
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InboxError + '_ {
-        move |source| InboxError::Io { path: path.to_owned(), source }
+        move |source| InboxError::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 
     /// Writes and syncs `.NAME.tmp`. A failure leaves no partial file behind.
@@ -72,7 +93,12 @@ impl InboxDir {
         check(name)?;
         let tmp = self.tmp(name);
         let r = (|| {
-            let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()
         })();
@@ -95,13 +121,18 @@ impl InboxDir {
             }
             Err(e) => return Err(Self::io(&path)(e)),
         }
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(Self::io(&self.dir))
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io(&self.dir))
     }
 
     /// Names with a staged file (left by a crash).
     pub fn staged(&self) -> Result<Vec<String>, InboxError> {
         let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir).map_err(Self::io(&self.dir))?.flatten() {
+        for e in fs::read_dir(&self.dir)
+            .map_err(Self::io(&self.dir))?
+            .flatten()
+        {
             let n = e.file_name().to_string_lossy().into_owned();
             if let Some(name) = n.strip_prefix('.').and_then(|s| s.strip_suffix(".tmp")) {
                 if check(name).is_ok() {
@@ -138,7 +169,13 @@ mod tests {
         let inbox = InboxDir::open(dir.path().to_owned()).unwrap();
         let name = inbox_name(Utc::now(), &"ab".repeat(16)).unwrap();
         inbox.stage(&name, b"{}").unwrap();
-        let visible = |d: &Path| fs::read_dir(d).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count();
+        let visible = |d: &Path| {
+            fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        };
         assert_eq!(visible(dir.path()), 0);
         assert_eq!(inbox.staged().unwrap(), vec![name.clone()]);
         inbox.publish(&name).unwrap();
@@ -172,9 +209,15 @@ mod tests {
 
     #[test]
     fn enospc_is_classified_as_disk_full() {
-        let e = InboxError::Io { path: "x".into(), source: std::io::Error::from_raw_os_error(28) };
+        let e = InboxError::Io {
+            path: "x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
         assert!(e.is_disk_full());
-        let e = InboxError::Io { path: "x".into(), source: std::io::Error::from_raw_os_error(13) };
+        let e = InboxError::Io {
+            path: "x".into(),
+            source: std::io::Error::from_raw_os_error(13),
+        };
         assert!(!e.is_disk_full());
     }
 }

@@ -105,7 +105,10 @@ impl Intake {
                         rule: reason.rule().into(),
                         message: reason.to_string(),
                     };
-                    self.ctx.refuse_file(&name, None, vec![err], None, None).await.map(|_| ())
+                    self.ctx
+                        .refuse_file(&name, None, vec![err], None, None)
+                        .await
+                        .map(|_| ())
                         .inspect_err(|_| self.watcher.forget(&name))
                 }
                 Pickup::Ready(file) => {
@@ -126,7 +129,9 @@ impl Intake {
                 Err(e) => {
                     if e.is_disk_full() {
                         if !disk_full_reported {
-                            error!("intake paused: a volume is full ({e}); files stay in the outbox");
+                            error!(
+                                "intake paused: a volume is full ({e}); files stay in the outbox"
+                            );
                             disk_full_reported = true;
                         }
                     } else {
@@ -151,16 +156,39 @@ impl IntakeContext {
             FileKind::Json => match parse_json(&f.bytes) {
                 Err(errors) => {
                     let subject = subject_of_json(&f.bytes, &self.subject);
-                    self.refuse_file(&f.name, None, errors, subject, Some(file_hash)).await?;
+                    self.refuse_file(&f.name, None, errors, subject, Some(file_hash))
+                        .await?;
                 }
-                Ok(referral) => match classify(&referral, &self.context()) {
+                Ok(referral) => match classify(
+                    &referral,
+                    &Context {
+                        routing: &self.routing,
+                        calendar: &self.calendar,
+                        is_known_area: &self.known_area(),
+                    },
+                ) {
                     Err(errors) => {
-                        let subject = Some(self.subject.key(&referral.source_system, &referral.source_ref).to_string());
-                        self.refuse_file(&f.name, None, errors, subject, Some(file_hash)).await?;
+                        let subject = Some(
+                            self.subject
+                                .key(&referral.source_system, &referral.source_ref)
+                                .to_string(),
+                        );
+                        self.refuse_file(&f.name, None, errors, subject, Some(file_hash))
+                            .await?;
                     }
                     Ok(class) => {
-                        self.accept(&f.name, file_hash, vec![Accepted { referral, class, row: None }], false, now)
-                            .await?;
+                        self.accept(
+                            &f.name,
+                            file_hash,
+                            vec![Accepted {
+                                referral,
+                                class,
+                                row: None,
+                            }],
+                            false,
+                            now,
+                        )
+                        .await?;
                         crate::failpoint::hit("intake_before_delete");
                         outbox_dir::remove_taken(&self.outbox, f)?;
                     }
@@ -168,26 +196,38 @@ impl IntakeContext {
             },
             FileKind::Csv => match parse_csv(&f.bytes, &self.csv_limits) {
                 Err(errors) => {
-                    self.refuse_file(&f.name, None, errors, None, Some(file_hash)).await?;
+                    self.refuse_file(&f.name, None, errors, None, Some(file_hash))
+                        .await?;
                 }
                 Ok(batch) => {
                     let mut good = Vec::new();
                     let mut bad = Vec::new();
                     let mut errors = Vec::new();
-                    let ctx = self.context();
+                    let known = self.known_area();
+                    let ctx = Context {
+                        routing: &self.routing,
+                        calendar: &self.calendar,
+                        is_known_area: &known,
+                    };
                     for row in &batch.rows {
                         let outcome = match &row.parsed {
                             Ok(r) => classify(r, &ctx).map(|c| (r.clone(), c)),
                             Err(e) => Err(e.clone()),
                         };
                         match outcome {
-                            Ok((referral, class)) => good.push(Accepted { referral, class, row: Some(row.row) }),
+                            Ok((referral, class)) => good.push(Accepted {
+                                referral,
+                                class,
+                                row: Some(row.row),
+                            }),
                             Err(mut e) => {
                                 for err in &mut e {
                                     err.row = Some(row.row);
                                 }
-                                let subject = subject_of_row(&batch.header, &row.raw, &self.subject);
-                                self.audit_refusal(&f.name, Some(row.row), &e, subject, file_hash).await?;
+                                let subject =
+                                    subject_of_row(&batch.header, &row.raw, &self.subject);
+                                self.audit_refusal(&f.name, Some(row.row), &e, subject, file_hash)
+                                    .await?;
                                 errors.extend(e);
                                 bad.push(row);
                             }
@@ -208,8 +248,8 @@ impl IntakeContext {
         Ok(())
     }
 
-    fn context(&self) -> Context<'_> {
-        Context { routing: &self.routing, calendar: &self.calendar, is_known_area: &|a: &AreaId| self.directory.contains(a) }
+    fn known_area(&self) -> impl Fn(&AreaId) -> bool + Sync + '_ {
+        |a: &AreaId| self.directory.contains(a)
     }
 
     /// Seals and queues every accepted referral of one file, syncs, audits, wakes the senders.
@@ -245,7 +285,9 @@ impl IntakeContext {
             };
             let sealed = crypto::seal(header, &payload, &self.signer, &entry.encryption_key)
                 .map_err(|e| IntakeError::Seal(to.clone(), e.to_string()))?;
-            let subject = self.subject.key(&item.referral.source_system, &item.referral.source_ref);
+            let subject = self
+                .subject
+                .key(&item.referral.source_system, &item.referral.source_ref);
             let bytes = sealed.to_bytes();
             let digest = sha256(&bytes);
             let idem = sha256(item.referral.idempotency_key().as_bytes());
@@ -303,7 +345,10 @@ impl IntakeContext {
                     .await?;
             }
         }
-        let new = queued.iter().filter(|(r, ..)| matches!(r, Enqueued::New(_))).count();
+        let new = queued
+            .iter()
+            .filter(|(r, ..)| matches!(r, Enqueued::New(_)))
+            .count();
         info!(file = %file, queued = new, duplicates = queued.len() - new, "file taken");
         for item in &items {
             if let Some(w) = self.wake.get(&item.class.to) {
@@ -325,7 +370,8 @@ impl IntakeContext {
         let now = Utc::now();
         let rules: Vec<&str> = errors.iter().map(|e| e.rule.as_str()).collect();
         warn!(file = %name, rules = %rules.join(","), "file refused; moved to rejected/");
-        self.audit_refusal(name, row, &errors, subject, file_hash.unwrap_or([0; 32])).await?;
+        self.audit_refusal(name, row, &errors, subject, file_hash.unwrap_or([0; 32]))
+            .await?;
         let doc = error_document(name, now, &errors);
         outbox_dir::reject(&self.outbox, name, None, &doc)?;
         Ok(())
@@ -373,6 +419,16 @@ fn subject_of_json(bytes: &[u8], secret: &SubjectSecret) -> Option<String> {
 
 /// The subject key of a refused CSV row, when its source columns are present.
 fn subject_of_row(header: &[String], raw: &[String], secret: &SubjectSecret) -> Option<String> {
-    let col = |name: &str| header.iter().position(|h| h == name).and_then(|i| raw.get(i)).filter(|v| !v.is_empty());
-    Some(secret.key(col("source_system")?, col("source_ref")?).to_string())
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .and_then(|i| raw.get(i))
+            .filter(|v| !v.is_empty())
+    };
+    Some(
+        secret
+            .key(col("source_system")?, col("source_ref")?)
+            .to_string(),
+    )
 }

@@ -33,14 +33,20 @@ const MAX_TRACKED: usize = 100_000;
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("outbox {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("'{0}' is not a plain file name")]
     BadName(String),
 }
 
 impl OutboxError {
     fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_owned(), source }
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 
     /// True when the volume is full (the caller pauses and retries).
@@ -69,7 +75,12 @@ pub struct FileIdentity {
 
 impl FileIdentity {
     fn of(m: &fs::Metadata) -> Self {
-        Self { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) }
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
     }
 }
 
@@ -116,10 +127,19 @@ impl PickupRefusal {
 impl std::fmt::Display for PickupRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Symlink => f.write_str("symbolic links are not accepted; write the file itself into the outbox"),
-            Self::NotRegular => f.write_str("only regular files are accepted (not pipes, devices or directories)"),
-            Self::TooLarge { len, max } => write!(f, "file is {len} bytes; the limit is {max} bytes (split the batch)"),
-            Self::UnsupportedName => f.write_str("only *.json (one referral) and *.csv (a batch) are accepted"),
+            Self::Symlink => f.write_str(
+                "symbolic links are not accepted; write the file itself into the outbox",
+            ),
+            Self::NotRegular => {
+                f.write_str("only regular files are accepted (not pipes, devices or directories)")
+            }
+            Self::TooLarge { len, max } => write!(
+                f,
+                "file is {len} bytes; the limit is {max} bytes (split the batch)"
+            ),
+            Self::UnsupportedName => {
+                f.write_str("only *.json (one referral) and *.csv (a batch) are accepted")
+            }
             Self::Unreadable(e) => write!(f, "file could not be read: {e}"),
         }
     }
@@ -156,7 +176,12 @@ enum NameClass {
 }
 
 fn classify_name(name: &str) -> NameClass {
-    if name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part") || name.ends_with(".lock") || name == "rejected" {
+    if name.starts_with('.')
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+        || name.ends_with(".lock")
+        || name == "rejected"
+    {
         NameClass::Ignore
     } else if name.ends_with(".json") {
         NameClass::Candidate(FileKind::Json)
@@ -182,14 +207,30 @@ impl OutboxWatcher {
                 .watches()
                 .add(
                     &cfg.dir,
-                    WatchMask::CREATE | WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::DELETE,
+                    WatchMask::CREATE
+                        | WatchMask::MODIFY
+                        | WatchMask::CLOSE_WRITE
+                        | WatchMask::MOVED_TO
+                        | WatchMask::MOVED_FROM
+                        | WatchMask::DELETE,
                 )
                 .map_err(|e| OutboxError::io(&cfg.dir, e))?;
-            Some(AsyncFd::new(inotify).map_err(|e| OutboxError::io(&cfg.dir, e))?)
+            // The watcher owns the inotify descriptor alone for its whole life, which is what
+            // the deprecated (safe) constructor needs; the replacement is `unsafe`.
+            #[allow(deprecated)]
+            let fd = AsyncFd::new(inotify);
+            Some(fd.map_err(|e| OutboxError::io(&cfg.dir, e))?)
         } else {
             None
         };
-        Ok(Self { cfg, inotify, tracked: HashMap::new(), emitted: HashMap::new(), next_rescan: Instant::now(), ready: VecDeque::new() })
+        Ok(Self {
+            cfg,
+            inotify,
+            tracked: HashMap::new(),
+            emitted: HashMap::new(),
+            next_rescan: Instant::now(),
+            ready: VecDeque::new(),
+        })
     }
 
     /// Lets `name` be emitted again (the caller could not finish it).
@@ -202,7 +243,11 @@ impl OutboxWatcher {
         if self.tracked.len() >= MAX_TRACKED && !self.tracked.contains_key(name) {
             return;
         }
-        let t = self.tracked.entry(name.to_owned()).or_insert(Track { closed, last_change: Instant::now(), seen: None });
+        let t = self.tracked.entry(name.to_owned()).or_insert(Track {
+            closed,
+            last_change: Instant::now(),
+            seen: None,
+        });
         t.closed = closed;
         t.last_change = Instant::now();
     }
@@ -217,11 +262,17 @@ impl OutboxWatcher {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             present.insert(name.clone());
-            if matches!(classify_name(&name), NameClass::Ignore) || self.tracked.contains_key(&name) {
+            if matches!(classify_name(&name), NameClass::Ignore) || self.tracked.contains_key(&name)
+            {
                 continue;
             }
             if let Some(id) = self.emitted.get(&name) {
-                if fs::symlink_metadata(e.path()).map(|m| FileIdentity::of(&m)).ok().as_ref() == Some(id) {
+                if fs::symlink_metadata(e.path())
+                    .map(|m| FileIdentity::of(&m))
+                    .ok()
+                    .as_ref()
+                    == Some(id)
+                {
                     continue;
                 }
             }
@@ -232,7 +283,9 @@ impl OutboxWatcher {
     }
 
     fn on_events(&mut self) {
-        let Some(fd) = self.inotify.as_mut() else { return };
+        let Some(fd) = self.inotify.as_mut() else {
+            return;
+        };
         let mut buf = [0u8; 8192];
         let mut changes = Vec::new();
         let mut overflow = false;
@@ -246,7 +299,9 @@ impl OutboxWatcher {
                             overflow = true;
                             continue;
                         }
-                        let Some(name) = ev.name.map(|n| n.to_string_lossy().into_owned()) else { continue };
+                        let Some(name) = ev.name.map(|n| n.to_string_lossy().into_owned()) else {
+                            continue;
+                        };
                         changes.push((name, ev.mask));
                     }
                     if !any {
@@ -267,7 +322,9 @@ impl OutboxWatcher {
             if mask.intersects(inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM) {
                 self.tracked.remove(&name);
                 self.emitted.remove(&name);
-            } else if mask.intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::MOVED_TO) {
+            } else if mask
+                .intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::MOVED_TO)
+            {
                 self.emitted.remove(&name);
                 self.touch(&name, true);
             } else {
@@ -308,7 +365,10 @@ impl OutboxWatcher {
             } else if !meta.file_type().is_file() || meta.file_type().is_fifo() {
                 Some(PickupRefusal::NotRegular)
             } else if meta.len() > self.cfg.max_file_bytes {
-                Some(PickupRefusal::TooLarge { len: meta.len(), max: self.cfg.max_file_bytes })
+                Some(PickupRefusal::TooLarge {
+                    len: meta.len(),
+                    max: self.cfg.max_file_bytes,
+                })
             } else if matches!(classify_name(&name), NameClass::Unsupported) {
                 Some(PickupRefusal::UnsupportedName)
             } else {
@@ -320,19 +380,29 @@ impl OutboxWatcher {
                 self.ready.push_back(Pickup::Refused { name, reason });
                 continue;
             }
-            let Some(track) = self.tracked.get_mut(&name) else { continue };
+            let Some(track) = self.tracked.get_mut(&name) else {
+                continue;
+            };
             if track.seen != Some(id) {
                 // First look, or it changed since: wait one more settle window.
                 track.seen = Some(id);
                 track.last_change = now;
                 continue;
             }
-            let NameClass::Candidate(kind) = classify_name(&name) else { continue };
+            let NameClass::Candidate(kind) = classify_name(&name) else {
+                continue;
+            };
             match read_bounded(&path, self.cfg.max_file_bytes) {
                 Ok((bytes, after)) if after == id => {
                     self.tracked.remove(&name);
                     self.emitted.insert(name.clone(), id);
-                    self.ready.push_back(Pickup::Ready(ReadyFile { name, path, bytes, identity: id, kind }));
+                    self.ready.push_back(Pickup::Ready(ReadyFile {
+                        name,
+                        path,
+                        bytes,
+                        identity: id,
+                        kind,
+                    }));
                 }
                 Ok((_, after)) => {
                     track.seen = Some(after);
@@ -341,12 +411,18 @@ impl OutboxWatcher {
                 Err(e) if e.raw_os_error() == Some(40) => {
                     // ELOOP: replaced by a symlink between the look and the open.
                     self.tracked.remove(&name);
-                    self.ready.push_back(Pickup::Refused { name, reason: PickupRefusal::Symlink });
+                    self.ready.push_back(Pickup::Refused {
+                        name,
+                        reason: PickupRefusal::Symlink,
+                    });
                 }
                 Err(e) => {
                     self.tracked.remove(&name);
                     self.emitted.insert(name.clone(), id);
-                    self.ready.push_back(Pickup::Refused { name, reason: PickupRefusal::Unreadable(e.kind().to_string()) });
+                    self.ready.push_back(Pickup::Refused {
+                        name,
+                        reason: PickupRefusal::Unreadable(e.kind().to_string()),
+                    });
                 }
             }
         }
@@ -360,7 +436,9 @@ impl OutboxWatcher {
             .map(|t| t.last_change + self.cfg.settle)
             .min()
             .unwrap_or(self.next_rescan);
-        settle.min(self.next_rescan).max(Instant::now() + Duration::from_millis(10))
+        settle
+            .min(self.next_rescan)
+            .max(Instant::now() + Duration::from_millis(10))
     }
 
     /// Waits for the next file that is ready or must be refused.
@@ -397,7 +475,10 @@ impl OutboxWatcher {
 
 /// Reads at most `max + 1` bytes without following a symlink; returns the identity after.
 fn read_bounded(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, FileIdentity)> {
-    let f = OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32).open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
     let mut bytes = Vec::new();
     (&f).take(max + 1).read_to_end(&mut bytes)?;
     let after = FileIdentity::of(&f.metadata()?);
@@ -412,7 +493,9 @@ fn check_name(name: &str) -> Result<(), OutboxError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| OutboxError::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| OutboxError::io(dir, e))
 }
 
 /// Deletes a taken file if it is still the version that was read, then syncs the directory.
@@ -431,7 +514,12 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), OutboxError>
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(name);
     let r = (|| {
-        let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o640)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, &path)
@@ -446,13 +534,19 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), OutboxError>
 /// Files a refusal: moves `dir/name` into `dir/rejected/` (or, with `replacement`, writes those
 /// bytes there instead and leaves the original alone) with `NAME.error.json` beside it. An
 /// earlier rejection of the same name is never overwritten (`name.1`, `name.2`, …).
-pub fn reject(dir: &Path, name: &str, replacement: Option<&[u8]>, error_json: &[u8]) -> Result<PathBuf, OutboxError> {
+pub fn reject(
+    dir: &Path,
+    name: &str,
+    replacement: Option<&[u8]>,
+    error_json: &[u8],
+) -> Result<PathBuf, OutboxError> {
     check_name(name)?;
     let rejected = dir.join("rejected");
     fs::create_dir_all(&rejected).map_err(|e| OutboxError::io(&rejected, e))?;
     let mut target = name.to_owned();
     let mut n = 0;
-    while rejected.join(&target).exists() || rejected.join(format!("{target}.error.json")).exists() {
+    while rejected.join(&target).exists() || rejected.join(format!("{target}.error.json")).exists()
+    {
         n += 1;
         target = format!("{name}.{n}");
     }
@@ -476,15 +570,24 @@ mod tests {
     use super::*;
 
     fn cfg(dir: &Path) -> WatchConfig {
-        WatchConfig { dir: dir.to_owned(), settle: Duration::from_millis(150), rescan_interval: Duration::from_millis(400), max_file_bytes: 1000 }
+        WatchConfig {
+            dir: dir.to_owned(),
+            settle: Duration::from_millis(150),
+            rescan_interval: Duration::from_millis(400),
+            max_file_bytes: 1000,
+        }
     }
 
     async fn next(w: &mut OutboxWatcher) -> Pickup {
-        tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("a pickup within 10 s")
+        tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("a pickup within 10 s")
     }
 
     async fn nothing(w: &mut OutboxWatcher, for_ms: u64) -> bool {
-        tokio::time::timeout(Duration::from_millis(for_ms), w.next()).await.is_err()
+        tokio::time::timeout(Duration::from_millis(for_ms), w.next())
+            .await
+            .is_err()
     }
 
     fn ready(p: Pickup) -> ReadyFile {
@@ -504,7 +607,10 @@ mod tests {
         assert!(nothing(&mut w, 800).await, "temporary names are not taken");
         fs::rename(dir.path().join(".a.json"), dir.path().join("a.json")).unwrap();
         let f = ready(next(&mut w).await);
-        assert_eq!((f.name.as_str(), f.bytes.as_slice(), f.kind), ("a.json", &b"{}"[..], FileKind::Json));
+        assert_eq!(
+            (f.name.as_str(), f.bytes.as_slice(), f.kind),
+            ("a.json", &b"{}"[..], FileKind::Json)
+        );
         assert!(nothing(&mut w, 1000).await, "emitted once");
     }
 
@@ -522,7 +628,12 @@ mod tests {
         });
         let f = ready(next(&mut w).await);
         writer.await.unwrap();
-        assert_eq!(f.bytes.iter().filter(|b| **b == b'\n').count(), 8, "{}", String::from_utf8_lossy(&f.bytes));
+        assert_eq!(
+            f.bytes.iter().filter(|b| **b == b'\n').count(),
+            8,
+            "{}",
+            String::from_utf8_lossy(&f.bytes)
+        );
         assert!(nothing(&mut w, 800).await);
     }
 
@@ -542,7 +653,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::NamedTempFile::new().unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link.json")).unwrap();
-        assert!(std::process::Command::new("mkfifo").arg(dir.path().join("pipe.json")).status().unwrap().success());
+        assert!(std::process::Command::new("mkfifo")
+            .arg(dir.path().join("pipe.json"))
+            .status()
+            .unwrap()
+            .success());
         fs::write(dir.path().join("big.json"), vec![b' '; 1001]).unwrap();
         fs::write(dir.path().join("notes.txt"), b"hi").unwrap();
         let mut w = OutboxWatcher::new(cfg(dir.path())).unwrap();
@@ -572,7 +687,11 @@ mod tests {
         let mut w = OutboxWatcher::with_events(cfg(dir.path()), false).unwrap();
         assert_eq!(ready(next(&mut w).await).name, "early.json");
         fs::write(dir.path().join("late.csv"), b"a").unwrap();
-        assert_eq!(ready(next(&mut w).await).name, "late.csv", "no events: the rescan finds it");
+        assert_eq!(
+            ready(next(&mut w).await).name,
+            "late.csv",
+            "no events: the rescan finds it"
+        );
     }
 
     #[tokio::test]
@@ -611,8 +730,14 @@ mod tests {
         assert_eq!(fs::read(&p1).unwrap(), b"one");
         assert_eq!(fs::read(&p2).unwrap(), b"rows");
         assert!(p2.ends_with("rejected/a.csv.1"));
-        assert_eq!(fs::read(dir.path().join("rejected/a.csv.1.error.json")).unwrap(), b"{\"e\":2}");
-        assert!(dir.path().join("a.csv").exists(), "with a replacement, the original is left for the caller");
+        assert_eq!(
+            fs::read(dir.path().join("rejected/a.csv.1.error.json")).unwrap(),
+            b"{\"e\":2}"
+        );
+        assert!(
+            dir.path().join("a.csv").exists(),
+            "with a replacement, the original is left for the caller"
+        );
         assert!(reject(dir.path(), "../x", None, b"{}").is_err());
     }
 }

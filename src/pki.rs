@@ -8,8 +8,8 @@
 
 use chrono::{Datelike, Duration, Utc};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::types::AreaId;
@@ -59,7 +59,11 @@ impl DevCa {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         validity(&mut params, valid_days);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
@@ -80,24 +84,36 @@ impl DevCa {
     }
 
     /// Issues a certificate for `area` without the area URI SAN (for tests of refusal).
-    pub fn issue_without_area_uri(&self, area: &AreaId, valid_days: u32) -> Result<NodeCert, PkiError> {
+    pub fn issue_without_area_uri(
+        &self,
+        area: &AreaId,
+        valid_days: u32,
+    ) -> Result<NodeCert, PkiError> {
         self.issue(area, valid_days, false)
     }
 
     fn issue(&self, area: &AreaId, valid_days: u32, with_uri: bool) -> Result<NodeCert, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, area.as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, area.as_str());
         let mut sans = vec![SanType::DnsName(area_server_name(area).try_into()?)];
         if with_uri {
             sans.push(SanType::URI(area_uri(area).try_into()?));
         }
         params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, valid_days);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        Ok(NodeCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }

@@ -120,7 +120,9 @@ impl Receiver {
         let mut published = 0;
         let mut accepted_names = HashSet::new();
         for (id, rec) in self.store.seen_unpublished().map_err(|e| e.to_string())? {
-            self.inbox.publish(&rec.inbox_name).map_err(|e| e.to_string())?;
+            self.inbox
+                .publish(&rec.inbox_name)
+                .map_err(|e| e.to_string())?;
             let mut rec = rec;
             rec.published = true;
             self.store.put_seen(&id, &rec).map_err(|e| e.to_string())?;
@@ -148,7 +150,14 @@ impl Receiver {
 
     async fn handle_at(&self, peer: AreaId, bytes: Vec<u8>, now: DateTime<Utc>) -> Reply {
         let directory = self.directory.clone();
-        let verified = match crypto::verify(&bytes, &self.me, &peer, |a| directory.signing_keys(a), now, &self.policy) {
+        let verified = match crypto::verify(
+            &bytes,
+            &self.me,
+            &peer,
+            |a| directory.signing_keys(a),
+            now,
+            &self.policy,
+        ) {
             Ok(v) => v,
             Err(e) => {
                 warn!(peer = %peer, code = e.code(), "envelope refused: {e}");
@@ -162,7 +171,11 @@ impl Receiver {
                 return Reply::refused("internal", "receiver state unavailable", false);
             };
             if !set.insert(id) {
-                return Reply::refused("in_progress", "this envelope is being accepted on another stream", false);
+                return Reply::refused(
+                    "in_progress",
+                    "this envelope is being accepted on another stream",
+                    false,
+                );
             }
             InProgress(&self.in_progress, id)
         };
@@ -186,7 +199,11 @@ impl Receiver {
             _ => {
                 warn!(peer = %peer, envelope_id = %id, "envelope refused: payload is not a valid referral");
                 self.audit_refusal(&peer, Some(id), "payload_invalid").await;
-                return Reply::refused("payload_invalid", "payload is not a valid refex.referral.v1", true);
+                return Reply::refused(
+                    "payload_invalid",
+                    "payload is not a valid refex.referral.v1",
+                    true,
+                );
             }
         };
         match self.take(&peer, id, &header, digest, &referral, now).await {
@@ -226,16 +243,22 @@ impl Receiver {
             .map_err(|_| TakeError::Join)??;
         crate::failpoint::hit("receiver_after_stage");
 
-        let subject = self.subject.key(&referral.source_system, &referral.source_ref);
+        let subject = self
+            .subject
+            .key(&referral.source_system, &referral.source_ref);
         let head = self
             .audit
             .record(
-                Event::new(Operation::Collection, Actor::Peer(peer.clone()), Outcome::Ok)
-                    .envelope(id)
-                    .route(&header.from, &header.to)
-                    .digest(digest)
-                    .subject(subject.clone())
-                    .priority(header.priority),
+                Event::new(
+                    Operation::Collection,
+                    Actor::Peer(peer.clone()),
+                    Outcome::Ok,
+                )
+                .envelope(id)
+                .route(&header.from, &header.to)
+                .digest(digest)
+                .subject(subject.clone())
+                .priority(header.priority),
             )
             .await?;
         let body = ReceiptBody {
@@ -264,7 +287,13 @@ impl Receiver {
         tokio::task::spawn_blocking(move || inbox.publish(&name))
             .await
             .map_err(|_| TakeError::Join)??;
-        self.store.put_seen(&id, &SeenRecord { published: true, ..rec })?;
+        self.store.put_seen(
+            &id,
+            &SeenRecord {
+                published: true,
+                ..rec
+            },
+        )?;
         self.audit
             .record(
                 Event::new(Operation::Disclosure, Actor::System, Outcome::Ok)
@@ -288,7 +317,13 @@ impl Receiver {
             let name = rec.inbox_name.clone();
             match tokio::task::spawn_blocking(move || inbox.publish(&name)).await {
                 Ok(Ok(())) => {
-                    let _ = self.store.put_seen(&id, &SeenRecord { published: true, ..rec.clone() });
+                    let _ = self.store.put_seen(
+                        &id,
+                        &SeenRecord {
+                            published: true,
+                            ..rec.clone()
+                        },
+                    );
                 }
                 Ok(Err(e)) => return self.transient(&e.to_string(), e.is_disk_full()),
                 Err(_) => return self.transient("background task failed", false),
@@ -303,14 +338,27 @@ impl Receiver {
             if !self.disk_full.swap(true, Ordering::Relaxed) {
                 error!("inbox, state or audit volume is full: receipts are withheld until space returns");
             }
-            return Reply::refused("disk_full", "receiving node is out of disk space; retry later", false);
+            return Reply::refused(
+                "disk_full",
+                "receiving node is out of disk space; retry later",
+                false,
+            );
         }
         error!("cannot accept envelope now: {msg}");
-        Reply::refused("receiver_unavailable", "receiving node cannot accept now; retry later", false)
+        Reply::refused(
+            "receiver_unavailable",
+            "receiving node cannot accept now; retry later",
+            false,
+        )
     }
 
     async fn audit_refusal(&self, peer: &AreaId, id: Option<EnvelopeId>, code: &str) {
-        let mut ev = Event::new(Operation::Refusal, Actor::Peer(peer.clone()), Outcome::Refused).reason(code);
+        let mut ev = Event::new(
+            Operation::Refusal,
+            Actor::Peer(peer.clone()),
+            Outcome::Refused,
+        )
+        .reason(code);
         if let Some(id) = id {
             ev = ev.envelope(id);
         }

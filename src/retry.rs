@@ -33,7 +33,10 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    const B: Backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(10) };
+    const B: Backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(10),
+    };
 
     #[test]
     fn delays_double_until_the_cap() {

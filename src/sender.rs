@@ -81,7 +81,11 @@ impl PeerWorker {
             }
             let backing_off = backoff_until.is_some_and(|t| t > Instant::now());
             if !backing_off && in_flight.len() < max {
-                match self.ctx.store.next_queued(&self.peer, max - in_flight.len(), &in_flight) {
+                match self
+                    .ctx
+                    .store
+                    .next_queued(&self.peer, max - in_flight.len(), &in_flight)
+                {
                     Ok(batch) => {
                         for (id, rec) in batch {
                             in_flight.insert(id);
@@ -132,7 +136,8 @@ impl PeerWorker {
             }
         }
         // Park: let what is in flight finish briefly; anything unfinished stays queued.
-        let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
     }
 }
@@ -143,7 +148,12 @@ fn unit_random() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn send_one(ctx: &SenderContext, peer: &AreaId, id: EnvelopeId, rec: OutRecord) -> SendOutcome {
+async fn send_one(
+    ctx: &SenderContext,
+    peer: &AreaId,
+    id: EnvelopeId,
+    rec: OutRecord,
+) -> SendOutcome {
     let Some(sealed) = rec.sealed.as_ref() else {
         return SendOutcome::Permanent("queued envelope has no payload".into());
     };
@@ -154,7 +164,11 @@ async fn send_one(ctx: &SenderContext, peer: &AreaId, id: EnvelopeId, rec: OutRe
     let reply_bytes = if *peer == ctx.me {
         ctx.local.handle(ctx.me.clone(), sealed.to_vec()).await
     } else {
-        let addr = PeerAddr { area: peer.clone(), addr: entry.address, server_name: entry.server_name.clone() };
+        let addr = PeerAddr {
+            area: peer.clone(),
+            addr: entry.address,
+            server_name: entry.server_name.clone(),
+        };
         match ctx.transport.request(&addr, sealed).await {
             Ok(r) => r,
             Err(e) if e.is_transient() => {
@@ -180,34 +194,43 @@ async fn send_one(ctx: &SenderContext, peer: &AreaId, id: EnvelopeId, rec: OutRe
     match reply {
         Reply::Receipt(receipt) => {
             let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
-            let body = match crypto::verify_receipt(&receipt, &entry.signing_keys, &id, &digest, peer) {
-                Ok(b) => b,
-                Err(e) => {
-                    // A peer that answers with a bad receipt has not proved delivery: keep it queued.
-                    let _ = ctx.store.note_attempt(&id, "invalid receipt");
-                    error!(envelope_id = %id, "peer returned an invalid receipt: {e}");
-                    return SendOutcome::Transient(format!("invalid receipt: {e}"));
-                }
-            };
+            let body =
+                match crypto::verify_receipt(&receipt, &entry.signing_keys, &id, &digest, peer) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // A peer that answers with a bad receipt has not proved delivery: keep it queued.
+                        let _ = ctx.store.note_attempt(&id, "invalid receipt");
+                        error!(envelope_id = %id, "peer returned an invalid receipt: {e}");
+                        return SendOutcome::Transient(format!("invalid receipt: {e}"));
+                    }
+                };
             crate::failpoint::hit("sender_before_receipt_stored");
-            if let Err(e) = ctx.store.mark_delivered(&id, &receipt, &body.audit_head, Utc::now()) {
+            if let Err(e) = ctx
+                .store
+                .mark_delivered(&id, &receipt, &body.audit_head, Utc::now())
+            {
                 return SendOutcome::Transient(format!("cannot store receipt: {e}"));
             }
             if let Err(e) = ctx.store.durable().await {
                 return SendOutcome::Transient(format!("cannot sync receipt: {e}"));
             }
             let route = (&ctx.me, peer);
-            let mut disclosure = Event::new(Operation::Disclosure, Actor::Peer(peer.clone()), Outcome::Ok)
-                .envelope(id)
-                .route(route.0, route.1)
-                .digest(digest)
-                .priority(rec.priority)
-                .reason("transferred");
-            let mut receipt_ev = Event::new(Operation::Receipt, Actor::Peer(peer.clone()), Outcome::Ok)
-                .envelope(id)
-                .route(route.0, route.1)
-                .digest(digest)
-                .peer_head(&body.audit_head);
+            let mut disclosure = Event::new(
+                Operation::Disclosure,
+                Actor::Peer(peer.clone()),
+                Outcome::Ok,
+            )
+            .envelope(id)
+            .route(route.0, route.1)
+            .digest(digest)
+            .priority(rec.priority)
+            .reason("transferred");
+            let mut receipt_ev =
+                Event::new(Operation::Receipt, Actor::Peer(peer.clone()), Outcome::Ok)
+                    .envelope(id)
+                    .route(route.0, route.1)
+                    .digest(digest)
+                    .peer_head(&body.audit_head);
             let mut erasure = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
                 .envelope(id)
                 .route(route.0, route.1)
@@ -226,14 +249,22 @@ async fn send_one(ctx: &SenderContext, peer: &AreaId, id: EnvelopeId, rec: OutRe
             info!(envelope_id = %id, priority = %rec.priority, "delivered; receipt stored");
             SendOutcome::Delivered
         }
-        Reply::Refused { code, message, permanent } => {
+        Reply::Refused {
+            code,
+            message,
+            permanent,
+        } => {
             if permanent {
                 let _ = ctx.store.mark_non_delivered(&id, &code);
                 let _ = ctx.store.durable().await;
-                let ev = Event::new(Operation::Refusal, Actor::Peer(peer.clone()), Outcome::Refused)
-                    .envelope(id)
-                    .route(&ctx.me, peer)
-                    .reason(&code);
+                let ev = Event::new(
+                    Operation::Refusal,
+                    Actor::Peer(peer.clone()),
+                    Outcome::Refused,
+                )
+                .envelope(id)
+                .route(&ctx.me, peer)
+                .reason(&code);
                 if let Err(e) = ctx.audit.record(ev).await {
                     error!(envelope_id = %id, "audit record of a refusal failed: {e}");
                 }

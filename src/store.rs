@@ -54,7 +54,11 @@ pub enum StoreError {
     NotFound(EnvelopeId),
     /// The envelope is not in a state that allows the operation.
     #[error("envelope {id} is {state:?}; {action} is not possible")]
-    WrongState { id: EnvelopeId, state: OutState, action: &'static str },
+    WrongState {
+        id: EnvelopeId,
+        state: OutState,
+        action: &'static str,
+    },
     /// The committer thread has stopped.
     #[error("state store is closed")]
     Closed,
@@ -122,11 +126,15 @@ pub struct OutRecord {
 
 impl OutRecord {
     pub fn created_at(&self) -> DateTime<Utc> {
-        Utc.timestamp_opt(self.created, 0).single().unwrap_or_default()
+        Utc.timestamp_opt(self.created, 0)
+            .single()
+            .unwrap_or_default()
     }
 
     pub fn due_at(&self) -> DateTime<Utc> {
-        Utc.timestamp_opt(self.due_by, 0).single().unwrap_or_default()
+        Utc.timestamp_opt(self.due_by, 0)
+            .single()
+            .unwrap_or_default()
     }
 }
 
@@ -178,13 +186,15 @@ pub struct Store {
 }
 
 struct Inner {
-    db: sled::Db,
+    /// Kept so the database outlives every tree handle.
+    _db: sled::Db,
     envelopes: sled::Tree,
     queue: sled::Tree,
     idem: sled::Tree,
     seen: sled::Tree,
     commit_tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
     syncs: Arc<AtomicU64>,
+    committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -192,7 +202,10 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_cbor::to_vec(v).unwrap_or_default()
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(what: impl std::fmt::Display, b: &[u8]) -> Result<T, StoreError> {
+fn decode<T: for<'de> Deserialize<'de>>(
+    what: impl std::fmt::Display,
+    b: &[u8],
+) -> Result<T, StoreError> {
     serde_cbor::from_slice(b).map_err(|_| StoreError::Corrupt(what.to_string()))
 }
 
@@ -216,7 +229,9 @@ fn queue_prefix(to: &AreaId) -> Vec<u8> {
 }
 
 fn id_from_queue_key(k: &[u8]) -> Option<EnvelopeId> {
-    k.len().checked_sub(16).and_then(|at| EnvelopeId::from_slice(&k[at..]).ok())
+    k.len()
+        .checked_sub(16)
+        .and_then(|at| EnvelopeId::from_slice(&k[at..]).ok())
 }
 
 impl Store {
@@ -229,29 +244,42 @@ impl Store {
             .open()?;
         let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
         let syncs = Arc::new(AtomicU64::new(0));
+        let path = dir.to_owned();
+        let db2 = db.clone();
+        let syncs2 = syncs.clone();
+        let handle = thread::Builder::new()
+            .name("refex-store-commit".into())
+            .spawn(move || committer(db2, path, commit_rx, syncs2))
+            .map_err(|e| StoreError::Sled(format!("cannot start committer: {e}")))?;
         let inner = Inner {
             envelopes: db.open_tree("envelopes")?,
             queue: db.open_tree("queue")?,
             idem: db.open_tree("idem")?,
             seen: db.open_tree("seen")?,
-            db: db.clone(),
+            _db: db.clone(),
             commit_tx: std::sync::Mutex::new(Some(commit_tx)),
-            syncs: syncs.clone(),
+            syncs,
+            committer: std::sync::Mutex::new(Some(handle)),
         };
-        let path = dir.to_owned();
-        thread::Builder::new()
-            .name("refex-store-commit".into())
-            .spawn(move || committer(db, path, commit_rx, syncs))
-            .map_err(|e| StoreError::Sled(format!("cannot start committer: {e}")))?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Returns once everything written before the call is on the device.
     pub async fn durable(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         {
-            let guard = self.inner.commit_tx.lock().map_err(|_| StoreError::Closed)?;
-            guard.as_ref().ok_or(StoreError::Closed)?.send(tx).map_err(|_| StoreError::Closed)?;
+            let guard = self
+                .inner
+                .commit_tx
+                .lock()
+                .map_err(|_| StoreError::Closed)?;
+            guard
+                .as_ref()
+                .ok_or(StoreError::Closed)?
+                .send(tx)
+                .map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -286,8 +314,11 @@ impl Store {
         let id = env.id;
         let out = (&i.envelopes, &i.queue, &i.idem).transaction(|(envelopes, queue, idem)| {
             if let Some(existing) = idem.get(idem_key)? {
-                let existing = EnvelopeId::from_slice(&existing)
-                    .map_err(|_| ConflictableTransactionError::Abort(StoreError::Corrupt("idempotency index".into())))?;
+                let existing = EnvelopeId::from_slice(&existing).map_err(|_| {
+                    ConflictableTransactionError::Abort(StoreError::Corrupt(
+                        "idempotency index".into(),
+                    ))
+                })?;
                 return Ok(Enqueued::Duplicate(existing));
             }
             idem.insert(&idem_key[..], &id.as_bytes()[..])?;
@@ -320,7 +351,9 @@ impl Store {
                 break;
             }
             let (k, _) = kv?;
-            let Some(id) = id_from_queue_key(&k) else { continue };
+            let Some(id) = id_from_queue_key(&k) else {
+                continue;
+            };
             if skip.contains(&id) {
                 continue;
             }
@@ -336,7 +369,9 @@ impl Store {
         let mut s = QueueStats::default();
         for kv in self.inner.queue.scan_prefix(queue_prefix(to)) {
             let (k, _) = kv?;
-            let Some(id) = id_from_queue_key(&k) else { continue };
+            let Some(id) = id_from_queue_key(&k) else {
+                continue;
+            };
             let Some(rec) = self.get(&id)? else { continue };
             s.queued += 1;
             if rec.priority == PriorityClass::Enhanced {
@@ -358,7 +393,9 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.envelopes.iter() {
             let (k, v) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k) else { continue };
+            let Ok(id) = EnvelopeId::from_slice(&k) else {
+                continue;
+            };
             let rec: OutRecord = decode(id, &v)?;
             if rec.state == OutState::NonDelivered {
                 out.push((id, rec));
@@ -378,7 +415,9 @@ impl Store {
         let i = &self.inner;
         let out = (&i.envelopes, &i.queue).transaction(|(envelopes, queue)| {
             let Some(v) = envelopes.get(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(*id)));
+                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(
+                    *id,
+                )));
             };
             let mut rec: OutRecord = decode(id, &v).map_err(ConflictableTransactionError::Abort)?;
             let was_queued = rec.state == OutState::Queued;
@@ -449,7 +488,11 @@ impl Store {
                 r.created = Utc::now().timestamp();
                 Ok(r.clone())
             }
-            state => Err(StoreError::WrongState { id: *id, state, action: "requeue" }),
+            state => Err(StoreError::WrongState {
+                id: *id,
+                state,
+                action: "requeue",
+            }),
         })
     }
 
@@ -462,17 +505,27 @@ impl Store {
                 r.finished_at = Some(now.timestamp());
                 Ok(r.clone())
             }
-            state => Err(StoreError::WrongState { id: *id, state, action: "withdraw" }),
+            state => Err(StoreError::WrongState {
+                id: *id,
+                state,
+                action: "withdraw",
+            }),
         })
     }
 
     /// Queued envelopes whose `created` is before `cutoff` (candidates for non-delivery),
     /// at most `limit`, across all peers.
-    pub fn queued_before(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<Vec<EnvelopeId>, StoreError> {
+    pub fn queued_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<EnvelopeId>, StoreError> {
         let mut out = Vec::new();
         for kv in self.inner.queue.iter() {
             let (k, _) = kv?;
-            let Some(id) = id_from_queue_key(&k) else { continue };
+            let Some(id) = id_from_queue_key(&k) else {
+                continue;
+            };
             if let Some(rec) = self.get(&id)? {
                 if rec.created < cutoff.timestamp() {
                     out.push(id);
@@ -490,7 +543,9 @@ impl Store {
         let mut gone = Vec::new();
         for kv in self.inner.envelopes.iter() {
             let (k, v) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k) else { continue };
+            let Ok(id) = EnvelopeId::from_slice(&k) else {
+                continue;
+            };
             let rec: OutRecord = decode(id, &v)?;
             let finished = matches!(rec.state, OutState::Delivered | OutState::Withdrawn);
             if finished && rec.finished_at.is_some_and(|t| t < cutoff.timestamp()) {
@@ -522,7 +577,9 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.seen.iter() {
             let (k, v) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k) else { continue };
+            let Ok(id) = EnvelopeId::from_slice(&k) else {
+                continue;
+            };
             let rec: SeenRecord = decode(id, &v)?;
             if !rec.published {
                 out.push((id, rec));
@@ -551,6 +608,11 @@ impl Store {
         if let Ok(mut g) = self.inner.commit_tx.lock() {
             g.take();
         }
+        // Wait for the committer to let go of the database, so it can be reopened.
+        let handle = self.inner.committer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
         r
     }
 }
@@ -573,22 +635,31 @@ fn committer(db: sled::Db, dir: PathBuf, rx: mpsc::Receiver<Waiter>, syncs: Arc<
 
 fn sync_error(e: std::io::Error) -> StoreError {
     let disk_full = matches!(e.raw_os_error(), Some(28) | Some(122));
-    StoreError::Sync { message: e.to_string(), disk_full }
+    StoreError::Sync {
+        message: e.to_string(),
+        disk_full,
+    }
 }
 
 /// fdatasync sled's log file and any blob files (sled writes values over its blob threshold to
 /// their own files and does not sync them).
 fn sync_files(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir.join("db")).and_then(|f| f.sync_data()).map_err(sync_error)?;
+    File::open(dir.join("db"))
+        .and_then(|f| f.sync_data())
+        .map_err(sync_error)?;
     let blobs = dir.join("blobs");
     if let Ok(entries) = std::fs::read_dir(&blobs) {
         let mut any = false;
         for e in entries.flatten() {
-            File::open(e.path()).and_then(|f| f.sync_data()).map_err(sync_error)?;
+            File::open(e.path())
+                .and_then(|f| f.sync_data())
+                .map_err(sync_error)?;
             any = true;
         }
         if any {
-            File::open(&blobs).and_then(|f| f.sync_all()).map_err(sync_error)?;
+            File::open(&blobs)
+                .and_then(|f| f.sync_all())
+                .map_err(sync_error)?;
         }
     }
     Ok(())
@@ -624,7 +695,10 @@ mod tests {
         let late_enh = env("london", PriorityClass::Enhanced, 5_000);
         let other_peer = env("kent", PriorityClass::Enhanced, 1);
         let ids = [late_enh.id, early_std.id, late_std.id];
-        for (i, e) in [late_std, early_std, late_enh, other_peer].into_iter().enumerate() {
+        for (i, e) in [late_std, early_std, late_enh, other_peer]
+            .into_iter()
+            .enumerate()
+        {
             store.enqueue(e, &[i as u8; 32]).unwrap();
         }
         store.durable().await.unwrap();
@@ -643,10 +717,22 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let first = env("london", PriorityClass::Standard, 1);
         let first_id = first.id;
-        assert_eq!(store.enqueue(first, &[9; 32]).unwrap(), Enqueued::New(first_id));
+        assert_eq!(
+            store.enqueue(first, &[9; 32]).unwrap(),
+            Enqueued::New(first_id)
+        );
         let again = env("london", PriorityClass::Standard, 1);
-        assert_eq!(store.enqueue(again, &[9; 32]).unwrap(), Enqueued::Duplicate(first_id));
-        assert_eq!(store.next_queued(&area("london"), 10, &HashSet::new()).unwrap().len(), 1);
+        assert_eq!(
+            store.enqueue(again, &[9; 32]).unwrap(),
+            Enqueued::Duplicate(first_id)
+        );
+        assert_eq!(
+            store
+                .next_queued(&area("london"), 10, &HashSet::new())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -656,28 +742,44 @@ mod tests {
         let e = env("london", PriorityClass::Standard, 1);
         let id = e.id;
         store.enqueue(e, &[1; 32]).unwrap();
-        let rec = store.mark_delivered(&id, b"receipt", "head", Utc::now()).unwrap();
+        let rec = store
+            .mark_delivered(&id, b"receipt", "head", Utc::now())
+            .unwrap();
         assert_eq!(rec.state, OutState::Delivered);
         assert!(rec.sealed.is_none());
-        assert!(store.next_queued(&area("london"), 10, &HashSet::new()).unwrap().is_empty());
-        assert!(store.requeue(&id).is_err(), "a delivered envelope cannot be requeued");
+        assert!(store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()
+            .is_empty());
+        assert!(
+            store.requeue(&id).is_err(),
+            "a delivered envelope cannot be requeued"
+        );
     }
 
     #[tokio::test]
     async fn non_delivered_envelopes_can_be_requeued_or_withdrawn() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (a, b) = (env("london", PriorityClass::Standard, 1), env("london", PriorityClass::Standard, 2));
+        let (a, b) = (
+            env("london", PriorityClass::Standard, 1),
+            env("london", PriorityClass::Standard, 2),
+        );
         let (ida, idb) = (a.id, b.id);
         store.enqueue(a, &[1; 32]).unwrap();
         store.enqueue(b, &[2; 32]).unwrap();
         store.mark_non_delivered(&ida, "window passed").unwrap();
         store.mark_non_delivered(&idb, "window passed").unwrap();
         assert_eq!(store.non_delivered(10).unwrap().len(), 2);
-        assert!(store.next_queued(&area("london"), 10, &HashSet::new()).unwrap().is_empty());
+        assert!(store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()
+            .is_empty());
         store.requeue(&ida).unwrap();
         store.withdraw(&idb, Utc::now()).unwrap();
-        let queued = store.next_queued(&area("london"), 10, &HashSet::new()).unwrap();
+        let queued = store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap();
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].0, ida);
         assert!(store.get(&idb).unwrap().unwrap().sealed.is_none());
@@ -695,7 +797,13 @@ mod tests {
             id
         };
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.next_queued(&area("london"), 10, &HashSet::new()).unwrap()[0].0, id);
+        assert_eq!(
+            store
+                .next_queued(&area("london"), 10, &HashSet::new())
+                .unwrap()[0]
+                .0,
+            id
+        );
     }
 
     #[tokio::test]
@@ -717,7 +825,17 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(store.sync_count() < 200, "{} syncs for 200 waiters", store.sync_count());
-        assert_eq!(store.queue_stats(&area("london"), Utc::now()).unwrap().queued, 200);
+        assert!(
+            store.sync_count() < 200,
+            "{} syncs for 200 waiters",
+            store.sync_count()
+        );
+        assert_eq!(
+            store
+                .queue_stats(&area("london"), Utc::now())
+                .unwrap()
+                .queued,
+            200
+        );
     }
 }

@@ -48,7 +48,10 @@ pub enum TransportError {
     Tls(String),
     /// The UDP socket could not be bound.
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// Could not connect (peer down, unreachable, handshake failed or timed out).
     #[error("cannot connect to {peer}: {reason}")]
     Connect { peer: AreaId, reason: String },
@@ -69,7 +72,10 @@ pub enum TransportError {
 impl TransportError {
     /// True for failures that a later retry may not meet (peer down, lost connection, timeout).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Connect { .. } | Self::Lost { .. } | Self::Timeout(_))
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Lost { .. } | Self::Timeout(_)
+        )
     }
 }
 
@@ -122,8 +128,14 @@ fn tls_err(what: &str, e: impl std::fmt::Display) -> TransportError {
 
 impl TlsIdentity {
     /// Loads PEM files. The key file must be private to its owner (checked by `crypto`).
-    pub fn load(ca: &Path, cert: &Path, key: &Path, crl: Option<&Path>) -> Result<Self, TransportError> {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| tls_err(&p.display().to_string(), e));
+    pub fn load(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        crl: Option<&Path>,
+    ) -> Result<Self, TransportError> {
+        let read =
+            |p: &Path| std::fs::read_to_string(p).map_err(|e| tls_err(&p.display().to_string(), e));
         let key_text = crate::crypto::read_secret_file(key).map_err(|e| tls_err("key", e))?;
         let key_text = String::from_utf8(key_text).map_err(|e| tls_err("key", e))?;
         let mut id = Self::from_pem(&read(ca)?, &read(cert)?, &key_text)?;
@@ -139,7 +151,9 @@ impl TlsIdentity {
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TransportError> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            roots.add(c.map_err(|e| tls_err("CA", e))?).map_err(|e| tls_err("CA", e))?;
+            roots
+                .add(c.map_err(|e| tls_err("CA", e))?)
+                .map_err(|e| tls_err("CA", e))?;
         }
         if roots.is_empty() {
             return Err(TransportError::Tls("CA file holds no certificate".into()));
@@ -147,12 +161,23 @@ impl TlsIdentity {
         let chain: Vec<_> = CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| tls_err("certificate", e))?;
-        let first = chain.first().ok_or_else(|| TransportError::Tls("certificate file is empty".into()))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(first).map_err(|e| tls_err("certificate", e))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| TransportError::Tls("certificate file is empty".into()))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(first).map_err(|e| tls_err("certificate", e))?;
         let not_after = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0));
+            + Duration::from_secs(
+                u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0),
+            );
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| tls_err("key", e))?;
-        Ok(Self { roots: Arc::new(roots), crls: Vec::new(), chain, key, not_after })
+        Ok(Self {
+            roots: Arc::new(roots),
+            crls: Vec::new(),
+            chain,
+            key,
+            not_after,
+        })
     }
 
     /// When this node's certificate expires (for days-to-expiry alerts).
@@ -166,10 +191,13 @@ impl TlsIdentity {
 
     fn server_config(&self, limits: &Limits) -> Result<quinn::ServerConfig, TransportError> {
         let provider = Self::provider();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-            .with_crls(self.crls.clone())
-            .build()
-            .map_err(|e| tls_err("client verifier", e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .with_crls(self.crls.clone())
+        .build()
+        .map_err(|e| tls_err("client verifier", e))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err("TLS 1.3", e))?
@@ -185,10 +213,13 @@ impl TlsIdentity {
 
     fn client_config(&self, limits: &Limits) -> Result<quinn::ClientConfig, TransportError> {
         let provider = Self::provider();
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-            .with_crls(self.crls.clone())
-            .build()
-            .map_err(|e| tls_err("server verifier", e))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .with_crls(self.crls.clone())
+        .build()
+        .map_err(|e| tls_err("server verifier", e))?;
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err("TLS 1.3", e))?
@@ -204,7 +235,8 @@ impl TlsIdentity {
 
     /// A stateless-reset key that survives restarts but is secret (derived from the TLS key).
     fn reset_key(&self) -> ring::hmac::Key {
-        let seed = crate::digest::sha256_parts(&[b"refex/1 stateless reset", self.key.secret_der()]);
+        let seed =
+            crate::digest::sha256_parts(&[b"refex/1 stateless reset", self.key.secret_der()]);
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed)
     }
 }
@@ -274,35 +306,69 @@ impl Drop for Slot {
     }
 }
 
-async fn read_frame(recv: &mut quinn::RecvStream, max: u32, peer: &AreaId) -> Result<Vec<u8>, TransportError> {
-    let lost = |e: &dyn std::fmt::Display| TransportError::Lost { peer: peer.clone(), reason: e.to_string() };
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: u32,
+    peer: &AreaId,
+) -> Result<Vec<u8>, TransportError> {
+    let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
+        peer: peer.clone(),
+        reason: e.to_string(),
+    };
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| lost(&e))?;
     let len = u32::from_be_bytes(len);
     if len > max {
-        return Err(TransportError::Protocol { peer: peer.clone(), reason: format!("frame of {len} bytes exceeds {max}") });
+        return Err(TransportError::Protocol {
+            peer: peer.clone(),
+            reason: format!("frame of {len} bytes exceeds {max}"),
+        });
     }
     let mut buf = vec![0u8; len as usize];
     recv.read_exact(&mut buf).await.map_err(|e| lost(&e))?;
     Ok(buf)
 }
 
-async fn write_frame(send: &mut quinn::SendStream, data: &[u8], peer: &AreaId) -> Result<(), TransportError> {
-    let lost = |e: &dyn std::fmt::Display| TransportError::Lost { peer: peer.clone(), reason: e.to_string() };
-    let len = u32::try_from(data.len()).map_err(|_| TransportError::Protocol { peer: peer.clone(), reason: "frame too large".into() })?;
-    send.write_all(&len.to_be_bytes()).await.map_err(|e| lost(&e))?;
+async fn write_frame(
+    send: &mut quinn::SendStream,
+    data: &[u8],
+    peer: &AreaId,
+) -> Result<(), TransportError> {
+    let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
+        peer: peer.clone(),
+        reason: e.to_string(),
+    };
+    let len = u32::try_from(data.len()).map_err(|_| TransportError::Protocol {
+        peer: peer.clone(),
+        reason: "frame too large".into(),
+    })?;
+    send.write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| lost(&e))?;
     send.write_all(data).await.map_err(|e| lost(&e))?;
     send.finish().map_err(|e| lost(&e))
 }
 
 impl Transport {
     /// Binds the endpoint. Must be called inside a tokio runtime.
-    pub fn bind(listen: SocketAddr, tls: &TlsIdentity, limits: Limits) -> Result<Self, TransportError> {
-        let socket = std::net::UdpSocket::bind(listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+    pub fn bind(
+        listen: SocketAddr,
+        tls: &TlsIdentity,
+        limits: Limits,
+    ) -> Result<Self, TransportError> {
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| TransportError::Bind {
+            addr: listen,
+            source,
+        })?;
         let config = quinn::EndpointConfig::new(Arc::new(tls.reset_key()));
-        let runtime = quinn::default_runtime().ok_or_else(|| TransportError::Tls("no async runtime".into()))?;
-        let mut endpoint = quinn::Endpoint::new(config, Some(tls.server_config(&limits)?), socket, runtime)
-            .map_err(|source| TransportError::Bind { addr: listen, source })?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Tls("no async runtime".into()))?;
+        let mut endpoint =
+            quinn::Endpoint::new(config, Some(tls.server_config(&limits)?), socket, runtime)
+                .map_err(|source| TransportError::Bind {
+                    addr: listen,
+                    source,
+                })?;
         endpoint.set_default_client_config(tls.client_config(&limits)?);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -315,13 +381,18 @@ impl Transport {
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.shared.endpoint.local_addr().map_err(|e| tls_err("local address", e))
+        self.shared
+            .endpoint
+            .local_addr()
+            .map_err(|e| tls_err("local address", e))
     }
 
     /// Replaces the TLS material for new connections (SIGHUP) without dropping the endpoint.
     pub fn reload(&self, tls: &TlsIdentity) -> Result<(), TransportError> {
         let limits = &self.shared.limits;
-        self.shared.endpoint.set_server_config(Some(tls.server_config(limits)?));
+        self.shared
+            .endpoint
+            .set_server_config(Some(tls.server_config(limits)?));
         let mut endpoint = self.shared.endpoint.clone();
         endpoint.set_default_client_config(tls.client_config(limits)?);
         Ok(())
@@ -334,7 +405,9 @@ impl Transport {
         H: Fn(AreaId, Vec<u8>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Vec<u8>> + Send,
     {
-        let total = Arc::new(tokio::sync::Semaphore::new(self.shared.limits.max_connections as usize));
+        let total = Arc::new(tokio::sync::Semaphore::new(
+            self.shared.limits.max_connections as usize,
+        ));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -356,8 +429,12 @@ impl Transport {
         }
     }
 
-    async fn serve_connection<H, F>(&self, incoming: quinn::Incoming, handler: H, shutdown: CancellationToken)
-    where
+    async fn serve_connection<H, F>(
+        &self,
+        incoming: quinn::Incoming,
+        handler: H,
+        shutdown: CancellationToken,
+    ) where
         H: Fn(AreaId, Vec<u8>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Vec<u8>> + Send,
     {
@@ -369,17 +446,18 @@ impl Transport {
                 return;
             }
         };
-        let conn = match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                warn!(%remote, "TLS handshake refused: {e}");
-                return;
-            }
-            Err(_) => {
-                warn!(%remote, "TLS handshake timed out");
-                return;
-            }
-        };
+        let conn =
+            match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    warn!(%remote, "TLS handshake refused: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
         let peer = match area_of(conn.peer_identity()) {
             Ok(a) => a,
             Err(why) => {
@@ -389,7 +467,9 @@ impl Transport {
             }
         };
         let _slot = {
-            let Ok(mut m) = self.shared.inbound.lock() else { return };
+            let Ok(mut m) = self.shared.inbound.lock() else {
+                return;
+            };
             let n = m.entry(peer.clone()).or_insert(0);
             if *n >= self.shared.limits.max_connections_per_peer {
                 warn!(peer = %peer, "connection refused: max_connections_per_peer reached");
@@ -397,7 +477,10 @@ impl Transport {
                 return;
             }
             *n += 1;
-            Slot { shared: self.shared.clone(), peer: peer.clone() }
+            Slot {
+                shared: self.shared.clone(),
+                peer: peer.clone(),
+            }
         };
         let span = tracing::info_span!("connection", peer = %peer);
         async {
@@ -426,24 +509,27 @@ impl Transport {
                 );
                 tokio::spawn(
                     async move {
-                        let request = match tokio::time::timeout(timeout, read_frame(&mut recv, max, &peer)).await {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(e @ TransportError::Protocol { .. })) => {
-                                warn!("stream refused: {e}");
-                                let _ = recv.stop(CODE_TOO_LARGE.into());
-                                let _ = send.reset(CODE_TOO_LARGE.into());
-                                return;
-                            }
-                            Ok(Err(e)) => {
-                                debug!("stream failed: {e}");
-                                return;
-                            }
-                            Err(_) => {
-                                warn!("stream timed out before its frame arrived");
-                                let _ = send.reset(CODE_LIMIT.into());
-                                return;
-                            }
-                        };
+                        let request =
+                            match tokio::time::timeout(timeout, read_frame(&mut recv, max, &peer))
+                                .await
+                            {
+                                Ok(Ok(r)) => r,
+                                Ok(Err(e @ TransportError::Protocol { .. })) => {
+                                    warn!("stream refused: {e}");
+                                    let _ = recv.stop(CODE_TOO_LARGE.into());
+                                    let _ = send.reset(CODE_TOO_LARGE.into());
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    debug!("stream failed: {e}");
+                                    return;
+                                }
+                                Err(_) => {
+                                    warn!("stream timed out before its frame arrived");
+                                    let _ = send.reset(CODE_LIMIT.into());
+                                    return;
+                                }
+                            };
                         let reply = handler(peer.clone(), request).await;
                         if let Err(e) = write_frame(&mut send, &reply, &peer).await {
                             debug!("reply not delivered: {e}");
@@ -464,22 +550,36 @@ impl Transport {
                 return Ok(c.clone());
             }
         }
-        let connect_err = |reason: String| TransportError::Connect { peer: peer.area.clone(), reason };
-        let connecting = self.shared.endpoint.connect(peer.addr, &peer.server_name).map_err(|e| connect_err(e.to_string()))?;
-        let conn = match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(connect_err(e.to_string())),
-            Err(_) => return Err(connect_err("handshake timed out".into())),
+        let connect_err = |reason: String| TransportError::Connect {
+            peer: peer.area.clone(),
+            reason,
         };
+        let connecting = self
+            .shared
+            .endpoint
+            .connect(peer.addr, &peer.server_name)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn =
+            match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(connect_err(e.to_string())),
+                Err(_) => return Err(connect_err("handshake timed out".into())),
+            };
         match area_of(conn.peer_identity()) {
             Ok(a) if a == peer.area => {}
             Ok(a) => {
                 conn.close(CODE_NO_IDENTITY.into(), b"wrong area");
-                return Err(TransportError::Identity { expected: peer.area.clone(), found: a.to_string() });
+                return Err(TransportError::Identity {
+                    expected: peer.area.clone(),
+                    found: a.to_string(),
+                });
             }
             Err(why) => {
                 conn.close(CODE_NO_IDENTITY.into(), b"no area identity");
-                return Err(TransportError::Identity { expected: peer.area.clone(), found: why });
+                return Err(TransportError::Identity {
+                    expected: peer.area.clone(),
+                    found: why,
+                });
             }
         }
         info!(peer = %peer.area, "connected");
@@ -489,21 +589,35 @@ impl Transport {
 
     /// Sends one request on a new stream of the (cached) connection to `peer` and returns the
     /// reply, all within the request timeout.
-    pub async fn request(&self, peer: &PeerAddr, request: &[u8]) -> Result<Vec<u8>, TransportError> {
+    pub async fn request(
+        &self,
+        peer: &PeerAddr,
+        request: &[u8],
+    ) -> Result<Vec<u8>, TransportError> {
         let timeout = self.shared.limits.request_timeout;
         let result = tokio::time::timeout(timeout, async {
             let conn = self.connection(peer).await?;
-            let lost = |e: &dyn std::fmt::Display| TransportError::Lost { peer: peer.area.clone(), reason: e.to_string() };
+            let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
+                peer: peer.area.clone(),
+                reason: e.to_string(),
+            };
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
             write_frame(&mut send, request, &peer.area).await?;
             read_frame(&mut recv, self.shared.limits.max_frame_bytes, &peer.area).await
         })
         .await
         .unwrap_or_else(|_| Err(TransportError::Timeout(peer.area.clone())));
-        if matches!(result, Err(TransportError::Lost { .. } | TransportError::Timeout(_))) {
+        if matches!(
+            result,
+            Err(TransportError::Lost { .. } | TransportError::Timeout(_))
+        ) {
             // Drop a dead connection so the next request dials afresh.
             let mut cache = self.shared.connections.lock().await;
-            if cache.get(&peer.area).is_some_and(|c| c.close_reason().is_some()) || matches!(result, Err(TransportError::Timeout(_))) {
+            if cache
+                .get(&peer.area)
+                .is_some_and(|c| c.close_reason().is_some())
+                || matches!(result, Err(TransportError::Timeout(_)))
+            {
                 if let Some(c) = cache.remove(&peer.area) {
                     c.close(CODE_SHUTDOWN.into(), b"timed out");
                 }
@@ -519,7 +633,10 @@ impl Transport {
 
     /// Closes every connection and waits briefly for the peers to be told.
     pub async fn close(&self) {
-        self.shared.endpoint.close(CODE_SHUTDOWN.into(), b"shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        self.shared
+            .endpoint
+            .close(CODE_SHUTDOWN.into(), b"shutting down");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
 }

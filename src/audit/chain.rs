@@ -50,7 +50,13 @@ impl Actor {
         match self {
             Self::System => "system".into(),
             Self::Peer(a) => format!("peer:{a}"),
-            Self::User(u) => format!("user:{}", u.chars().filter(|c| c.is_ascii_graphic()).take(64).collect::<String>()),
+            Self::User(u) => format!(
+                "user:{}",
+                u.chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(64)
+                    .collect::<String>()
+            ),
         }
     }
 }
@@ -246,7 +252,14 @@ impl Record {
     }
 
     /// The record for `ev`.
-    pub fn from_event(ev: &Event, seq: u64, time: DateTime<Utc>, prev: &str, basis: &str, purpose: &str) -> Self {
+    pub fn from_event(
+        ev: &Event,
+        seq: u64,
+        time: DateTime<Utc>,
+        prev: &str,
+        basis: &str,
+        purpose: &str,
+    ) -> Self {
         let mut r = Self::bare(seq, time, ev.operation, prev);
         r.envelope_id = ev.envelope_id.map(|i| i.to_string());
         r.from = ev.from.as_ref().map(ToString::to_string);
@@ -266,12 +279,22 @@ impl Record {
     }
 
     /// A signed checkpoint over `prev` (the chain head before it).
-    pub fn checkpoint(seq: u64, time: DateTime<Utc>, prev: &str, area: &AreaId, signer: &SigningKey) -> Self {
+    pub fn checkpoint(
+        seq: u64,
+        time: DateTime<Utc>,
+        prev: &str,
+        area: &AreaId,
+        signer: &SigningKey,
+    ) -> Self {
         let mut r = Self::bare(seq, time, Operation::Checkpoint, prev);
         r.area = Some(area.to_string());
         r.head = Some(prev.to_owned());
         r.key = Some(signer.public_key().to_hex());
-        r.sig = Some(hex::encode(signer.sign(&checkpoint_message(area.as_str(), seq, prev))));
+        r.sig = Some(hex::encode(signer.sign(&checkpoint_message(
+            area.as_str(),
+            seq,
+            prev,
+        ))));
         r
     }
 
@@ -279,11 +302,19 @@ impl Record {
         let mut r = Self::bare(seq, time, Operation::TornTail, prev);
         r.file = Some(file.to_owned());
         r.offset = Some(offset);
-        r.reason = Some("previous run ended while writing this line; it is kept, not repaired".into());
+        r.reason =
+            Some("previous run ended while writing this line; it is kept, not repaired".into());
         r
     }
 
-    pub fn purge(seq: u64, time: DateTime<Utc>, prev: &str, files: &[String], anchor_seq: u64, anchor_prev: &str) -> Self {
+    pub fn purge(
+        seq: u64,
+        time: DateTime<Utc>,
+        prev: &str,
+        files: &[String],
+        anchor_seq: u64,
+        anchor_prev: &str,
+    ) -> Self {
         let mut r = Self::bare(seq, time, Operation::Erasure, prev);
         r.actor = Some("system".into());
         r.outcome = Some(Outcome::Ok);
@@ -301,12 +332,19 @@ impl Record {
 
     /// True when this checkpoint's signature verifies with one of `keys`.
     pub fn checkpoint_valid(&self, keys: &[VerifyingKey]) -> bool {
-        let (Some(area), Some(head), Some(sig), Some(key)) = (&self.area, &self.head, &self.sig, &self.key) else {
+        let (Some(area), Some(head), Some(sig), Some(key)) =
+            (&self.area, &self.head, &self.sig, &self.key)
+        else {
             return false;
         };
-        let Ok(sig) = hex::decode(sig) else { return false };
+        let Ok(sig) = hex::decode(sig) else {
+            return false;
+        };
         let msg = checkpoint_message(area, self.seq, head);
-        head == &self.prev && keys.iter().any(|k| &k.to_hex() == key && k.verify(&msg, &sig))
+        head == &self.prev
+            && keys
+                .iter()
+                .any(|k| &k.to_hex() == key && k.verify(&msg, &sig))
     }
 }
 

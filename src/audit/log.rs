@@ -26,13 +26,6 @@ use super::chain::{line_hash, Event, Head, Record, GENESIS};
 use super::{AuditConfig, AuditError, TallyEntry};
 use crate::crypto::SigningKey;
 
-enum Job {
-    Event(Box<Event>),
-    Checkpoint,
-    Tally(TallyEntry),
-    Purge(DateTime<Utc>),
-}
-
 type Reply = oneshot::Sender<Result<Head, AuditError>>;
 
 struct Writer {
@@ -55,7 +48,10 @@ pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n.starts_with("audit-") && n.ends_with(".jsonl")
         })
         .collect();
@@ -68,22 +64,40 @@ fn file_date(name: &str) -> Option<NaiveDate> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| AuditError::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| AuditError::io(dir, e))
 }
 
 /// Starts the writer: finds the chain head, notes a torn tail, loads the tally.
 pub(super) fn start(
     cfg: AuditConfig,
     signer: Arc<SigningKey>,
-) -> Result<(mpsc::Sender<(Job, Reply)>, Arc<Mutex<Head>>, Arc<std::sync::atomic::AtomicU64>), AuditError> {
+) -> Result<
+    (
+        mpsc::Sender<(JobKind, Reply)>,
+        Arc<Mutex<Head>>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
+    AuditError,
+> {
     fs::create_dir_all(&cfg.dir).map_err(|e| AuditError::io(&cfg.dir, e))?;
-    let mut head = Head { seq: 0, hash: GENESIS.into() };
+    let mut head = Head {
+        seq: 0,
+        hash: GENESIS.into(),
+    };
     let mut pending_torn = None;
     let mut next_suffix = BTreeMap::new();
     let files = log_files(&cfg.dir)?;
     for f in &files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let (Some(d), Some(n)) = (file_date(&name), name.get(17..19).and_then(|s| s.parse::<u32>().ok())) {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let (Some(d), Some(n)) = (
+            file_date(&name),
+            name.get(17..19).and_then(|s| s.parse::<u32>().ok()),
+        ) {
             let e = next_suffix.entry(d).or_insert(0);
             *e = (*e).max(n + 1);
         }
@@ -91,8 +105,13 @@ pub(super) fn start(
     // The head is the last complete line of the newest file that has one.
     for f in files.iter().rev() {
         let mut bytes = Vec::new();
-        File::open(f).and_then(|mut h| h.read_to_end(&mut bytes)).map_err(|e| AuditError::io(f, e))?;
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        File::open(f)
+            .and_then(|mut h| h.read_to_end(&mut bytes))
+            .map_err(|e| AuditError::io(f, e))?;
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let complete = match bytes.iter().rposition(|b| *b == b'\n') {
             Some(i) => i + 1,
             None => 0,
@@ -109,18 +128,23 @@ pub(super) fn start(
             Some(i) => &body[i + 1..],
             None => body,
         };
-        let rec: Record = serde_json::from_slice(last).map_err(|_| AuditError::Corrupt(format!("{name}: last record does not parse")))?;
-        head = Head { seq: rec.seq, hash: line_hash(last) };
+        let rec: Record = serde_json::from_slice(last)
+            .map_err(|_| AuditError::Corrupt(format!("{name}: last record does not parse")))?;
+        head = Head {
+            seq: rec.seq,
+            hash: line_hash(last),
+        };
         break;
     }
     let tally_path = cfg.dir.join("tally.json");
     let tally = match fs::read(&tally_path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|_| AuditError::Corrupt("tally.json does not parse".into()))?,
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|_| AuditError::Corrupt("tally.json does not parse".into()))?,
         Err(_) => BTreeMap::new(),
     };
     let shared_head = Arc::new(Mutex::new(head.clone()));
     let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel::<(Job, Reply)>();
+    let (tx, rx) = mpsc::channel::<(JobKind, Reply)>();
     let mut w = Writer {
         cfg,
         signer,
@@ -141,7 +165,7 @@ pub(super) fn start(
 }
 
 impl Writer {
-    fn run(&mut self, rx: mpsc::Receiver<(Job, Reply)>) {
+    fn run(&mut self, rx: mpsc::Receiver<(JobKind, Reply)>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter());
@@ -154,38 +178,62 @@ impl Writer {
     }
 
     /// Appends every record of the batch with one write and one sync, then answers.
-    fn commit(&mut self, batch: Vec<(Job, Reply)>) {
+    fn commit(&mut self, batch: Vec<(JobKind, Reply)>) {
         let mut lines: Vec<(DateTime<Utc>, String)> = Vec::new();
         let mut head = self.head.clone();
         let mut answers = Vec::new();
-        let mut push = |rec: Record, time: DateTime<Utc>, head: &mut Head, lines: &mut Vec<(DateTime<Utc>, String)>| {
+        let push = |rec: Record,
+                    time: DateTime<Utc>,
+                    head: &mut Head,
+                    lines: &mut Vec<(DateTime<Utc>, String)>| {
             let line = rec.line();
-            *head = Head { seq: rec.seq, hash: line_hash(line.as_bytes()) };
+            *head = Head {
+                seq: rec.seq,
+                hash: line_hash(line.as_bytes()),
+            };
             lines.push((time, line));
         };
         if let Some((file, offset)) = self.pending_torn.clone() {
             let t = self.now();
-            push(Record::torn_tail(head.seq + 1, t, &head.hash, &file, offset), t, &mut head, &mut lines);
+            push(
+                Record::torn_tail(head.seq + 1, t, &head.hash, &file, offset),
+                t,
+                &mut head,
+                &mut lines,
+            );
         }
         let mut checkpoints = Vec::new();
         for (job, reply) in batch {
             let t = self.now();
             match job {
-                Job::Event(ev) => {
+                JobKind::Event(ev) => {
                     let j = &self.cfg.justification;
-                    let rec = Record::from_event(&ev, head.seq + 1, t, &head.hash, &j.lawful_basis, &j.purpose);
+                    let rec = Record::from_event(
+                        &ev,
+                        head.seq + 1,
+                        t,
+                        &head.hash,
+                        &j.lawful_basis,
+                        &j.purpose,
+                    );
                     push(rec, t, &mut head, &mut lines);
                 }
-                Job::Checkpoint => {
-                    let rec = Record::checkpoint(head.seq + 1, t, &head.hash, &self.cfg.area, &self.signer);
+                JobKind::Checkpoint => {
+                    let rec = Record::checkpoint(
+                        head.seq + 1,
+                        t,
+                        &head.hash,
+                        &self.cfg.area,
+                        &self.signer,
+                    );
                     checkpoints.push(rec.line());
                     push(rec, t, &mut head, &mut lines);
                 }
-                Job::Tally(entry) => {
+                JobKind::Tally(entry) => {
                     *self.tally.entry(entry.key()).or_default() += 1;
                     self.tally_dirty = true;
                 }
-                Job::Purge(now) => match self.purge(now, &head) {
+                JobKind::Purge(now) => match self.purge(now, &head) {
                     Ok(Some(rec)) => push(rec, t, &mut head, &mut lines),
                     Ok(None) => {}
                     Err(e) => {
@@ -196,8 +244,12 @@ impl Writer {
             }
             answers.push((reply, head.clone()));
         }
-        let result = self.append(&lines).and_then(|_| self.write_checkpoints(&checkpoints)).and_then(|_| self.write_tally());
-        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = self
+            .append(&lines)
+            .and_then(|_| self.write_checkpoints(&checkpoints))
+            .and_then(|_| self.write_tally());
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(()) => {
                 self.pending_torn = None;
@@ -250,7 +302,9 @@ impl Writer {
                 buf.push(b'\n');
                 i += 1;
             }
-            let Some((name, f, len)) = self.file.as_mut() else { continue };
+            let Some((name, f, len)) = self.file.as_mut() else {
+                continue;
+            };
             let path = self.cfg.dir.join(&*name);
             let written = f.write_all(&buf).and_then(|_| f.sync_data());
             if let Err(e) = written {
@@ -269,13 +323,20 @@ impl Writer {
             return Ok(());
         }
         let path = self.cfg.dir.join("checkpoints.jsonl");
-        let mut f = OpenOptions::new().create(true).append(true).mode(0o640).open(&path).map_err(|e| AuditError::io(&path, e))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&path)
+            .map_err(|e| AuditError::io(&path, e))?;
         let mut buf = String::new();
         for l in lines {
             buf.push_str(l);
             buf.push('\n');
         }
-        f.write_all(buf.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| AuditError::io(&path, e))
+        f.write_all(buf.as_bytes())
+            .and_then(|_| f.sync_data())
+            .map_err(|e| AuditError::io(&path, e))
     }
 
     fn write_tally(&mut self) -> Result<(), AuditError> {
@@ -286,7 +347,12 @@ impl Writer {
         let tmp = self.cfg.dir.join(".tally.json.tmp");
         let bytes = serde_json::to_vec(&self.tally).unwrap_or_default();
         let r = (|| {
-            let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
@@ -302,7 +368,10 @@ impl Writer {
         let cutoff = now.date_naive() - chrono::Duration::days(i64::from(self.cfg.retention_days));
         let files = log_files(&self.cfg.dir)?;
         let Some((keep_from, _)) = files.iter().enumerate().find(|(i, f)| {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             *i + 1 == files.len() || file_date(&name).is_none_or(|d| d >= cutoff)
         }) else {
             return Ok(None);
@@ -312,31 +381,47 @@ impl Writer {
         }
         let anchor_file = &files[keep_from];
         let text = fs::read_to_string(anchor_file).map_err(|e| AuditError::io(anchor_file, e))?;
-        let Some(first) = text.lines().next().and_then(|l| serde_json::from_str::<Record>(l).ok()) else {
+        let Some(first) = text
+            .lines()
+            .next()
+            .and_then(|l| serde_json::from_str::<Record>(l).ok())
+        else {
             return Ok(None);
         };
         let mut names = Vec::new();
         for f in &files[..keep_from] {
             fs::remove_file(f).map_err(|e| AuditError::io(f, e))?;
-            names.push(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            names.push(
+                f.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
         }
         sync_dir(&self.cfg.dir)?;
-        Ok(Some(Record::purge(head.seq + 1, self.now(), &head.hash, &names, first.seq, &first.prev)))
+        Ok(Some(Record::purge(
+            head.seq + 1,
+            self.now(),
+            &head.hash,
+            &names,
+            first.seq,
+            &first.prev,
+        )))
     }
 }
 
 /// Sends a job to the writer and waits for it to be durable.
-pub(super) async fn submit(tx: &Mutex<Option<mpsc::Sender<(Job, Reply)>>>, job: JobKind) -> Result<Head, AuditError> {
+pub(super) async fn submit(
+    tx: &Mutex<Option<mpsc::Sender<(JobKind, Reply)>>>,
+    job: JobKind,
+) -> Result<Head, AuditError> {
     let (reply, rx) = oneshot::channel();
-    let job = match job {
-        JobKind::Event(e) => Job::Event(Box::new(e)),
-        JobKind::Checkpoint => Job::Checkpoint,
-        JobKind::Tally(t) => Job::Tally(t),
-        JobKind::Purge(n) => Job::Purge(n),
-    };
     {
         let guard = tx.lock().map_err(|_| AuditError::Closed)?;
-        guard.as_ref().ok_or(AuditError::Closed)?.send((job, reply)).map_err(|_| AuditError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(AuditError::Closed)?
+            .send((job, reply))
+            .map_err(|_| AuditError::Closed)?;
     }
     rx.await.map_err(|_| AuditError::Closed)?
 }
@@ -349,4 +434,4 @@ pub(super) enum JobKind {
     Purge(DateTime<Utc>),
 }
 
-pub(super) type Sender = mpsc::Sender<(Job, Reply)>;
+pub(super) type Sender = mpsc::Sender<(JobKind, Reply)>;

@@ -42,7 +42,11 @@ use crate::types::{AreaId, PriorityClass};
 pub enum AuditError {
     /// A file could not be read or written; `disk_full` when the volume has no space.
     #[error("audit file {path}: {message}")]
-    Io { path: PathBuf, message: String, disk_full: bool },
+    Io {
+        path: PathBuf,
+        message: String,
+        disk_full: bool,
+    },
     /// Existing audit files do not parse where the log must read them.
     #[error("audit log: {0}")]
     Corrupt(String),
@@ -62,7 +66,13 @@ impl AuditError {
 
     /// True when the audit volume is full: callers pause and retry.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, Self::Io { disk_full: true, .. })
+        matches!(
+            self,
+            Self::Io {
+                disk_full: true,
+                ..
+            }
+        )
     }
 }
 
@@ -86,8 +96,21 @@ pub struct AuditConfig {
 }
 
 impl AuditConfig {
-    pub fn new(dir: PathBuf, area: AreaId, justification: Justification, checkpoint_interval: Duration, retention_days: u32) -> Self {
-        Self { dir, area, justification, checkpoint_interval, retention_days, clock: Utc::now }
+    pub fn new(
+        dir: PathBuf,
+        area: AreaId,
+        justification: Justification,
+        checkpoint_interval: Duration,
+        retention_days: u32,
+    ) -> Self {
+        Self {
+            dir,
+            area,
+            justification,
+            checkpoint_interval,
+            retention_days,
+            clock: Utc::now,
+        }
     }
 }
 
@@ -104,11 +127,19 @@ impl SubjectSecret {
     /// Loads `refex-subject-v1:<64 hex>` from a private file (mode 0600).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = read_secret_file(path)?;
-        let bad = |reason: &str| KeyError::Format { path: path.to_owned(), reason: reason.into() };
+        let bad = |reason: &str| KeyError::Format {
+            path: path.to_owned(),
+            reason: reason.into(),
+        };
         let text = std::str::from_utf8(&text).map_err(|_| bad("not UTF-8"))?;
-        let hex_part = text.trim().strip_prefix("refex-subject-v1:").ok_or_else(|| bad("expected 'refex-subject-v1:<hex>'"))?;
+        let hex_part = text
+            .trim()
+            .strip_prefix("refex-subject-v1:")
+            .ok_or_else(|| bad("expected 'refex-subject-v1:<hex>'"))?;
         let bytes = hex::decode(hex_part).map_err(|_| bad("not hex"))?;
-        Ok(Self(bytes.try_into().map_err(|_| bad("expected 32 bytes"))?))
+        Ok(Self(
+            bytes.try_into().map_err(|_| bad("expected 32 bytes"))?,
+        ))
     }
 
     /// A new secret and its file text.
@@ -138,8 +169,18 @@ pub struct TallyEntry {
 
 impl TallyEntry {
     fn key(&self) -> String {
-        let incident: String = self.incident.as_deref().unwrap_or("-").chars().filter(|c| *c != '|').take(40).collect();
-        format!("{}|{}|{}|{}|{}|{}", self.day, self.from, self.to, self.priority, self.category, incident)
+        let incident: String = self
+            .incident
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .filter(|c| *c != '|')
+            .take(40)
+            .collect();
+        format!(
+            "{}|{}|{}|{}|{}|{}",
+            self.day, self.from, self.to, self.priority, self.category, incident
+        )
     }
 }
 
@@ -155,7 +196,11 @@ impl AuditLog {
     /// Opens the log in `cfg.dir`, continuing the chain (see the module doc for torn tails).
     pub fn open(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Self, AuditError> {
         let (tx, head, syncs) = log::start(cfg, signer)?;
-        Ok(Self { tx: Arc::new(Mutex::new(Some(tx))), head, syncs })
+        Ok(Self {
+            tx: Arc::new(Mutex::new(Some(tx))),
+            head,
+            syncs,
+        })
     }
 
     /// Appends `ev`; returns once it is on the device, with the new chain head.
@@ -165,7 +210,10 @@ impl AuditLog {
 
     /// The last durable record.
     pub fn head(&self) -> Head {
-        self.head.lock().map(|h| h.clone()).unwrap_or(Head { seq: 0, hash: chain::GENESIS.into() })
+        self.head.lock().map(|h| h.clone()).unwrap_or(Head {
+            seq: 0,
+            hash: chain::GENESIS.into(),
+        })
     }
 
     /// Writes a signed checkpoint.
@@ -175,12 +223,16 @@ impl AuditLog {
 
     /// Counts one referral in the aggregate tally (durable on return).
     pub async fn tally(&self, t: TallyEntry) -> Result<(), AuditError> {
-        log::submit(&self.tx, log::JobKind::Tally(t)).await.map(|_| ())
+        log::submit(&self.tx, log::JobKind::Tally(t))
+            .await
+            .map(|_| ())
     }
 
     /// Removes audit files past retention, recording the erasure.
     pub async fn purge_expired(&self, now: DateTime<Utc>) -> Result<(), AuditError> {
-        log::submit(&self.tx, log::JobKind::Purge(now)).await.map(|_| ())
+        log::submit(&self.tx, log::JobKind::Purge(now))
+            .await
+            .map(|_| ())
     }
 
     /// How many write+sync rounds the writer has made (group commit evidence for tests).
@@ -209,9 +261,17 @@ pub struct VerifyReport {
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} records in {} files, {} signed checkpoints", self.records, self.files, self.checkpoints)?;
+        write!(
+            f,
+            "{} records in {} files, {} signed checkpoints",
+            self.records, self.files, self.checkpoints
+        )?;
         if self.torn_acknowledged > 0 {
-            write!(f, ", {} torn record(s) from crashes, acknowledged", self.torn_acknowledged)?;
+            write!(
+                f,
+                ", {} torn record(s) from crashes, acknowledged",
+                self.torn_acknowledged
+            )?;
         }
         Ok(())
     }
@@ -236,13 +296,20 @@ impl fmt::Display for VerifyFailure {
 }
 
 fn name_of(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Checks the whole log: chain links, sequence, checkpoint signatures, the checkpoints file,
 /// torn lines. Names the first bad record.
 pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
-    let fail = |file: &str, line: usize, seq: Option<u64>, problem: String| VerifyFailure { file: file.into(), line, seq, problem };
+    let fail = |file: &str, line: usize, seq: Option<u64>, problem: String| VerifyFailure {
+        file: file.into(),
+        line,
+        seq,
+        problem,
+    };
     let files = log::log_files(dir).map_err(|e| fail("-", 0, None, e.to_string()))?;
     let mut prev_hash: Option<String> = None;
     let mut prev_seq: Option<u64> = None;
@@ -260,24 +327,48 @@ pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyF
         let mut line_no = 0;
         while offset < bytes.len() {
             line_no += 1;
-            let end = bytes[offset..].iter().position(|b| *b == b'\n').map(|i| offset + i);
+            let end = bytes[offset..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map(|i| offset + i);
             let Some(end) = end else {
                 // A torn last line: acceptable only if a later torn_tail record names it.
                 torn.push((name.clone(), offset as u64, line_no));
                 break;
             };
             let line = &bytes[offset..end];
-            let rec: Record = serde_json::from_slice(line)
-                .map_err(|_| fail(&name, line_no, None, "record does not parse (altered or damaged)".into()))?;
+            let rec: Record = serde_json::from_slice(line).map_err(|_| {
+                fail(
+                    &name,
+                    line_no,
+                    None,
+                    "record does not parse (altered or damaged)".into(),
+                )
+            })?;
             if let (Some(ps), Some(ph)) = (prev_seq, &prev_hash) {
                 if rec.seq <= ps {
-                    return Err(fail(&name, line_no, Some(rec.seq), format!("out of order: seq {} follows seq {ps} (reordered)", rec.seq)));
+                    return Err(fail(
+                        &name,
+                        line_no,
+                        Some(rec.seq),
+                        format!("out of order: seq {} follows seq {ps} (reordered)", rec.seq),
+                    ));
                 }
                 if rec.seq != ps + 1 {
-                    return Err(fail(&name, line_no, Some(rec.seq), format!("records {}..={} are missing (removed)", ps + 1, rec.seq - 1)));
+                    return Err(fail(
+                        &name,
+                        line_no,
+                        Some(rec.seq),
+                        format!("records {}..={} are missing (removed)", ps + 1, rec.seq - 1),
+                    ));
                 }
                 if &rec.prev != ph {
-                    return Err(fail(&prev_at.0, prev_at.1, Some(ps), "record was altered: the next record's hash link does not match it".into()));
+                    return Err(fail(
+                        &prev_at.0,
+                        prev_at.1,
+                        Some(ps),
+                        "record was altered: the next record's hash link does not match it".into(),
+                    ));
                 }
             } else {
                 first = Some((rec.seq, rec.prev.clone(), name.clone(), line_no));
@@ -285,7 +376,12 @@ pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyF
             match rec.op {
                 Operation::Checkpoint => {
                     if !rec.checkpoint_valid(keys) {
-                        return Err(fail(&name, line_no, Some(rec.seq), "checkpoint signature does not verify (forged or altered)".into()));
+                        return Err(fail(
+                            &name,
+                            line_no,
+                            Some(rec.seq),
+                            "checkpoint signature does not verify (forged or altered)".into(),
+                        ));
                     }
                     chain_checkpoints.insert(rec.seq, rec.prev.clone());
                 }
@@ -316,7 +412,13 @@ pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyF
     }
     for (file, offset, line) in &torn {
         if !acknowledged.iter().any(|(f, o)| f == file && o == offset) {
-            return Err(fail(file, *line, None, "torn record not acknowledged by a later torn_tail record (truncated or damaged)".into()));
+            return Err(fail(
+                file,
+                *line,
+                None,
+                "torn record not acknowledged by a later torn_tail record (truncated or damaged)"
+                    .into(),
+            ));
         }
     }
     let cp_path = dir.join("checkpoints.jsonl");
@@ -325,22 +427,54 @@ pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyF
     if let Ok(text) = std::fs::read_to_string(&cp_path) {
         for (i, l) in text.lines().enumerate() {
             let Ok(cp) = serde_json::from_str::<Record>(l) else {
-                return Err(fail("checkpoints.jsonl", i + 1, None, "checkpoint does not parse".into()));
+                return Err(fail(
+                    "checkpoints.jsonl",
+                    i + 1,
+                    None,
+                    "checkpoint does not parse".into(),
+                ));
             };
             if cp.seq < first_seq {
                 continue;
             }
             match chain_checkpoints.get(&cp.seq) {
                 Some(head) if head == &cp.prev => checkpoints += 1,
-                Some(_) => return Err(fail("checkpoints.jsonl", i + 1, Some(cp.seq), "the log's checkpoint differs from the one recorded (altered)".into())),
-                None if prev_seq.is_some_and(|s| cp.seq > s) || prev_seq.is_none() => {
-                    return Err(fail(&prev_at.0, prev_at.1, prev_seq, format!("log truncated: checkpoint seq {} is missing from the end of the log", cp.seq)));
+                Some(_) => {
+                    return Err(fail(
+                        "checkpoints.jsonl",
+                        i + 1,
+                        Some(cp.seq),
+                        "the log's checkpoint differs from the one recorded (altered)".into(),
+                    ))
                 }
-                None => return Err(fail("checkpoints.jsonl", i + 1, Some(cp.seq), "checkpoint missing from the log (removed)".into())),
+                None if prev_seq.is_some_and(|s| cp.seq > s) || prev_seq.is_none() => {
+                    return Err(fail(
+                        &prev_at.0,
+                        prev_at.1,
+                        prev_seq,
+                        format!(
+                            "log truncated: checkpoint seq {} is missing from the end of the log",
+                            cp.seq
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(fail(
+                        "checkpoints.jsonl",
+                        i + 1,
+                        Some(cp.seq),
+                        "checkpoint missing from the log (removed)".into(),
+                    ))
+                }
             }
         }
     }
-    Ok(VerifyReport { records, checkpoints, files: files.len(), torn_acknowledged: torn.len() })
+    Ok(VerifyReport {
+        records,
+        checkpoints,
+        files: files.len(),
+        torn_acknowledged: torn.len(),
+    })
 }
 
 /// Every record carrying `key` (subject access requests).

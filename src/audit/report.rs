@@ -33,34 +33,70 @@ pub struct Report {
 }
 
 /// Builds the return for `[from, to]` from the tally in `dir`.
-pub fn report(dir: &Path, from: NaiveDate, to: NaiveDate, by_week: bool) -> Result<Report, AuditError> {
+pub fn report(
+    dir: &Path,
+    from: NaiveDate,
+    to: NaiveDate,
+    by_week: bool,
+) -> Result<Report, AuditError> {
     let path = dir.join("tally.json");
     let tally: BTreeMap<String, u64> = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|_| AuditError::Corrupt("tally.json does not parse".into()))?,
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|_| AuditError::Corrupt("tally.json does not parse".into()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
         Err(e) => return Err(AuditError::io(&path, e)),
     };
-    let mut grouped: BTreeMap<(String, String, String, String, String, String), u64> = BTreeMap::new();
+    let mut grouped: BTreeMap<(String, String, String, String, String, String), u64> =
+        BTreeMap::new();
     for (key, n) in tally {
         let parts: Vec<&str> = key.split('|').collect();
-        let [day, f, t, p, c, i] = parts.as_slice() else { continue };
-        let Ok(day) = NaiveDate::parse_from_str(day, "%Y-%m-%d") else { continue };
+        let [day, f, t, p, c, i] = parts.as_slice() else {
+            continue;
+        };
+        let Ok(day) = NaiveDate::parse_from_str(day, "%Y-%m-%d") else {
+            continue;
+        };
         if day < from || day > to {
             continue;
         }
         let period = if by_week {
-            let monday = day - chrono::Duration::days(i64::from(day.weekday().num_days_from_monday()));
+            let monday =
+                day - chrono::Duration::days(i64::from(day.weekday().num_days_from_monday()));
             format!("week of {monday}")
         } else {
             day.to_string()
         };
-        *grouped.entry((period, f.to_string(), t.to_string(), p.to_string(), c.to_string(), i.to_string())).or_default() += n;
+        *grouped
+            .entry((
+                period,
+                f.to_string(),
+                t.to_string(),
+                p.to_string(),
+                c.to_string(),
+                i.to_string(),
+            ))
+            .or_default() += n;
     }
     let rows = grouped
         .into_iter()
-        .map(|((period, from, to, priority, category, incident), count)| Row { period, from, to, priority, category, incident, count })
+        .map(
+            |((period, from, to, priority, category, incident), count)| Row {
+                period,
+                from,
+                to,
+                priority,
+                category,
+                incident,
+                count,
+            },
+        )
         .collect();
-    Ok(Report { from, to, by_week, rows })
+    Ok(Report {
+        from,
+        to,
+        by_week,
+        rows,
+    })
 }
 
 impl Report {
@@ -78,10 +114,23 @@ impl Report {
 
     /// A plain-text table with totals per dimension.
     pub fn to_table(&self) -> String {
-        let mut out = format!("Referrals {} to {} (by {})\n\n", self.from, self.to, if self.by_week { "week" } else { "day" });
-        let _ = writeln!(out, "{:<22} {:<20} {:<20} {:<9} {:<20} {:<12} {:>6}", "period", "from", "to", "priority", "category", "incident", "count");
+        let mut out = format!(
+            "Referrals {} to {} (by {})\n\n",
+            self.from,
+            self.to,
+            if self.by_week { "week" } else { "day" }
+        );
+        let _ = writeln!(
+            out,
+            "{:<22} {:<20} {:<20} {:<9} {:<20} {:<12} {:>6}",
+            "period", "from", "to", "priority", "category", "incident", "count"
+        );
         for r in &self.rows {
-            let _ = writeln!(out, "{:<22} {:<20} {:<20} {:<9} {:<20} {:<12} {:>6}", r.period, r.from, r.to, r.priority, r.category, r.incident, r.count);
+            let _ = writeln!(
+                out,
+                "{:<22} {:<20} {:<20} {:<9} {:<20} {:<12} {:>6}",
+                r.period, r.from, r.to, r.priority, r.category, r.incident, r.count
+            );
         }
         let sections: [(&str, Box<dyn Fn(&Row) -> &str>); 6] = [
             ("period", Box::new(|r: &Row| r.period.as_str())),
@@ -105,7 +154,17 @@ impl Report {
     pub fn to_csv(&self) -> String {
         let mut out = String::from("period,from_area,to_area,priority,category,incident,count\n");
         for r in &self.rows {
-            let _ = writeln!(out, "{},{},{},{},{},{},{}", r.period, r.from, r.to, r.priority, r.category, csv_safe(&r.incident), r.count);
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{}",
+                r.period,
+                r.from,
+                r.to,
+                r.priority,
+                r.category,
+                csv_safe(&r.incident),
+                r.count
+            );
         }
         out
     }
@@ -121,7 +180,12 @@ impl Report {
                 e.1 += r.count;
             }
         }
-        let max = periods.values().map(|(a, b)| a + b).max().unwrap_or(1).max(1);
+        let max = periods
+            .values()
+            .map(|(a, b)| a + b)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let (bar, gap, height) = (40u64, 30u64, 200u64);
         let width = 80 + periods.len() as u64 * (bar + gap);
         let mut out = format!(
@@ -137,11 +201,30 @@ impl Report {
             let h_enh = enh * height / max;
             let h_std = std * height / max;
             let base = 30 + height;
-            let _ = writeln!(out, "<rect x=\"{x}\" y=\"{}\" width=\"{bar}\" height=\"{h_std}\" fill=\"#9ecae1\"/>", base - h_std);
-            let _ = writeln!(out, "<rect x=\"{x}\" y=\"{}\" width=\"{bar}\" height=\"{h_enh}\" fill=\"#3182bd\"/>", base - h_std - h_enh);
-            let _ = writeln!(out, "<text x=\"{x}\" y=\"{}\">{}</text>", base - h_std - h_enh - 4, enh + std);
+            let _ = writeln!(
+                out,
+                "<rect x=\"{x}\" y=\"{}\" width=\"{bar}\" height=\"{h_std}\" fill=\"#9ecae1\"/>",
+                base - h_std
+            );
+            let _ = writeln!(
+                out,
+                "<rect x=\"{x}\" y=\"{}\" width=\"{bar}\" height=\"{h_enh}\" fill=\"#3182bd\"/>",
+                base - h_std - h_enh
+            );
+            let _ = writeln!(
+                out,
+                "<text x=\"{x}\" y=\"{}\">{}</text>",
+                base - h_std - h_enh - 4,
+                enh + std
+            );
             let label = period.trim_start_matches("week of ");
-            let _ = writeln!(out, "<text x=\"{x}\" y=\"{}\" transform=\"rotate(30 {x} {})\">{}</text>", base + 14, base + 14, xml(label));
+            let _ = writeln!(
+                out,
+                "<text x=\"{x}\" y=\"{}\" transform=\"rotate(30 {x} {})\">{}</text>",
+                base + 14,
+                base + 14,
+                xml(label)
+            );
         }
         out.push_str("</svg>\n");
         out
@@ -157,5 +240,7 @@ fn csv_safe(s: &str) -> String {
 }
 
 fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

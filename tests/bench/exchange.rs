@@ -40,18 +40,41 @@ fn bench_crypto() {
     let (signer, _) = SigningKey::generate().unwrap();
     let (kem, _) = KemSecretKey::generate().unwrap();
     let (a, b): (AreaId, AreaId) = ("west-midlands".parse().unwrap(), "london".parse().unwrap());
-    let payload = parse_json(referral("BENCH-1", "london").as_bytes()).unwrap().to_cbor();
-    let policy = OpenPolicy { max_bytes: 1 << 20, max_age: chrono::Duration::days(1), max_skew: chrono::Duration::minutes(5) };
+    let payload = parse_json(referral("BENCH-1", "london").as_bytes())
+        .unwrap()
+        .to_cbor();
+    let policy = OpenPolicy {
+        max_bytes: 1 << 20,
+        max_age: chrono::Duration::days(1),
+        max_skew: chrono::Duration::minutes(5),
+    };
     let keys = vec![signer.public_key()];
     let n = 2_000;
     let start = Instant::now();
     for _ in 0..n {
-        let sealed = crypto::seal(header(&a, &b, payload.len()), &payload, &signer, &kem.public_key()).unwrap();
-        let v = crypto::verify(&sealed.to_bytes(), &b, &a, |_| Some(keys.clone()), Utc::now(), &policy).unwrap();
+        let sealed = crypto::seal(
+            header(&a, &b, payload.len()),
+            &payload,
+            &signer,
+            &kem.public_key(),
+        )
+        .unwrap();
+        let v = crypto::verify(
+            &sealed.to_bytes(),
+            &b,
+            &a,
+            |_| Some(keys.clone()),
+            Utc::now(),
+            &policy,
+        )
+        .unwrap();
         v.decrypt(&kem).unwrap();
     }
     let per_sec = n as f64 / start.elapsed().as_secs_f64();
-    println!("crypto: seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s", payload.len());
+    println!(
+        "crypto: seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s",
+        payload.len()
+    );
 }
 
 async fn bench_store() {
@@ -109,12 +132,18 @@ async fn bench_store() {
 }
 
 fn bench_end_to_end(n: usize, batch: usize) {
-    let mut fed = Federation::with_config(&["west-midlands", "london"], "[intake]\nsettle_ms = 50\nrescan_ms = 1000\n");
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        "[intake]\nsettle_ms = 50\nrescan_ms = 1000\n",
+    );
     fed.start_all();
     let start = Instant::now();
     if batch == 1 {
         for i in 0..n {
-            fed.node("west-midlands").drop_file(&format!("r{i}.json"), referral(&format!("E2E-{i}"), "london").as_bytes());
+            fed.node("west-midlands").drop_file(
+                &format!("r{i}.json"),
+                referral(&format!("E2E-{i}"), "london").as_bytes(),
+            );
         }
     } else {
         for b in 0..n / batch {
@@ -122,13 +151,23 @@ fn bench_end_to_end(n: usize, batch: usize) {
             for i in 0..batch {
                 csv.push_str(&format!("bench,B-{b}-{i},2026-11-20T14:03:00Z,london,Test Person,07700 900999,theft,yes\n"));
             }
-            fed.node("west-midlands").drop_file(&format!("b{b}.csv"), csv.as_bytes());
+            fed.node("west-midlands")
+                .drop_file(&format!("b{b}.csv"), csv.as_bytes());
         }
     }
-    wait_until(Duration::from_secs(600), "all referrals to arrive", || fed.node("london").inbox_files().len() >= n);
+    wait_until(Duration::from_secs(600), "all referrals to arrive", || {
+        fed.node("london").inbox_files().len() >= n
+    });
     let secs = start.elapsed().as_secs_f64();
-    let what = if batch == 1 { "single JSON files".to_owned() } else { format!("CSV batches of {batch}") };
-    println!("end to end: {n} referrals as {what}: {secs:.2} s, {:.0} referrals/s", n as f64 / secs);
+    let what = if batch == 1 {
+        "single JSON files".to_owned()
+    } else {
+        format!("CSV batches of {batch}")
+    };
+    println!(
+        "end to end: {n} referrals as {what}: {secs:.2} s, {:.0} referrals/s",
+        n as f64 / secs
+    );
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -149,15 +188,27 @@ async fn bench_startup(n: u32) {
         let to: AreaId = "london".parse().unwrap();
         let (signer, _) = SigningKey::generate().unwrap();
         let kem = wm.settings.directory.get(&to).unwrap().encryption_key;
-        let payload = parse_json(referral("BENCH", "london").as_bytes()).unwrap().to_cbor();
+        let payload = parse_json(referral("BENCH", "london").as_bytes())
+            .unwrap()
+            .to_cbor();
         for i in 0..n {
-            let sealed = crypto::seal(header(&wm.area, &to, payload.len()), &payload, &signer, &kem).unwrap();
+            let sealed = crypto::seal(
+                header(&wm.area, &to, payload.len()),
+                &payload,
+                &signer,
+                &kem,
+            )
+            .unwrap();
             let mut key = [0u8; 32];
             key[..4].copy_from_slice(&i.to_be_bytes());
             let e = NewEnvelope {
                 id: sealed.id(),
                 to: to.clone(),
-                priority: if i % 7 == 0 { PriorityClass::Enhanced } else { PriorityClass::Standard },
+                priority: if i % 7 == 0 {
+                    PriorityClass::Enhanced
+                } else {
+                    PriorityClass::Standard
+                },
                 due_by: Utc::now(),
                 created: Utc::now(),
                 digest: [0; 32],

@@ -83,18 +83,31 @@ impl Federation {
                 }
                 let settings = Settings::load(&config).expect("generated config loads");
                 let log = dir.path().join(format!("{area}.log"));
-                Node { area, config, settings, log, extra_env: Vec::new(), child: None }
+                Node {
+                    area,
+                    config,
+                    settings,
+                    log,
+                    extra_env: Vec::new(),
+                    child: None,
+                }
             })
             .collect();
         Self { dir, nodes }
     }
 
     pub fn node(&self, area: &str) -> &Node {
-        self.nodes.iter().find(|n| n.area.as_str() == area).expect("area in federation")
+        self.nodes
+            .iter()
+            .find(|n| n.area.as_str() == area)
+            .expect("area in federation")
     }
 
     pub fn node_mut(&mut self, area: &str) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.area.as_str() == area).expect("area in federation")
+        self.nodes
+            .iter_mut()
+            .find(|n| n.area.as_str() == area)
+            .expect("area in federation")
     }
 
     pub fn start_all(&mut self) {
@@ -122,7 +135,11 @@ fn merge_toml(base: &str, extra: &str) -> String {
 impl Node {
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} already running", self.area);
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_refex"));
         cmd.arg("run")
             .arg("--config")
@@ -139,10 +156,22 @@ impl Node {
         let log = self.log.clone();
         let start = Instant::now();
         while !sock.exists() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("{} exited at start ({status}); log:\n{}", self.area, fs::read_to_string(&log).unwrap_or_default());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{} exited at start ({status}); log:\n{}",
+                    self.area,
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "{} did not start", self.area);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{} did not start",
+                self.area
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -198,7 +227,9 @@ impl Node {
 
     /// The delivered referral files (visible names only).
     pub fn inbox_files(&self) -> Vec<PathBuf> {
-        list(self.inbox(), |n| n.ends_with(".json") && !n.starts_with('.'))
+        list(self.inbox(), |n| {
+            n.ends_with(".json") && !n.starts_with('.')
+        })
     }
 
     /// Parsed inbox documents.
@@ -211,7 +242,10 @@ impl Node {
 
     /// Files still waiting in the outbox (not rejected/).
     pub fn outbox_files(&self) -> Vec<PathBuf> {
-        list(self.outbox(), |_| true).into_iter().filter(|p| p.is_file()).collect()
+        list(self.outbox(), |_| true)
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect()
     }
 
     pub fn rejected_files(&self) -> Vec<PathBuf> {
@@ -250,7 +284,11 @@ fn list(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().map(|n| keep(&n.to_string_lossy())).unwrap_or(false))
+        .filter(|p| {
+            p.file_name()
+                .map(|n| keep(&n.to_string_lossy()))
+                .unwrap_or(false)
+        })
         .collect();
     v.sort();
     v

@@ -15,18 +15,32 @@ fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("audit-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("audit-")
+        })
         .collect();
     files.sort();
     files
         .iter()
-        .flat_map(|f| fs::read_to_string(f).unwrap().lines().map(str::to_owned).collect::<Vec<_>>())
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
         .filter_map(|l| serde_json::from_str(&l).ok())
         .collect()
 }
 
 fn op(r: &serde_json::Value) -> &str {
-    r["op"].as_str().or_else(|| r["operation"].as_str()).unwrap_or("")
+    r["op"]
+        .as_str()
+        .or_else(|| r["operation"].as_str())
+        .unwrap_or("")
 }
 
 #[test]
@@ -39,20 +53,37 @@ fn a_backlog_drains_in_priority_order_and_other_peers_are_unaffected() {
     fed.node_mut("greater-manchester").start();
     // London is down. Standard referrals first, then enhanced ones.
     for i in 0..6 {
-        fed.node("west-midlands").drop_file(&format!("s{i}.json"), referral_with(&format!("STD-{i}"), "london", "theft", false).as_bytes());
+        fed.node("west-midlands").drop_file(
+            &format!("s{i}.json"),
+            referral_with(&format!("STD-{i}"), "london", "theft", false).as_bytes(),
+        );
     }
-    wait_until(WAIT, "the standard ones to be queued", || fed.node("west-midlands").outbox_files().is_empty());
+    wait_until(WAIT, "the standard ones to be queued", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
     for i in 0..4 {
-        fed.node("west-midlands").drop_file(&format!("e{i}.json"), referral_with(&format!("ENH-{i}"), "london", "theft", true).as_bytes());
+        fed.node("west-midlands").drop_file(
+            &format!("e{i}.json"),
+            referral_with(&format!("ENH-{i}"), "london", "theft", true).as_bytes(),
+        );
     }
-    fed.node("west-midlands").drop_file("gm.json", referral("GM-1", "greater-manchester").as_bytes());
-    wait_until(WAIT, "greater-manchester to be served while london is down", || fed.node("greater-manchester").inbox_files().len() == 1);
-    wait_until(WAIT, "everything to be queued", || fed.node("west-midlands").outbox_files().is_empty());
+    fed.node("west-midlands")
+        .drop_file("gm.json", referral("GM-1", "greater-manchester").as_bytes());
+    wait_until(
+        WAIT,
+        "greater-manchester to be served while london is down",
+        || fed.node("greater-manchester").inbox_files().len() == 1,
+    );
+    wait_until(WAIT, "everything to be queued", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
     // The sender's queue survives its own restart.
     assert!(fed.node_mut("west-midlands").stop().success());
     fed.node_mut("west-midlands").start();
     fed.node_mut("london").start();
-    wait_until(WAIT, "the backlog to drain", || fed.node("london").inbox_files().len() == 10);
+    wait_until(WAIT, "the backlog to drain", || {
+        fed.node("london").inbox_files().len() == 10
+    });
 
     let london = fed.node("london");
     let order: Vec<String> = audit_records(&london.settings.paths.audit)
@@ -61,7 +92,10 @@ fn a_backlog_drains_in_priority_order_and_other_peers_are_unaffected() {
         .map(|r| r["priority"].as_str().unwrap_or("?").to_owned())
         .collect();
     assert_eq!(order.len(), 10, "{order:?}");
-    assert!(order[..4].iter().all(|p| p == "enhanced"), "enhanced first: {order:?}");
+    assert!(
+        order[..4].iter().all(|p| p == "enhanced"),
+        "enhanced first: {order:?}"
+    );
     assert!(order[4..].iter().all(|p| p == "standard"), "{order:?}");
 }
 
@@ -75,32 +109,62 @@ fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     let wm = fed.node("west-midlands");
     wm.drop_file("a.json", referral("ND-1", "london").as_bytes());
     wm.drop_file("b.json", referral("ND-2", "london").as_bytes());
-    let status = || -> serde_json::Value {
+    let status = |fed: &Federation| -> serde_json::Value {
         let (code, out, err) = fed.node("west-midlands").cli(&["status"]);
         assert_eq!(code, 0, "{err}");
         serde_json::from_str(&out).unwrap()
     };
-    wait_until(WAIT, "both to be marked non-delivered", || status()["non_delivered"].as_array().map(Vec::len) == Some(2));
-    assert!(fed.node("west-midlands").log_text().contains("NOT DELIVERED"), "an ERROR alert is logged");
+    wait_until(WAIT, "both to be marked non-delivered", || {
+        status(&fed)["non_delivered"].as_array().map(Vec::len) == Some(2)
+    });
+    assert!(
+        fed.node("west-midlands")
+            .log_text()
+            .contains("NOT DELIVERED"),
+        "an ERROR alert is logged"
+    );
     fed.node_mut("london").start();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(fed.node("london").inbox_files().is_empty(), "non-delivered envelopes are kept, not sent");
+    assert!(
+        fed.node("london").inbox_files().is_empty(),
+        "non-delivered envelopes are kept, not sent"
+    );
 
-    let ids: Vec<String> =
-        status()["non_delivered"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
-    let (code, _, err) = fed.node("west-midlands").cli(&["outbox", "requeue", &ids[0]]);
+    let ids: Vec<String> = status(&fed)["non_delivered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (code, _, err) = fed
+        .node("west-midlands")
+        .cli(&["outbox", "requeue", &ids[0]]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = fed.node("west-midlands").cli(&["outbox", "withdraw", &ids[1]]);
+    let (code, _, err) = fed
+        .node("west-midlands")
+        .cli(&["outbox", "withdraw", &ids[1]]);
     assert_eq!(code, 0, "{err}");
-    wait_until(WAIT, "the requeued one to arrive", || fed.node("london").inbox_files().len() == 1);
+    wait_until(WAIT, "the requeued one to arrive", || {
+        fed.node("london").inbox_files().len() == 1
+    });
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(fed.node("london").inbox_files().len(), 1, "the withdrawn one never arrives");
+    assert_eq!(
+        fed.node("london").inbox_files().len(),
+        1,
+        "the withdrawn one never arrives"
+    );
     let reasons: Vec<String> = audit_records(&fed.node("west-midlands").settings.paths.audit)
         .iter()
         .filter_map(|r| r["reason"].as_str().map(str::to_owned))
         .collect();
-    assert!(reasons.iter().any(|r| r == "operator_requeue"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "operator_withdraw"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "operator_requeue"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r == "operator_withdraw"),
+        "{reasons:?}"
+    );
 }
 
 /// A small tmpfs, unmounted on drop. Needs root (CI runs as root).
@@ -115,7 +179,10 @@ impl Tmpfs {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(ok, "mounting a tmpfs failed: the disk-full tests need root (CI runs as root)");
+        assert!(
+            ok,
+            "mounting a tmpfs failed: the disk-full tests need root (CI runs as root)"
+        );
         Self(dir)
     }
     fn path(&self) -> &Path {
@@ -124,7 +191,10 @@ impl Tmpfs {
     /// Fills the filesystem; returns the filler file.
     fn fill(&self) -> PathBuf {
         let filler = self.path().join("filler");
-        let _ = Command::new("dd").args(["if=/dev/zero", "bs=4k"]).arg(format!("of={}", filler.display())).output();
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k"])
+            .arg(format!("of={}", filler.display()))
+            .output();
         filler
     }
 }
@@ -150,15 +220,37 @@ fn a_full_inbox_volume_withholds_receipts_and_recovers_by_itself() {
     fed.node_mut("west-midlands").start();
     let filler = disk.fill();
     for i in 0..5 {
-        fed.node("west-midlands").drop_file(&format!("f{i}.json"), referral(&format!("FULL-{i}"), "london").as_bytes());
+        fed.node("west-midlands").drop_file(
+            &format!("f{i}.json"),
+            referral(&format!("FULL-{i}"), "london").as_bytes(),
+        );
     }
-    wait_until(WAIT, "the receiver to report the full volume", || fed.node("london").log_text().contains("volume is full"));
+    wait_until(WAIT, "the receiver to report the full volume", || {
+        fed.node("london").log_text().contains("volume is full")
+    });
     std::thread::sleep(Duration::from_secs(2));
-    let visible = fs::read_dir(&inbox).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count();
+    let visible = fs::read_dir(&inbox)
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .count();
     assert_eq!(visible, 0, "nothing is published while the volume is full");
-    assert_eq!(fed.node("london").log_text().matches("volume is full").count(), 1, "the error is logged once, not per item");
+    assert_eq!(
+        fed.node("london")
+            .log_text()
+            .matches("volume is full")
+            .count(),
+        1,
+        "the error is logged once, not per item"
+    );
     fs::remove_file(filler).unwrap();
-    let count = || fs::read_dir(&inbox).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count();
+    let count = || {
+        fs::read_dir(&inbox)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
     wait_until(WAIT, "delivery to resume", || count() == 5);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(count(), 5);
@@ -179,32 +271,71 @@ fn a_full_audit_volume_on_the_sender_pauses_intake_without_losing_files() {
     fed.node_mut("london").start();
     let filler = disk.fill();
     for i in 0..3 {
-        fed.node("west-midlands").drop_file(&format!("a{i}.json"), referral(&format!("AFULL-{i}"), "london").as_bytes());
+        fed.node("west-midlands").drop_file(
+            &format!("a{i}.json"),
+            referral(&format!("AFULL-{i}"), "london").as_bytes(),
+        );
     }
-    wait_until(WAIT, "intake to pause", || fed.node("west-midlands").log_text().contains("intake paused"));
+    wait_until(WAIT, "intake to pause", || {
+        fed.node("west-midlands")
+            .log_text()
+            .contains("intake paused")
+    });
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(fed.node("west-midlands").outbox_files().len(), 3, "files stay in the outbox");
-    assert_eq!(fed.node("west-midlands").log_text().matches("intake paused").count(), 1, "logged once");
+    assert_eq!(
+        fed.node("west-midlands").outbox_files().len(),
+        3,
+        "files stay in the outbox"
+    );
+    assert_eq!(
+        fed.node("west-midlands")
+            .log_text()
+            .matches("intake paused")
+            .count(),
+        1,
+        "logged once"
+    );
     fs::remove_file(filler).unwrap();
-    wait_until(WAIT, "intake to resume and deliver", || fed.node("london").inbox_files().len() == 3);
-    wait_until(WAIT, "the outbox to empty", || fed.node("west-midlands").outbox_files().is_empty());
+    wait_until(WAIT, "intake to resume and deliver", || {
+        fed.node("london").inbox_files().len() == 3
+    });
+    wait_until(WAIT, "the outbox to empty", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
 }
 
 #[test]
 fn sigterm_mid_flow_exits_cleanly_and_a_restart_continues() {
-    let mut fed = Federation::with_config(&["west-midlands", "london"], "[intake]\nsettle_ms = 100\n");
+    let mut fed =
+        Federation::with_config(&["west-midlands", "london"], "[intake]\nsettle_ms = 100\n");
     fed.start_all();
     let n = 120;
     for i in 0..n {
-        fed.node("west-midlands").drop_file(&format!("t{i}.json"), referral(&format!("TERM-{i}"), "london").as_bytes());
+        fed.node("west-midlands").drop_file(
+            &format!("t{i}.json"),
+            referral(&format!("TERM-{i}"), "london").as_bytes(),
+        );
     }
-    wait_until(WAIT, "delivery to be under way", || !fed.node("london").inbox_files().is_empty());
-    assert!(fed.node_mut("west-midlands").stop().success(), "SIGTERM → exit 0");
+    wait_until(WAIT, "delivery to be under way", || {
+        !fed.node("london").inbox_files().is_empty()
+    });
+    assert!(
+        fed.node_mut("west-midlands").stop().success(),
+        "SIGTERM → exit 0"
+    );
     let records = audit_records(&fed.node("west-midlands").settings.paths.audit);
-    assert_eq!(records.last().map(|r| op(r) == "checkpoint"), Some(true), "a final checkpoint is written at shutdown");
+    assert_eq!(
+        records.last().map(|r| op(r) == "checkpoint"),
+        Some(true),
+        "a final checkpoint is written at shutdown"
+    );
     fed.node_mut("west-midlands").start();
-    wait_until(WAIT, "the rest to arrive", || fed.node("london").inbox_files().len() == n);
-    wait_until(WAIT, "the outbox to empty", || fed.node("west-midlands").outbox_files().is_empty());
+    wait_until(WAIT, "the rest to arrive", || {
+        fed.node("london").inbox_files().len() == n
+    });
+    wait_until(WAIT, "the outbox to empty", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(fed.node("london").inbox_files().len(), n);
 }
@@ -219,16 +350,35 @@ fn a_receipt_lost_after_the_inbox_write_is_answered_from_the_original() {
     london.extra_env = vec![("REFEX_CRASH_AT".into(), "receiver_before_reply".into())];
     london.start();
     fed.node_mut("west-midlands").start();
-    fed.node("west-midlands").drop_file("lost.json", referral("LOST-RECEIPT-1", "london").as_bytes());
-    wait_until(WAIT, "the receiver to die before replying", || fed.node("london").log_text().contains("aborting at receiver_before_reply"));
-    assert_eq!(fed.node("london").inbox_files().len(), 1, "the inbox file was written before the crash");
+    fed.node("west-midlands")
+        .drop_file("lost.json", referral("LOST-RECEIPT-1", "london").as_bytes());
+    wait_until(WAIT, "the receiver to die before replying", || {
+        fed.node("london")
+            .log_text()
+            .contains("aborting at receiver_before_reply")
+    });
+    assert_eq!(
+        fed.node("london").inbox_files().len(),
+        1,
+        "the inbox file was written before the crash"
+    );
     let london = fed.node_mut("london");
     london.kill();
     london.extra_env.clear();
     london.start();
-    wait_until(WAIT, "the re-send to be answered", || fed.node("london").log_text().contains("answered with its original receipt"));
-    wait_until(WAIT, "the sender to store the receipt", || {
-        audit_records(&fed.node("west-midlands").settings.paths.audit).iter().any(|r| op(r) == "receipt")
+    wait_until(WAIT, "the re-send to be answered", || {
+        fed.node("london")
+            .log_text()
+            .contains("answered with its original receipt")
     });
-    assert_eq!(fed.node("london").inbox_files().len(), 1, "no second inbox file");
+    wait_until(WAIT, "the sender to store the receipt", || {
+        audit_records(&fed.node("west-midlands").settings.paths.audit)
+            .iter()
+            .any(|r| op(r) == "receipt")
+    });
+    assert_eq!(
+        fed.node("london").inbox_files().len(),
+        1,
+        "no second inbox file"
+    );
 }

@@ -26,7 +26,13 @@ impl Rng {
         let seed = std::env::var("REFEX_TORTURE_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
         eprintln!("torture seed: REFEX_TORTURE_SEED={seed}");
         Self(seed)
     }
@@ -55,11 +61,15 @@ fn csv_batch(refs: &[String], area: &str) -> String {
 /// Checks the end state: every expected source_ref exactly once, nothing left behind.
 fn assert_exactly_once(fed: &mut Federation, expected: &[String], limit: Duration) {
     let london = fed.node("london");
-    wait_until(limit, "every referral to arrive", || london.inbox_files().len() >= expected.len());
+    wait_until(limit, "every referral to arrive", || {
+        london.inbox_files().len() >= expected.len()
+    });
     std::thread::sleep(Duration::from_millis(500));
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for doc in london.inbox_docs() {
-        *seen.entry(doc["source_ref"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+        *seen
+            .entry(doc["source_ref"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
     }
     let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dupes.is_empty(), "duplicated: {dupes:?}");
@@ -68,11 +78,21 @@ fn assert_exactly_once(fed: &mut Federation, expected: &[String], limit: Duratio
     assert_eq!(seen.len(), expected.len(), "unexpected extra referrals");
 
     let wm = fed.node("west-midlands");
-    wait_until(limit, "the outbox to empty", || wm.outbox_files().is_empty());
-    assert!(wm.rejected_files().is_empty(), "refused: {:?}", wm.rejected_files());
+    wait_until(limit, "the outbox to empty", || {
+        wm.outbox_files().is_empty()
+    });
+    assert!(
+        wm.rejected_files().is_empty(),
+        "refused: {:?}",
+        wm.rejected_files()
+    );
     for node in &mut fed.nodes {
         if node.is_running() {
-            assert!(node.stop().success(), "{} did not exit 0 on SIGTERM", node.area);
+            assert!(
+                node.stop().success(),
+                "{} did not exit 0 on SIGTERM",
+                node.area
+            );
         }
         let (code, out, err) = node.cli(&["audit", "verify"]);
         assert_eq!(code, 0, "{}: audit verify: {out}{err}", node.area);
@@ -82,7 +102,11 @@ fn assert_exactly_once(fed: &mut Federation, expected: &[String], limit: Duratio
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with('.') || n.ends_with(".tmp"))
             .collect();
-        assert!(leftovers.is_empty(), "{}: temporary files left: {leftovers:?}", node.area);
+        assert!(
+            leftovers.is_empty(),
+            "{}: temporary files left: {leftovers:?}",
+            node.area
+        );
     }
 }
 
@@ -100,18 +124,30 @@ fn torture(kills: usize, total: usize, limit: Duration) {
         if expected.len() < total {
             let n = expected.len();
             if rng.below(4) == 0 {
-                let refs: Vec<String> = (0..(1 + rng.below(40) as usize).min(total - n)).map(|i| format!("T-{}", n + i)).collect();
-                fed.node("west-midlands").drop_file(&format!("batch-{dropped_files}.csv"), csv_batch(&refs, "london").as_bytes());
+                let refs: Vec<String> = (0..(1 + rng.below(40) as usize).min(total - n))
+                    .map(|i| format!("T-{}", n + i))
+                    .collect();
+                fed.node("west-midlands").drop_file(
+                    &format!("batch-{dropped_files}.csv"),
+                    csv_batch(&refs, "london").as_bytes(),
+                );
                 expected.extend(refs);
             } else {
                 let r = format!("T-{n}");
-                fed.node("west-midlands").drop_file(&format!("single-{dropped_files}.json"), referral(&r, "london").as_bytes());
+                fed.node("west-midlands").drop_file(
+                    &format!("single-{dropped_files}.json"),
+                    referral(&r, "london").as_bytes(),
+                );
                 expected.push(r);
             }
             dropped_files += 1;
         }
         if Instant::now() >= next_kill && kills_done < kills {
-            let victim = if rng.below(2) == 0 { "west-midlands" } else { "london" };
+            let victim = if rng.below(2) == 0 {
+                "west-midlands"
+            } else {
+                "london"
+            };
             let node = fed.node_mut(victim);
             node.kill();
             kills_done += 1;
@@ -121,7 +157,10 @@ fn torture(kills: usize, total: usize, limit: Duration) {
         }
         std::thread::sleep(Duration::from_millis(rng.below(20)));
     }
-    eprintln!("torture: {kills_done} kills, {} referrals in {dropped_files} files", expected.len());
+    eprintln!(
+        "torture: {kills_done} kills, {} referrals in {dropped_files} files",
+        expected.len()
+    );
     assert_exactly_once(&mut fed, &expected, limit);
 }
 
@@ -156,10 +195,15 @@ fn a_crash_at_each_dangerous_point_loses_and_duplicates_nothing() {
         node.extra_env = vec![("REFEX_CRASH_AT".into(), point.to_string())];
         node.start();
         let r = format!("CP-{i}");
-        fed.node("west-midlands").drop_file(&format!("cp-{i}.json"), referral(&r, "london").as_bytes());
+        fed.node("west-midlands")
+            .drop_file(&format!("cp-{i}.json"), referral(&r, "london").as_bytes());
         expected.push(r);
         let node = fed.node_mut(side);
-        wait_until(Duration::from_secs(30), &format!("the crash at {point}"), || node.log_text().contains(&format!("aborting at {point}")));
+        wait_until(
+            Duration::from_secs(30),
+            &format!("the crash at {point}"),
+            || node.log_text().contains(&format!("aborting at {point}")),
+        );
         node.kill();
         node.extra_env.clear();
         node.start();
