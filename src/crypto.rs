@@ -632,4 +632,272 @@ mod tests {
             Err(KeyError::Permissions { .. })
         ));
     }
+
+    mod envelopes {
+        use super::super::*;
+        use crate::envelope::{Header, ReceiptStatus, CONTENT_TYPE_REFERRAL_V1};
+        use crate::types::PriorityClass;
+
+        struct World {
+            sender: SigningKey,
+            kem: KemSecretKey,
+            wm: AreaId,
+            london: AreaId,
+        }
+
+        fn world() -> World {
+            World {
+                sender: SigningKey::generate().unwrap().0,
+                kem: KemSecretKey::generate().unwrap().0,
+                wm: "west-midlands".parse().unwrap(),
+                london: "london".parse().unwrap(),
+            }
+        }
+
+        fn policy() -> OpenPolicy {
+            OpenPolicy {
+                max_bytes: 64 * 1024,
+                max_age: chrono::Duration::days(1),
+                max_skew: chrono::Duration::minutes(5),
+            }
+        }
+
+        fn header(w: &World, created: DateTime<Utc>, len: usize) -> Header {
+            Header {
+                v: 1,
+                id: EnvelopeId::generate(),
+                from: w.wm.clone(),
+                to: w.london.clone(),
+                created,
+                priority: PriorityClass::Enhanced,
+                due_by: created,
+                content_type: CONTENT_TYPE_REFERRAL_V1.into(),
+                payload_len: len as u64,
+            }
+        }
+
+        fn sealed(w: &World) -> Vec<u8> {
+            seal(
+                header(w, Utc::now(), 5),
+                b"hello",
+                &w.sender,
+                &w.kem.public_key(),
+            )
+            .unwrap()
+            .to_bytes()
+        }
+
+        fn open(w: &World, bytes: &[u8]) -> Result<OpenedEnvelope, OpenError> {
+            let keys = vec![w.sender.public_key()];
+            verify(
+                bytes,
+                &w.london,
+                &w.wm,
+                |a| (a == &w.wm).then(|| keys.clone()),
+                Utc::now(),
+                &policy(),
+            )?
+            .decrypt(&w.kem)
+        }
+
+        /// Rewrites one part of the wire envelope.
+        fn tamper(bytes: &[u8], f: impl FnOnce(&mut WireEnvelope)) -> Vec<u8> {
+            let mut wire = WireEnvelope::decode(bytes).unwrap();
+            f(&mut wire);
+            wire.encode()
+        }
+
+        #[test]
+        fn an_envelope_round_trips() {
+            let w = world();
+            let opened = open(&w, &sealed(&w)).unwrap();
+            assert_eq!(opened.payload, b"hello");
+            assert_eq!(opened.header.priority, PriorityClass::Enhanced);
+        }
+
+        #[test]
+        fn a_changed_header_byte_breaks_the_signature() {
+            let w = world();
+            let bytes = tamper(&sealed(&w), |e| {
+                let mut h = Header::decode(&e.header).unwrap();
+                h.priority = PriorityClass::Standard;
+                e.header = serde_bytes::ByteBuf::from(h.encode());
+            });
+            assert_eq!(open(&w, &bytes).unwrap_err(), OpenError::BadSignature);
+        }
+
+        #[test]
+        fn a_flipped_ciphertext_byte_breaks_the_signature() {
+            let w = world();
+            let bytes = tamper(&sealed(&w), |e| e.ct[0] ^= 1);
+            assert_eq!(open(&w, &bytes).unwrap_err(), OpenError::BadSignature);
+        }
+
+        #[test]
+        fn a_flipped_signature_byte_is_refused() {
+            let w = world();
+            let bytes = tamper(&sealed(&w), |e| e.sig[10] ^= 1);
+            assert_eq!(open(&w, &bytes).unwrap_err(), OpenError::BadSignature);
+        }
+
+        #[test]
+        fn an_envelope_sealed_to_another_key_does_not_decrypt() {
+            let w = world();
+            let other = KemSecretKey::generate().unwrap().0;
+            let bytes = seal(
+                header(&w, Utc::now(), 5),
+                b"hello",
+                &w.sender,
+                &other.public_key(),
+            )
+            .unwrap()
+            .to_bytes();
+            assert_eq!(open(&w, &bytes).unwrap_err(), OpenError::Decrypt);
+        }
+
+        #[test]
+        fn addressing_and_identity_are_checked_before_the_signature() {
+            let w = world();
+            let bytes = sealed(&w);
+            let keys = vec![w.sender.public_key()];
+            let other: AreaId = "kent".parse().unwrap();
+            let r = verify(
+                &bytes,
+                &other,
+                &w.wm,
+                |_| Some(keys.clone()),
+                Utc::now(),
+                &policy(),
+            );
+            assert!(matches!(r, Err(OpenError::WrongRecipient { .. })));
+            let r = verify(
+                &bytes,
+                &w.london,
+                &other,
+                |_| Some(keys.clone()),
+                Utc::now(),
+                &policy(),
+            );
+            assert!(matches!(r, Err(OpenError::SenderMismatch { .. })));
+            let r = verify(&bytes, &w.london, &w.wm, |_| None, Utc::now(), &policy());
+            assert!(matches!(r, Err(OpenError::UnknownSender(_))));
+        }
+
+        #[test]
+        fn stale_and_future_envelopes_are_refused() {
+            let w = world();
+            let keys = vec![w.sender.public_key()];
+            for (created, stale) in [
+                (Utc::now() - chrono::Duration::days(2), true),
+                (Utc::now() + chrono::Duration::hours(1), false),
+            ] {
+                let bytes = seal(header(&w, created, 1), b"x", &w.sender, &w.kem.public_key())
+                    .unwrap()
+                    .to_bytes();
+                let r = verify(
+                    &bytes,
+                    &w.london,
+                    &w.wm,
+                    |_| Some(keys.clone()),
+                    Utc::now(),
+                    &policy(),
+                );
+                if stale {
+                    assert!(matches!(r, Err(OpenError::Stale(_))));
+                } else {
+                    assert!(matches!(r, Err(OpenError::FromFuture(_))));
+                }
+            }
+        }
+
+        #[test]
+        fn the_size_limit_is_checked_before_decoding() {
+            let w = world();
+            let garbage = vec![0xffu8; 64 * 1024 + 1];
+            let keys = vec![w.sender.public_key()];
+            let r = verify(
+                &garbage,
+                &w.london,
+                &w.wm,
+                |_| Some(keys.clone()),
+                Utc::now(),
+                &policy(),
+            );
+            assert!(matches!(r, Err(OpenError::TooLarge { .. })));
+            let truncated = &sealed(&w)[..40];
+            assert!(matches!(open(&w, truncated), Err(OpenError::Decode(_))));
+        }
+
+        #[test]
+        fn either_key_of_a_rotation_verifies() {
+            let w = world();
+            let old = SigningKey::generate().unwrap().0;
+            let keys = vec![old.public_key(), w.sender.public_key()];
+            let bytes = sealed(&w);
+            assert!(verify(
+                &bytes,
+                &w.london,
+                &w.wm,
+                |_| Some(keys.clone()),
+                Utc::now(),
+                &policy()
+            )
+            .is_ok());
+        }
+
+        #[test]
+        fn receipts_verify_only_for_what_was_sent() {
+            let w = world();
+            let receiver = SigningKey::generate().unwrap().0;
+            let id = EnvelopeId::generate();
+            let body = ReceiptBody {
+                v: 1,
+                envelope_id: id,
+                envelope_sha256: [3; 32],
+                receiver: w.london.clone(),
+                received_at: Utc::now(),
+                status: ReceiptStatus::Delivered,
+                audit_head: "1:ab".into(),
+            };
+            let bytes = sign_receipt(&body, &receiver).to_bytes();
+            let keys = [receiver.public_key()];
+            assert_eq!(
+                verify_receipt(&bytes, &keys, &id, &[3; 32], &w.london).unwrap(),
+                body
+            );
+            assert_eq!(
+                verify_receipt(&bytes, &[w.sender.public_key()], &id, &[3; 32], &w.london),
+                Err(ReceiptError::BadSignature)
+            );
+            assert_eq!(
+                verify_receipt(&bytes, &keys, &EnvelopeId::generate(), &[3; 32], &w.london),
+                Err(ReceiptError::WrongEnvelope)
+            );
+            assert_eq!(
+                verify_receipt(&bytes, &keys, &id, &[4; 32], &w.london),
+                Err(ReceiptError::WrongDigest)
+            );
+            assert_eq!(
+                verify_receipt(&bytes, &keys, &id, &[3; 32], &w.wm),
+                Err(ReceiptError::WrongReceiver)
+            );
+            let mut signed = SignedReceipt::decode(&bytes).unwrap();
+            let last = signed.body.len() - 1;
+            signed.body[last] ^= 1;
+            assert_eq!(
+                verify_receipt(&signed.to_bytes(), &keys, &id, &[3; 32], &w.london),
+                Err(ReceiptError::BadSignature)
+            );
+        }
+
+        #[test]
+        fn debug_output_never_shows_secret_keys() {
+            let (kem, text) = KemSecretKey::generate().unwrap();
+            let secret_hex = text
+                .trim()
+                .trim_start_matches("refex-x25519-v1:")
+                .to_owned();
+            assert!(!format!("{kem:?}").contains(&secret_hex));
+        }
+    }
 }

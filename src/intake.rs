@@ -223,6 +223,9 @@ impl IntakeContext {
                             Err(mut e) => {
                                 for err in &mut e {
                                     err.row = Some(row.row);
+                                    if err.field.contains('.') {
+                                        err.field = crate::referral::csv::column_for(&err.field);
+                                    }
                                 }
                                 let subject =
                                     subject_of_row(&batch.header, &row.raw, &self.subject);

@@ -40,6 +40,8 @@ enum SendOutcome {
     Transient(String),
     /// The peer will never accept this envelope.
     Permanent(String),
+    /// The envelope left the queue (non-delivered, withdrawn) before it was sent.
+    Skipped,
 }
 
 /// Shared by all peer workers.
@@ -126,6 +128,7 @@ impl PeerWorker {
                             failures = failures.saturating_add(1);
                             backoff_until = Some(Instant::now() + delay);
                         }
+                        SendOutcome::Skipped => debug!(envelope_id = %id, "no longer queued; not sent"),
                         SendOutcome::Permanent(why) => {
                             error!(envelope_id = %id, "peer refused envelope permanently; kept as non-delivered for an operator: {why}");
                         }
@@ -148,6 +151,10 @@ fn unit_random() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+fn still_queued(ctx: &SenderContext, id: &EnvelopeId) -> bool {
+    matches!(ctx.store.get(id), Ok(Some(r)) if r.state == crate::store::OutState::Queued)
+}
+
 async fn send_one(
     ctx: &SenderContext,
     peer: &AreaId,
@@ -162,6 +169,9 @@ async fn send_one(
         return SendOutcome::Permanent("peer is not in the directory".into());
     };
     let reply_bytes = if *peer == ctx.me {
+        if !still_queued(ctx, &id) {
+            return SendOutcome::Skipped;
+        }
         ctx.local.handle(ctx.me.clone(), sealed.to_vec()).await
     } else {
         let addr = PeerAddr {

@@ -587,6 +587,11 @@ impl Transport {
         Ok(conn)
     }
 
+    /// Makes sure a connection to `peer` is established (handshake done, identity checked).
+    pub async fn connect(&self, peer: &PeerAddr) -> Result<(), TransportError> {
+        self.connection(peer).await.map(|_| ())
+    }
+
     /// Sends one request on a new stream of the (cached) connection to `peer` and returns the
     /// reply, all within the request timeout.
     pub async fn request(

@@ -43,7 +43,7 @@ impl AreaId {
 
 impl fmt::Display for AreaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 

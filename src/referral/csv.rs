@@ -87,7 +87,7 @@ const COLUMNS: &[(&str, &str, Col)] = &[
 ];
 
 /// The CSV column for a JSON path (for error messages), or the path itself.
-fn column_for(path: &str) -> String {
+pub fn column_for(path: &str) -> String {
     COLUMNS
         .iter()
         .find(|(_, p, _)| *p == path)

@@ -47,8 +47,9 @@ pub fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
 }
 
 pub struct Federation {
-    pub dir: tempfile::TempDir,
+    /// Declared before `dir`: nodes are stopped (and their logs shown) before it is removed.
     pub nodes: Vec<Node>,
+    pub dir: tempfile::TempDir,
 }
 
 pub struct Node {
@@ -57,6 +58,8 @@ pub struct Node {
     pub settings: Settings,
     pub log: PathBuf,
     pub extra_env: Vec<(String, String)>,
+    /// A command to run the daemon under (e.g. strace), prepended to `refex run`.
+    pub wrapper: Vec<String>,
     child: Option<Child>,
 }
 
@@ -89,11 +92,12 @@ impl Federation {
                     settings,
                     log,
                     extra_env: Vec::new(),
+                    wrapper: Vec::new(),
                     child: None,
                 }
             })
             .collect();
-        Self { dir, nodes }
+        Self { nodes, dir }
     }
 
     pub fn node(&self, area: &str) -> &Node {
@@ -140,7 +144,14 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_refex"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_refex"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_refex")),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config)
@@ -187,7 +198,18 @@ impl Node {
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        // Under a wrapper (strace), signal the daemon itself; the wrapper exits with it.
+        let mut target = child.id();
+        if !self.wrapper.is_empty() {
+            let children = fs::read_to_string(format!("/proc/{target}/task/{target}/children"))
+                .unwrap_or_default();
+            target = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(target);
+        }
+        let pid = rustix::process::Pid::from_raw(target as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
         let start = Instant::now();
         loop {
@@ -275,6 +297,15 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // A failing test shows what each daemon said (its last lines).
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- log of {} (last {} lines) ----", self.area, tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod durability;
 mod exchange;
 mod outage;
 mod torture;

@@ -103,7 +103,7 @@ fn a_backlog_drains_in_priority_order_and_other_peers_are_unaffected() {
 fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     let mut fed = Federation::with_config(
         &["west-midlands", "london"],
-        "[intake]\nsettle_ms = 100\n[delivery]\nnon_delivery_after_secs = 2\nretry_initial_ms = 100\nretry_max_ms = 500\n",
+        "[intake]\nsettle_ms = 100\n[delivery]\nnon_delivery_after_secs = 4\nretry_initial_ms = 100\nretry_max_ms = 500\n[limits]\nhandshake_timeout_ms = 500\nrequest_timeout_ms = 1000\n",
     );
     fed.node_mut("west-midlands").start();
     let wm = fed.node("west-midlands");

@@ -15,6 +15,9 @@ rescan_ms = 500
 [delivery]
 retry_initial_ms = 50
 retry_max_ms = 500
+[limits]
+handshake_timeout_ms = 1000
+request_timeout_ms = 3000
 "#;
 
 /// A small deterministic generator (xorshift), seeded and printed so a failing run can be
