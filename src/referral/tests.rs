@@ -452,3 +452,26 @@ fn the_shipped_samples_are_what_they_claim() {
         }
     }
 }
+
+#[test]
+fn the_json_schema_file_matches_the_model() {
+    let schema: Value =
+        serde_json::from_str(include_str!("../../config/referral.schema.json")).unwrap();
+    let cats: Vec<&str> = schema["properties"]["offence"]["properties"]["category"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let ours: Vec<&str> = OffenceCategory::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(cats, ours);
+    let top: Vec<&str> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let known = KNOWN.iter().find(|(p, _)| p.is_empty()).unwrap().1;
+    assert_eq!(top.len(), known.len());
+    assert!(top.iter().all(|k| known.contains(k)));
+}
