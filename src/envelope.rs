@@ -13,6 +13,7 @@
 //!   receiver, received_at, status, audit_head}; `SignedReceipt` {v, body (bstr), sig (bstr)}.
 //! - `Reply` (receiver → sender, one per stream): `{"receipt": bstr}` or
 //!   `{"refused": {code, message, permanent}}`.
+//!
 //! Invariant: decoding never trusts a length from the input beyond the input's own size (the
 //! transport has already bounded the frame).
 

@@ -4,7 +4,7 @@
 //! classify each referral on its own, seal it (signed, encrypted to the destination area, or to
 //! ourselves for a local referral), queue it under its idempotency key (source_system +
 //! source_ref), sync the store, audit (collection; for a batch also the combination: file hash
-//! + row), and only then delete the file. Refused files or rows go to `rejected/` with an
+//! and row), and only then delete the file. Refused files or rows go to `rejected/` with an
 //! `.error.json` naming file, row, field and rule.
 //! Crash or failure at any step before the delete leaves the file in the outbox: it is read again
 //! and the idempotency index turns every referral already queued into a logged duplicate, so the

@@ -22,6 +22,8 @@
 //!    [`control`] (local Unix socket), [`federation`] (development federation).
 //! 6. Edge: [`cli`], [`demo`], [`telemetry`]; `main.rs` only calls [`cli::main`].
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod audit;
 pub mod calendar;
 pub mod cli;

@@ -14,6 +14,7 @@
 //!    staged file is published, because the record says it was accepted.
 //! 7. publish: rename to NAME, fsync the directory. 8. audit `disclosure` (written to the local
 //!    inbox), durable. 9. send the receipt. Crash before 9 → the sender re-sends; step 2 answers.
+//!
 //! A receipt therefore always means "durably in this area's inbox".
 //! Disk full at 4–8: the envelope is refused as transient (no receipt), logged once until space
 //! returns; the sender retries later. Nothing half-written is ever visible.

@@ -111,7 +111,7 @@ fn parse_prefix(raw: &str) -> Option<Key> {
         .chars()
         .take_while(|c| c.is_ascii_alphabetic())
         .count();
-    (letters >= 1 && letters <= 2 && trimmed.len() <= 4).then_some(Key::Outward(trimmed))
+    ((1..=2).contains(&letters) && trimmed.len() <= 4).then_some(Key::Outward(trimmed))
 }
 
 /// The routing table.

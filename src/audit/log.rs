@@ -69,18 +69,11 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
         .map_err(|e| AuditError::io(dir, e))
 }
 
+/// What `start` hands back: the job queue, the shared head, the sync counter.
+pub(super) type Started = (Sender, Arc<Mutex<Head>>, Arc<std::sync::atomic::AtomicU64>);
+
 /// Starts the writer: finds the chain head, notes a torn tail, loads the tally.
-pub(super) fn start(
-    cfg: AuditConfig,
-    signer: Arc<SigningKey>,
-) -> Result<
-    (
-        mpsc::Sender<(JobKind, Reply)>,
-        Arc<Mutex<Head>>,
-        Arc<std::sync::atomic::AtomicU64>,
-    ),
-    AuditError,
-> {
+pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started, AuditError> {
     fs::create_dir_all(&cfg.dir).map_err(|e| AuditError::io(&cfg.dir, e))?;
     let mut head = Head {
         seq: 0,

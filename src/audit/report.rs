@@ -132,13 +132,14 @@ impl Report {
                 r.period, r.from, r.to, r.priority, r.category, r.incident, r.count
             );
         }
-        let sections: [(&str, Box<dyn Fn(&Row) -> &str>); 6] = [
-            ("period", Box::new(|r: &Row| r.period.as_str())),
-            ("destination area", Box::new(|r: &Row| r.to.as_str())),
-            ("source area", Box::new(|r: &Row| r.from.as_str())),
-            ("priority", Box::new(|r: &Row| r.priority.as_str())),
-            ("offence category", Box::new(|r: &Row| r.category.as_str())),
-            ("incident", Box::new(|r: &Row| r.incident.as_str())),
+        type Pick = fn(&Row) -> &str;
+        let sections: [(&str, Pick); 6] = [
+            ("period", |r| r.period.as_str()),
+            ("destination area", |r| r.to.as_str()),
+            ("source area", |r| r.from.as_str()),
+            ("priority", |r| r.priority.as_str()),
+            ("offence category", |r| r.category.as_str()),
+            ("incident", |r| r.incident.as_str()),
         ];
         for (title, f) in sections {
             let _ = writeln!(out, "\nby {title}:");

@@ -7,6 +7,8 @@
 //!    outbox drop to the last inbox file, single JSON files and CSV batches.
 //! 4. startup with 100,000 envelopes queued: time until the control socket answers, and RSS.
 
+#![allow(clippy::unwrap_used)]
+
 #[path = "../it/harness.rs"]
 mod harness;
 

@@ -1,6 +1,8 @@
 //! Integration tests: real `refex run` processes exchanging referrals over QUIC on 127.0.0.1.
 //! One test binary so the library links once; `harness` carries the detail.
 
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 mod durability;
