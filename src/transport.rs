@@ -645,3 +645,137 @@ impl Transport {
             tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::pki::{area_server_name, DevCa};
+
+    fn area(s: &str) -> AreaId {
+        s.parse().unwrap()
+    }
+
+    fn identity(ca: &DevCa, a: &str) -> TlsIdentity {
+        let node = ca.issue_node(&area(a), 30).unwrap();
+        TlsIdentity::from_pem(&ca.cert_pem(), &node.cert_pem, &node.key_pem).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits { max_frame_bytes: 4096, handshake_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5), ..Limits::default() }
+    }
+
+    /// A server for `server_area` whose handler echoes "<peer>:<len>" and counts its calls.
+    async fn server(id: &TlsIdentity, calls: Arc<AtomicUsize>) -> (Transport, CancellationToken) {
+        let t = Transport::bind("127.0.0.1:0".parse().unwrap(), id, limits()).unwrap();
+        let token = CancellationToken::new();
+        let (t2, tok) = (t.clone(), token.clone());
+        tokio::spawn(async move {
+            t2.serve(
+                move |peer: AreaId, req: Vec<u8>| {
+                    let calls = calls.clone();
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        format!("{peer}:{}", req.len()).into_bytes()
+                    }
+                },
+                tok,
+            )
+            .await
+        });
+        (t, token)
+    }
+
+    fn addr_of(t: &Transport, a: &str) -> PeerAddr {
+        PeerAddr { area: area(a), addr: t.local_addr().unwrap(), server_name: area_server_name(&area(a)) }
+    }
+
+    #[tokio::test]
+    async fn a_request_reaches_the_handler_with_the_authenticated_area() {
+        let ca = DevCa::generate("test ca", 30).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
+        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        let reply = client.request(&addr_of(&srv, "london"), b"hello").await.unwrap();
+        assert_eq!(reply, b"west-midlands:5");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn many_concurrent_requests_share_one_connection() {
+        let ca = DevCa::generate("test ca", 30).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
+        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        let peer = addr_of(&srv, "london");
+        client.connect(&peer).await.unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let (c, p) = (client.clone(), peer.clone());
+                tokio::spawn(async move { c.request(&p, &vec![0u8; i]).await.unwrap() })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), format!("west-midlands:{i}").into_bytes());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 200);
+        assert_eq!(client.cached_connections().await, 1);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_frame_is_refused_before_the_handler_and_the_connection_keeps_serving() {
+        let ca = DevCa::generate("test ca", 30).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
+        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        let peer = addr_of(&srv, "london");
+        // A frame header claiming 100 MB: the server must refuse it without allocating.
+        let conn = client.connection(&peer).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&(100_000_000u32).to_be_bytes()).await.unwrap();
+        let _ = send.finish();
+        assert!(read_frame(&mut recv, 4096, &peer.area).await.is_err(), "no reply to an oversize frame");
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler never saw it");
+        assert_eq!(client.request(&peer, b"ok").await.unwrap(), b"west-midlands:2");
+        // A real request over the server's limit is refused the same way.
+        assert!(client.request(&peer, &vec![0u8; 5000]).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "only the normal request reached the handler");
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_from_another_ca_is_refused() {
+        let ca = DevCa::generate("test ca", 30).unwrap();
+        let rogue = DevCa::generate("rogue ca", 30).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
+        // Trusts the real CA, presents a rogue certificate.
+        let node = rogue.issue_node(&area("west-midlands"), 30).unwrap();
+        let id = TlsIdentity::from_pem(&ca.cert_pem(), &node.cert_pem, &node.key_pem).unwrap();
+        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, limits()).unwrap();
+        assert!(client.request(&addr_of(&srv, "london"), b"x").await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_with_the_wrong_area_or_no_area_is_refused() {
+        let ca = DevCa::generate("test ca", 30).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (srv, _stop) = server(&identity(&ca, "kent"), calls.clone()).await;
+        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        // Dialled as london, but the certificate (valid for kent) does not carry london's name.
+        let mut peer = addr_of(&srv, "london");
+        assert!(client.request(&peer, b"x").await.is_err());
+        // Right DNS name, wrong area identity.
+        peer.server_name = area_server_name(&area("kent"));
+        let err = client.request(&peer, b"x").await.unwrap_err();
+        assert!(matches!(err, TransportError::Identity { .. }), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        let no_uri = ca.issue_without_area_uri(&area("west-midlands"), 30).unwrap();
+        let id = TlsIdentity::from_pem(&ca.cert_pem(), &no_uri.cert_pem, &no_uri.key_pem).unwrap();
+        let anonymous = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, limits()).unwrap();
+        let (srv2, _stop2) = server(&identity(&ca, "london"), calls.clone()).await;
+        assert!(anonymous.request(&addr_of(&srv2, "london"), b"x").await.is_err(), "a client without an area is refused");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+}
