@@ -663,7 +663,12 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { max_frame_bytes: 4096, handshake_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5), ..Limits::default() }
+        Limits {
+            max_frame_bytes: 4096,
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            ..Limits::default()
+        }
     }
 
     /// A server for `server_area` whose handler echoes "<peer>:<len>" and counts its calls.
@@ -688,7 +693,11 @@ mod tests {
     }
 
     fn addr_of(t: &Transport, a: &str) -> PeerAddr {
-        PeerAddr { area: area(a), addr: t.local_addr().unwrap(), server_name: area_server_name(&area(a)) }
+        PeerAddr {
+            area: area(a),
+            addr: t.local_addr().unwrap(),
+            server_name: area_server_name(&area(a)),
+        }
     }
 
     #[tokio::test]
@@ -696,8 +705,16 @@ mod tests {
         let ca = DevCa::generate("test ca", 30).unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
-        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
-        let reply = client.request(&addr_of(&srv, "london"), b"hello").await.unwrap();
+        let client = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity(&ca, "west-midlands"),
+            limits(),
+        )
+        .unwrap();
+        let reply = client
+            .request(&addr_of(&srv, "london"), b"hello")
+            .await
+            .unwrap();
         assert_eq!(reply, b"west-midlands:5");
     }
 
@@ -706,7 +723,12 @@ mod tests {
         let ca = DevCa::generate("test ca", 30).unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
-        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        let client = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity(&ca, "west-midlands"),
+            limits(),
+        )
+        .unwrap();
         let peer = addr_of(&srv, "london");
         client.connect(&peer).await.unwrap();
         let tasks: Vec<_> = (0..200)
@@ -727,19 +749,36 @@ mod tests {
         let ca = DevCa::generate("test ca", 30).unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
-        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        let client = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity(&ca, "west-midlands"),
+            limits(),
+        )
+        .unwrap();
         let peer = addr_of(&srv, "london");
         // A frame header claiming 100 MB: the server must refuse it without allocating.
         let conn = client.connection(&peer).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&(100_000_000u32).to_be_bytes()).await.unwrap();
+        send.write_all(&(100_000_000u32).to_be_bytes())
+            .await
+            .unwrap();
         let _ = send.finish();
-        assert!(read_frame(&mut recv, 4096, &peer.area).await.is_err(), "no reply to an oversize frame");
+        assert!(
+            read_frame(&mut recv, 4096, &peer.area).await.is_err(),
+            "no reply to an oversize frame"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 0, "the handler never saw it");
-        assert_eq!(client.request(&peer, b"ok").await.unwrap(), b"west-midlands:2");
+        assert_eq!(
+            client.request(&peer, b"ok").await.unwrap(),
+            b"west-midlands:2"
+        );
         // A real request over the server's limit is refused the same way.
         assert!(client.request(&peer, &vec![0u8; 5000]).await.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "only the normal request reached the handler");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "only the normal request reached the handler"
+        );
     }
 
     #[tokio::test]
@@ -752,7 +791,10 @@ mod tests {
         let node = rogue.issue_node(&area("west-midlands"), 30).unwrap();
         let id = TlsIdentity::from_pem(&ca.cert_pem(), &node.cert_pem, &node.key_pem).unwrap();
         let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, limits()).unwrap();
-        assert!(client.request(&addr_of(&srv, "london"), b"x").await.is_err());
+        assert!(client
+            .request(&addr_of(&srv, "london"), b"x")
+            .await
+            .is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 
@@ -761,7 +803,12 @@ mod tests {
         let ca = DevCa::generate("test ca", 30).unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let (srv, _stop) = server(&identity(&ca, "kent"), calls.clone()).await;
-        let client = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "west-midlands"), limits()).unwrap();
+        let client = Transport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity(&ca, "west-midlands"),
+            limits(),
+        )
+        .unwrap();
         // Dialled as london, but the certificate (valid for kent) does not carry london's name.
         let mut peer = addr_of(&srv, "london");
         assert!(client.request(&peer, b"x").await.is_err());
@@ -771,11 +818,19 @@ mod tests {
         assert!(matches!(err, TransportError::Identity { .. }), "{err}");
         assert_eq!(calls.load(Ordering::SeqCst), 0);
 
-        let no_uri = ca.issue_without_area_uri(&area("west-midlands"), 30).unwrap();
+        let no_uri = ca
+            .issue_without_area_uri(&area("west-midlands"), 30)
+            .unwrap();
         let id = TlsIdentity::from_pem(&ca.cert_pem(), &no_uri.cert_pem, &no_uri.key_pem).unwrap();
         let anonymous = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, limits()).unwrap();
         let (srv2, _stop2) = server(&identity(&ca, "london"), calls.clone()).await;
-        assert!(anonymous.request(&addr_of(&srv2, "london"), b"x").await.is_err(), "a client without an area is refused");
+        assert!(
+            anonymous
+                .request(&addr_of(&srv2, "london"), b"x")
+                .await
+                .is_err(),
+            "a client without an area is refused"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }

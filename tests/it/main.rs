@@ -7,5 +7,6 @@ mod harness;
 
 mod durability;
 mod exchange;
+mod intake;
 mod outage;
 mod torture;
