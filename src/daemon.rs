@@ -260,6 +260,41 @@ pub async fn run(
             s.control_socket.display()
         ),
     }
+    // SIGHUP: reload the TLS certificate and key for new connections; queued work is untouched.
+    {
+        let (settings, transport, token) = (settings.clone(), transport.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                warn!("cannot watch SIGHUP; certificate reload needs a restart");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    Some(()) = hup.recv() => match load_tls(&settings).and_then(|tls| transport.reload(&tls)) {
+                        Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
+                        Err(e) => error!("SIGHUP: reload failed, keeping the current certificate: {e}"),
+                    },
+                }
+            }
+        });
+    }
+    // systemd watchdog: ping at half the configured interval while the runtime is responsive.
+    let mut watchdog_usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0 {
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(watchdog_usec / 2));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        });
+    }
     tracker.close();
     info!(area = %s.area, listen = %s.listen, "refex serving");
     ready();

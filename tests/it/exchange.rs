@@ -205,3 +205,24 @@ async fn a_client_with_a_certificate_from_another_ca_is_refused() {
     assert!(fed.node("london").inbox_files().is_empty());
     t.close().await;
 }
+
+#[test]
+fn sighup_reloads_certificates_without_dropping_queued_work() {
+    let mut fed = Federation::new(&["west-midlands", "london"]);
+    fed.node_mut("west-midlands").start();
+    fed.node("west-midlands")
+        .drop_file("q.json", referral("HUP-1", "london").as_bytes());
+    wait_until(WAIT, "the file to be queued", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
+    fed.node("west-midlands").hangup();
+    wait_until(WAIT, "the reload", || {
+        fed.node("west-midlands")
+            .log_text()
+            .contains("TLS certificate and key reloaded")
+    });
+    fed.node_mut("london").start();
+    wait_until(WAIT, "the queued referral to arrive", || {
+        fed.node("london").inbox_files().len() == 1
+    });
+}

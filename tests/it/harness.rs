@@ -224,6 +224,12 @@ impl Node {
         }
     }
 
+    /// Sends SIGHUP (reload keys and certificates).
+    pub fn hangup(&self) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
+    }
+
     /// SIGKILL: the process dies wherever it is.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
