@@ -123,11 +123,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logging and metrics.
+/// Logging.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
     pub log_format: LogFormat,
-    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The whole, validated node configuration.
@@ -294,7 +293,6 @@ impl Settings {
                     LogFormat::Human
                 }
             },
-            metrics_listen: r.optional("telemetry.metrics_listen", parse_addr),
         };
         let control_socket = r
             .optional_path("control.socket")
@@ -304,15 +302,6 @@ impl Settings {
             r.error(
                 "delivery.retry_initial_ms",
                 "must not exceed delivery.retry_max_ms".into(),
-            );
-        }
-        if telemetry
-            .metrics_listen
-            .is_some_and(|a| !a.ip().is_loopback())
-        {
-            r.error(
-                "telemetry.metrics_listen",
-                "metrics are only served on a loopback address".into(),
             );
         }
         let (area, listen, directory, routing, calendar) =
@@ -480,15 +469,6 @@ impl Reader {
             }
             Some(s) => parse(&s).map_err(|e| self.error(key, e)).ok(),
         }
-    }
-
-    fn optional<T>(
-        &mut self,
-        key: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let s = self.text(key)?;
-        parse(&s).map_err(|e| self.error(key, e)).ok()
     }
 
     fn string(&mut self, key: &str, default: &str) -> String {

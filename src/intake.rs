@@ -310,6 +310,9 @@ impl IntakeContext {
         self.store.durable().await?;
         crate::failpoint::hit("intake_after_store");
 
+        // The records of a whole file are submitted together so the audit writer commits them
+        // with a few syncs (group commit), and all are durable before the file is deleted.
+        let mut jobs = tokio::task::JoinSet::new();
         for (item, (result, digest, subject)) in items.iter().zip(&queued) {
             let (id, duplicate) = match result {
                 Enqueued::New(id) => (*id, false),
@@ -326,27 +329,39 @@ impl IntakeContext {
                 ev = ev.reason("duplicate");
                 info!(file = %file, row = item.row, envelope_id = %id, "referral already queued earlier; duplicate not sent again");
             }
-            self.audit.record(ev).await?;
+            let audit = self.audit.clone();
+            jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
             if batch && !duplicate {
                 let ev = Event::new(Operation::Combination, Actor::System, Outcome::Ok)
                     .envelope(id)
                     .subject(subject.clone())
                     .source(file_hash, item.row)
                     .reason("batch_split");
-                self.audit.record(ev).await?;
+                let audit = self.audit.clone();
+                jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
             }
             if !duplicate {
-                self.audit
-                    .tally(TallyEntry {
-                        day: now.date_naive(),
-                        from: self.me.clone(),
-                        to: item.class.to.clone(),
-                        priority: item.class.priority,
-                        category: item.class.category.as_str().to_owned(),
-                        incident: item.class.incident.clone(),
-                    })
-                    .await?;
+                let entry = TallyEntry {
+                    day: now.date_naive(),
+                    from: self.me.clone(),
+                    to: item.class.to.clone(),
+                    priority: item.class.priority,
+                    category: item.class.category.as_str().to_owned(),
+                    incident: item.class.incident.clone(),
+                };
+                let audit = self.audit.clone();
+                jobs.spawn(async move { audit.tally(entry).await });
             }
+        }
+        let mut first_error = None;
+        while let Some(joined) = jobs.join_next().await {
+            let result = joined.unwrap_or(Err(crate::audit::AuditError::Closed));
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
         }
         let new = queued
             .iter()

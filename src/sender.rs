@@ -179,6 +179,15 @@ async fn send_one(
             addr: entry.address,
             server_name: entry.server_name.clone(),
         };
+        // Connecting can take a while when the peer is down; the envelope may have been marked
+        // non-delivered or withdrawn meanwhile. Check again once connected, just before sending.
+        if let Err(e) = ctx.transport.connect(&addr).await {
+            let _ = ctx.store.note_attempt(&id, &e.to_string());
+            return SendOutcome::Transient(e.to_string());
+        }
+        if !still_queued(ctx, &id) {
+            return SendOutcome::Skipped;
+        }
         match ctx.transport.request(&addr, sealed).await {
             Ok(r) => r,
             Err(e) if e.is_transient() => {
@@ -251,8 +260,14 @@ async fn send_one(
                 receipt_ev = receipt_ev.subject_hex(k);
                 erasure = erasure.subject_hex(k);
             }
+            // Submitted together: one group commit for the three records.
+            let mut jobs = tokio::task::JoinSet::new();
             for ev in [disclosure, receipt_ev, erasure] {
-                if let Err(e) = ctx.audit.record(ev).await {
+                let audit = ctx.audit.clone();
+                jobs.spawn(async move { audit.record(ev).await });
+            }
+            while let Some(joined) = jobs.join_next().await {
+                if let Ok(Err(e)) = joined {
                     error!(envelope_id = %id, "audit record of a delivery failed: {e}");
                 }
             }

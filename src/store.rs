@@ -168,7 +168,7 @@ pub struct SeenRecord {
     pub receipt: serde_bytes::ByteBuf,
 }
 
-/// Counts of one peer's queue, for `status` and metrics.
+/// Counts of one peer's queue, for `status`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct QueueStats {
     pub queued: u64,
@@ -284,7 +284,7 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// How many device syncs the committer has made (for tests and metrics).
+    /// How many device syncs the committer has made (tests and benchmarks).
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::Relaxed)
     }

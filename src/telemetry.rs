@@ -3,7 +3,7 @@
 //! Logs: `tracing` to stderr (journald adds timestamps under systemd), human or JSON, filtered
 //! by `RUST_LOG` (default `info`). Field names are stable: `peer`, `envelope_id`, `file`, `row`.
 //! No log line carries personal data: referral content never reaches a log call.
-//! Counters are plain atomics read by `status` (and the metrics endpoint when configured).
+//! Counters are plain atomics read by `status`.
 //! Must not: be imported by the pure or adapter layers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
