@@ -145,19 +145,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run { config } => run(&config),
-        Cmd::CheckConfig { config } => match Settings::load(&config) {
+        Cmd::CheckConfig { config } => match load(&config) {
             Ok(s) => {
                 print!("{}", s.describe());
                 println!("configuration OK");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("{}: invalid configuration:", config.display());
-                for line in &e.0 {
-                    eprintln!("  {line}");
-                }
-                ExitCode::from(EX_CONFIG)
-            }
+            Err(code) => code,
         },
         Cmd::Federation {
             cmd:
@@ -245,16 +239,21 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-fn with_settings(config: &Path, f: impl FnOnce(&Settings) -> Result<(), String>) -> ExitCode {
-    let settings = match Settings::load(config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{}: invalid configuration:", config.display());
-            for line in &e.0 {
-                eprintln!("  {line}");
-            }
-            return ExitCode::from(EX_CONFIG);
+/// Loads a configuration, or prints every problem and gives the EX_CONFIG exit code.
+fn load(config: &Path) -> Result<Settings, ExitCode> {
+    Settings::load(config).map_err(|e| {
+        eprintln!("{}: invalid configuration:", config.display());
+        for line in &e.0 {
+            eprintln!("  {line}");
         }
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn with_settings(config: &Path, f: impl FnOnce(&Settings) -> Result<(), String>) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     match f(&settings) {
         Ok(()) => ExitCode::SUCCESS,
@@ -299,15 +298,9 @@ fn request(
 }
 
 fn run(config: &Path) -> ExitCode {
-    let settings = match Settings::load(config) {
+    let settings = match load(config) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("{}: invalid configuration:", config.display());
-            for line in &e.0 {
-                eprintln!("  {line}");
-            }
-            return ExitCode::from(EX_CONFIG);
-        }
+        Err(code) => return code,
     };
     crate::telemetry::init(settings.telemetry.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -7,9 +7,7 @@
 //! can shape a path.
 //! Must not: decide whether a file should be published (the receiver's store does).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -92,20 +90,7 @@ impl InboxDir {
     pub fn stage(&self, name: &str, bytes: &[u8]) -> Result<(), InboxError> {
         check(name)?;
         let tmp = self.tmp(name);
-        let r = (|| {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o640)
-                .open(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()
-        })();
-        if let Err(e) = r {
-            let _ = fs::remove_file(&tmp);
-            return Err(Self::io(&tmp)(e));
-        }
+        crate::durable::write_synced(&tmp, bytes).map_err(Self::io(&tmp))?;
         Ok(())
     }
 
@@ -121,9 +106,7 @@ impl InboxDir {
             }
             Err(e) => return Err(Self::io(&path)(e)),
         }
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Self::io(&self.dir))
+        crate::durable::sync_dir(&self.dir).map_err(Self::io(&self.dir))
     }
 
     /// Names with a staged file (left by a crash).

@@ -16,7 +16,7 @@
 //!    directory with public keys), [`pki`] (development certificates, rcgen).
 //! 3. Adapters, each the only user of its library: [`store`] (sled), [`transport`] (quinn,
 //!    rustls), [`outbox_dir`] (inotify, outbox files), [`inbox_dir`] (inbox files), `audit::log`
-//!    (audit files).
+//!    (audit files); [`durable`] is their shared write-sync-rename helper.
 //! 4. Components: [`intake`], [`receiver`], [`sender`].
 //! 5. Composition: [`config`], [`daemon`] (the only module that spawns long-lived tasks),
 //!    [`control`] (local Unix socket), [`federation`] (development federation).
@@ -34,6 +34,7 @@ pub mod daemon;
 pub mod demo;
 pub mod digest;
 pub mod directory;
+pub mod durable;
 pub mod envelope;
 pub mod failpoint;
 pub mod federation;

@@ -16,8 +16,8 @@
 //! Must not: delete or move anything except through [`remove_taken`] and [`reject`].
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -493,9 +493,7 @@ fn check_name(name: &str) -> Result<(), OutboxError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| OutboxError::io(dir, e))
+    crate::durable::sync_dir(dir).map_err(|e| OutboxError::io(dir, e))
 }
 
 /// Deletes a taken file if it is still the version that was read, then syncs the directory.
@@ -511,24 +509,8 @@ pub fn remove_taken(dir: &Path, f: &ReadyFile) -> Result<(), OutboxError> {
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), OutboxError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    let r = (|| {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o640)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
-    })();
-    if let Err(e) = r {
-        let _ = fs::remove_file(&tmp);
-        return Err(OutboxError::io(&path, e));
-    }
-    Ok(())
+    crate::durable::replace(dir, &format!(".{name}.tmp"), name, bytes)
+        .map_err(|e| OutboxError::io(&dir.join(name), e))
 }
 
 /// Files a refusal: moves `dir/name` into `dir/rejected/` (or, with `replacement`, writes those
@@ -567,6 +549,8 @@ pub fn reject(
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     fn cfg(dir: &Path) -> WatchConfig {
@@ -620,7 +604,7 @@ mod tests {
         let mut w = OutboxWatcher::new(cfg(dir.path())).unwrap();
         let path = dir.path().join("slow.csv");
         let writer = tokio::spawn(async move {
-            let mut f = File::create(&path).unwrap();
+            let mut f = fs::File::create(&path).unwrap();
             for i in 0..8 {
                 f.write_all(format!("line {i}\n").as_bytes()).unwrap();
                 tokio::time::sleep(Duration::from_millis(60)).await;

@@ -64,9 +64,7 @@ fn file_date(name: &str) -> Option<NaiveDate> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| AuditError::io(dir, e))
+    crate::durable::sync_dir(dir).map_err(|e| AuditError::io(dir, e))
 }
 
 /// What `start` hands back: the job queue, the shared head, the sync counter.
@@ -337,21 +335,9 @@ impl Writer {
             return Ok(());
         }
         let path = self.cfg.dir.join("tally.json");
-        let tmp = self.cfg.dir.join(".tally.json.tmp");
         let bytes = serde_json::to_vec(&self.tally).unwrap_or_default();
-        let r = (|| {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o640)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        })();
-        r.map_err(|e| AuditError::io(&path, e))?;
-        sync_dir(&self.cfg.dir)?;
+        crate::durable::replace(&self.cfg.dir, ".tally.json.tmp", "tally.json", &bytes)
+            .map_err(|e| AuditError::io(&path, e))?;
         self.tally_dirty = false;
         Ok(())
     }
