@@ -101,8 +101,9 @@ enum AuditCmd {
         config: PathBuf,
         #[arg(long)]
         source_ref: String,
+        /// The provider system; without it, every system named in the log is tried.
         #[arg(long)]
-        source_system: String,
+        source_system: Option<String>,
     },
     /// Counts for the MoJ/PCC returns (no personal data).
     Report {
@@ -364,10 +365,27 @@ fn audit(cmd: AuditCmd) -> ExitCode {
         } => with_settings(&config, |s| {
             let secret = crate::audit::SubjectSecret::load(&s.keys.subject_secret)
                 .map_err(|e| e.to_string())?;
-            let key = secret.key(&source_system, &source_ref);
-            record_consultation(s, "audit_search", &key)?;
-            let records = crate::audit::search(&s.paths.audit, &key).map_err(|e| e.to_string())?;
-            for r in &records {
+            let systems: Vec<String> = match source_system {
+                Some(sys) => vec![sys],
+                None => crate::audit::source_systems(&s.paths.audit)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .collect(),
+            };
+            // Chain order: by sequence number.
+            let mut records = std::collections::BTreeMap::new();
+            for system in &systems {
+                let key = secret.key(system, &source_ref);
+                record_consultation(s, "audit_search", &key)?;
+                for line in crate::audit::search(&s.paths.audit, &key).map_err(|e| e.to_string())? {
+                    let seq = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["seq"].as_u64())
+                        .unwrap_or(0);
+                    records.insert(seq, line);
+                }
+            }
+            for r in records.values() {
                 println!("{r}");
             }
             eprintln!("{} record(s) for this subject", records.len());

@@ -323,6 +323,7 @@ impl IntakeContext {
                 .route(&self.me, &item.class.to)
                 .digest(*digest)
                 .subject(subject.clone())
+                .source_system(&item.referral.source_system)
                 .priority(item.class.priority)
                 .source(file_hash, item.row);
             if duplicate {
@@ -335,6 +336,7 @@ impl IntakeContext {
                 let ev = Event::new(Operation::Combination, Actor::System, Outcome::Ok)
                     .envelope(id)
                     .subject(subject.clone())
+                    .source_system(&item.referral.source_system)
                     .source(file_hash, item.row)
                     .reason("batch_split");
                 let audit = self.audit.clone();

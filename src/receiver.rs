@@ -259,6 +259,7 @@ impl Receiver {
                 .route(&header.from, &header.to)
                 .digest(digest)
                 .subject(subject.clone())
+                .source_system(&referral.source_system)
                 .priority(header.priority),
             )
             .await?;
@@ -302,6 +303,7 @@ impl Receiver {
                     .route(&header.from, &header.to)
                     .digest(digest)
                     .subject(subject)
+                    .source_system(&referral.source_system)
                     .reason("written_to_inbox"),
             )
             .await?;

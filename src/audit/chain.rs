@@ -92,6 +92,7 @@ pub struct Event {
     pub reason: Option<String>,
     pub payload_digest: Option<[u8; 32]>,
     pub subject_key: Option<String>,
+    pub source_system: Option<String>,
     pub source_file_sha256: Option<[u8; 32]>,
     pub source_row: Option<u64>,
     pub priority: Option<PriorityClass>,
@@ -110,6 +111,7 @@ impl Event {
             reason: None,
             payload_digest: None,
             subject_key: None,
+            source_system: None,
             source_file_sha256: None,
             source_row: None,
             priority: None,
@@ -143,6 +145,17 @@ impl Event {
         if k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()) {
             self.subject_key = Some(k.to_owned());
         }
+        self
+    }
+    /// The provider system's name (e.g. `wmp-records`): not personal data, and what lets a
+    /// subject access search run without being told the system.
+    pub fn source_system(mut self, s: &str) -> Self {
+        self.source_system = Some(
+            s.chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(100)
+                .collect(),
+        );
         self
     }
     pub fn source(mut self, file_sha256: [u8; 32], row: Option<u64>) -> Self {
@@ -188,6 +201,8 @@ pub struct Record {
     pub payload_digest: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub subject_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source_system: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub source_file_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -235,6 +250,7 @@ impl Record {
             reason: None,
             payload_digest: None,
             subject_key: None,
+            source_system: None,
             source_file_sha256: None,
             source_row: None,
             priority: None,
@@ -271,6 +287,7 @@ impl Record {
         r.reason = ev.reason.clone();
         r.payload_digest = ev.payload_digest.map(hex::encode);
         r.subject_key = ev.subject_key.clone();
+        r.source_system = ev.source_system.clone();
         r.source_file_sha256 = ev.source_file_sha256.map(hex::encode);
         r.source_row = ev.source_row;
         r.priority = ev.priority;

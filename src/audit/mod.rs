@@ -477,6 +477,24 @@ pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyF
     })
 }
 
+/// The provider systems named in the log (to search for a reference without its system).
+pub fn source_systems(dir: &Path) -> Result<std::collections::BTreeSet<String>, AuditError> {
+    let mut out = std::collections::BTreeSet::new();
+    for path in log::log_files(dir)? {
+        let text = std::fs::read_to_string(&path).map_err(|e| AuditError::io(&path, e))?;
+        for line in text.lines() {
+            if let Ok(Record {
+                source_system: Some(s),
+                ..
+            }) = serde_json::from_str::<Record>(line)
+            {
+                out.insert(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Every record carrying `key` (subject access requests).
 pub fn search(dir: &Path, key: &SubjectKey) -> Result<Vec<String>, AuditError> {
     let mut out = Vec::new();
