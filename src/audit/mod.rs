@@ -3,8 +3,10 @@
 //!
 //! Record format (version 1; see `chain.rs` for every field): `v, seq, time, op, envelope_id,
 //! from, to, actor, lawful_basis, purpose, outcome, reason, payload_digest, subject_key,
-//! source_file_sha256, source_row, priority, peer_audit_head, [checkpoint: area, head, key, sig],
-//! [torn tail / purge: file, offset, anchor_seq, anchor_prev], prev`. Unset fields are omitted.
+//! source_system, source_file_sha256, source_row, priority, peer_audit_head, [checkpoint: area,
+//! head, key, sig], [torn tail / purge: file, offset, anchor_seq, anchor_prev], prev`. Unset
+//! fields are omitted. `source_system` is the provider system's name (`wmp-records`), not
+//! personal data; it lets a subject access search try every system in the log.
 //! Never in a record: names, addresses, dates of birth, free text, offence details. The offence
 //! category and incident code are counted only in `tally.json`, aggregated by day, area pair and
 //! priority, with no subject key, envelope id or time of day (see README, "Data protection").
