@@ -82,7 +82,10 @@ fn a_backlog_drains_in_priority_order_and_other_peers_are_unaffected() {
     fed.node_mut("west-midlands").start();
     // London stays down a while longer (REFEX_TEST_OUTAGE_SECS, default 20) while the sender
     // keeps retrying with backoff.
-    let outage = std::env::var("REFEX_TEST_OUTAGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let outage = std::env::var("REFEX_TEST_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     std::thread::sleep(Duration::from_secs(outage));
     fed.node_mut("london").start();
     wait_until(WAIT, "the backlog to drain", || {
