@@ -890,6 +890,42 @@ mod tests {
             );
         }
 
+        /// RFC 9180 Appendix A.2.1 (DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305,
+        /// base mode), first encryption; values from the CFRG test-vector file.
+        #[test]
+        fn hpke_matches_the_rfc_9180_vector() {
+            let sk_rm =
+                hex::decode("8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb")
+                    .unwrap();
+            let pk_rm = "4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a";
+            let enc =
+                hex::decode("1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a")
+                    .unwrap();
+            let info = hex::decode("4f6465206f6e2061204772656369616e2055726e").unwrap();
+            let aad = hex::decode("436f756e742d30").unwrap();
+            let ct = hex::decode("1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28").unwrap();
+            let pt =
+                hex::decode("4265617574792069732074727574682c20747275746820626561757479").unwrap();
+
+            let key = KemSecretKey::from_secret(&sk_rm).unwrap();
+            assert_eq!(
+                key.public_key().to_hex(),
+                pk_rm,
+                "our key type derives the vector's public key"
+            );
+            let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&enc).unwrap();
+            let opened = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
+                &OpModeR::Base,
+                &key.sk,
+                &enc,
+                &info,
+                &ct,
+                &aad,
+            )
+            .unwrap();
+            assert_eq!(opened, pt);
+        }
+
         #[test]
         fn debug_output_never_shows_secret_keys() {
             let (kem, text) = KemSecretKey::generate().unwrap();
