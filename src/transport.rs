@@ -10,9 +10,9 @@
 //! area is not the one it dialled.
 //! Bounds: connections in total and per peer area, concurrent streams per connection (QUIC flow
 //! control), handshake, idle and request timeouts.
-//! Restarts: the endpoint's stateless-reset key is derived from the node's TLS key, so a
-//! restarted node resets its peers' stale connections at once instead of leaving them to time
-//! out.
+//! Restarts: the endpoint's stateless-reset key and connection-id key are derived from the
+//! node's TLS key, so a restarted node recognises its previous connection ids and resets its
+//! peers' stale connections at once instead of leaving them to time out.
 //! Must not: interpret frame contents (the receiver and sender do), or log payload bytes.
 
 use std::collections::HashMap;
@@ -233,6 +233,12 @@ impl TlsIdentity {
         Ok(config)
     }
 
+    /// The connection-id hash key: stable across restarts, secret (derived from the TLS key).
+    fn cid_key(&self) -> u64 {
+        let seed = crate::digest::sha256_parts(&[b"refex/1 connection ids", self.key.secret_der()]);
+        u64::from_be_bytes(seed[..8].try_into().unwrap_or([0; 8]))
+    }
+
     /// A stateless-reset key that survives restarts but is secret (derived from the TLS key).
     fn reset_key(&self) -> ring::hmac::Key {
         let seed =
@@ -246,7 +252,9 @@ fn transport_config(limits: &Limits) -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
-    t.keep_alive_interval(Some(limits.idle_timeout / 3));
+    // Frequent enough that a peer which crashed and restarted answers with a stateless reset
+    // within seconds (a waiting request sends nothing of its own).
+    t.keep_alive_interval(Some((limits.idle_timeout / 3).min(Duration::from_secs(2))));
     Arc::new(t)
 }
 
@@ -360,7 +368,14 @@ impl Transport {
             addr: listen,
             source,
         })?;
-        let config = quinn::EndpointConfig::new(Arc::new(tls.reset_key()));
+        let mut config = quinn::EndpointConfig::new(Arc::new(tls.reset_key()));
+        // Connection ids are validated with a keyed hash; the key, like the reset key, survives
+        // restarts, so a restarted node recognises its old ids and answers with a reset instead
+        // of silently dropping the packets (which would leave peers waiting for a timeout).
+        let cid_key = tls.cid_key();
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Tls("no async runtime".into()))?;
         let mut endpoint =
