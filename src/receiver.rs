@@ -227,7 +227,9 @@ impl Receiver {
         referral: &Referral,
         now: DateTime<Utc>,
     ) -> Result<Vec<u8>, TakeError> {
-        let name = inbox_name(now, &id.to_string()).map_err(TakeError::Inbox)?;
+        // Named from the (signed) envelope, not the arrival time: if an accepted envelope were ever
+        // delivered again, it would replace its own file rather than add a second one.
+        let name = inbox_name(header.created, &id.to_string()).map_err(TakeError::Inbox)?;
         let delivery = Delivery {
             envelope_id: id.to_string(),
             from_area: header.from.to_string(),

@@ -69,13 +69,24 @@ fn assert_exactly_once(fed: &mut Federation, expected: &[String], limit: Duratio
     });
     std::thread::sleep(Duration::from_millis(500));
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut deliveries: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for doc in london.inbox_docs() {
-        *seen
-            .entry(doc["source_ref"].as_str().unwrap_or("?").to_owned())
-            .or_default() += 1;
+        let r = doc["source_ref"].as_str().unwrap_or("?").to_owned();
+        *seen.entry(r.clone()).or_default() += 1;
+        deliveries
+            .entry(r)
+            .or_default()
+            .push(doc["delivery"].to_string());
     }
-    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dupes.is_empty(), "duplicated: {dupes:?}");
+    let dupes: Vec<_> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(r, _)| (r, &deliveries[r]))
+        .collect();
+    assert!(
+        dupes.is_empty(),
+        "duplicated (with their delivery records): {dupes:?}"
+    );
     let missing: Vec<_> = expected.iter().filter(|r| !seen.contains_key(*r)).collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
     assert_eq!(seen.len(), expected.len(), "unexpected extra referrals");
