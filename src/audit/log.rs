@@ -70,6 +70,29 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
 /// What `start` hands back: the job queue, the shared head, the sync counter.
 pub(super) type Started = (Sender, Arc<Mutex<Head>>, Arc<std::sync::atomic::AtomicU64>);
 
+/// A crash while appending to `checkpoints.jsonl` leaves a fragment without a newline; later
+/// appends must not glue onto it. The fragment is kept (never repaired) and closed with a newline;
+/// `verify` accepts it only as the start of a checkpoint the chain holds whole.
+fn seal_torn_checkpoints(dir: &Path) -> Result<(), AuditError> {
+    let path = dir.join("checkpoints.jsonl");
+    let Ok(bytes) = fs::read(&path) else {
+        return Ok(());
+    };
+    if bytes.last().is_some_and(|b| *b != b'\n') {
+        error!(
+            "checkpoints.jsonl ends with a torn line (crash while writing); it is kept and closed"
+        );
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| AuditError::io(&path, e))?;
+        f.write_all(b"\n")
+            .and_then(|_| f.sync_data())
+            .map_err(|e| AuditError::io(&path, e))?;
+    }
+    Ok(())
+}
+
 /// Starts the writer: finds the chain head, notes a torn tail, loads the tally.
 pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started, AuditError> {
     fs::create_dir_all(&cfg.dir).map_err(|e| AuditError::io(&cfg.dir, e))?;
@@ -127,6 +150,7 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
         };
         break;
     }
+    seal_torn_checkpoints(&cfg.dir)?;
     let tally_path = cfg.dir.join("tally.json");
     let tally = match fs::read(&tally_path) {
         Ok(b) => serde_json::from_slice(&b)

@@ -419,3 +419,26 @@ fn subject_hex_rejects_non_hex() -> bool {
         .subject_key
         .is_none()
 }
+
+#[tokio::test]
+async fn a_torn_checkpoints_file_is_sealed_and_only_true_fragments_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let (keys, ..) = sample_log_signed(dir.path(), 6, signer.clone()).await;
+    let cp = dir.path().join("checkpoints.jsonl");
+    let text = fs::read_to_string(&cp).unwrap();
+    let last = text.lines().last().unwrap().to_owned();
+    // A crash half-way through appending the last checkpoint again.
+    fs::write(&cp, format!("{text}{}", &last[..last.len() / 2])).unwrap();
+    let log = AuditLog::open(config(dir.path()), signer).unwrap();
+    log.close().await.unwrap();
+    verify(dir.path(), &keys).unwrap();
+    // A line that is not the start of a real checkpoint still fails.
+    let mut text = fs::read_to_string(&cp).unwrap();
+    text.push_str("{\"forged\n");
+    fs::write(&cp, text).unwrap();
+    assert!(verify(dir.path(), &keys)
+        .unwrap_err()
+        .problem
+        .contains("does not parse"));
+}
