@@ -7,47 +7,30 @@
 //! a hash-chained, signed audit log. `shared/DESIGN.md` is the contract; `README.md` explains use.
 //!
 //! # Layout
-//! Modules are layered; imports only go downward (a module never imports a higher layer, and
-//! adapters never import each other).
-//! 1. Pure domain, no I/O, time passed in: [`types`], [`digest`], [`failpoint`], [`referral`] (model,
-//!    validation, CSV), [`routing`], [`calendar`], [`envelope`] (wire formats), [`retry`],
-//!    `audit::chain`.
-//! 2. Crypto and key material: [`crypto`] (keys, seal/open, receipts), [`directory`] (peer
-//!    directory with public keys), [`pki`] (development certificates, rcgen).
-//! 3. Adapters, each the only user of its library: [`store`] (sled), [`transport`] (quinn,
-//!    rustls), [`outbox_dir`] (inotify, outbox files), [`inbox_dir`] (inbox files), `audit::log`
-//!    (audit files); [`durable`] is their shared write-sync-rename helper.
-//! 4. Components: [`intake`], [`receiver`], [`sender`].
-//! 5. Composition: [`config`], [`daemon`] (the only module that spawns long-lived tasks),
-//!    [`control`] (local Unix socket), [`federation`] (development federation).
-//! 6. Edge: [`cli`], [`demo`], [`telemetry`]; `main.rs` only calls [`cli::main`].
+//! Five folders, one layer each. Imports only go downward:
+//! `core` ← `crypto` ← `adapters` ← `node` ← `edge` (a folder may import the ones to its left,
+//! never one to its right). Each folder's `mod.rs` says what it must not import;
+//! `tests/it/layers.rs` checks the rule on every `use crate::…` path of non-test code.
+//!
+//! - [`core`] — pure: no tokio, no filesystem, `now` passed in. Domain types, digests, the
+//!   referral model, validation and CSV, routing, the working-day calendar, the envelope wire
+//!   format, the retry schedule, the audit record format and chain hashing, and the intake
+//!   *plan* (file bytes + context → accepted referrals, refused rows, the error document).
+//! - [`crypto`] — key files and keys, seal/verify/decrypt, receipts, signed audit checkpoints,
+//!   the peer directory, the development PKI.
+//! - [`adapters`] — each the only user of its library or of the disk: `store` (sled),
+//!   `transport` (quinn, rustls), `outbox_dir` (inotify, outbox files), `inbox_dir`, `audit`
+//!   (audit files), and `durable`, their shared write-sync-rename helper and disk-full classifier.
+//! - [`node`] — the running node and the only folder that spawns tasks: typed settings, the
+//!   composition root (`build`), `run` (one task tracker, signals, watchdog, drain),
+//!   housekeeping, the control socket, intake, receiver, sender, counters.
+//! - [`edge`] — the CLI, the demo, the development federation, logging setup; `main.rs` only
+//!   calls [`edge::cli::main`].
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-pub mod audit;
-pub mod calendar;
-pub mod cli;
-pub mod config;
-pub mod control;
+pub mod adapters;
+pub mod core;
 pub mod crypto;
-pub mod daemon;
-pub mod demo;
-pub mod digest;
-pub mod directory;
-pub mod durable;
-pub mod envelope;
-pub mod failpoint;
-pub mod federation;
-pub mod inbox_dir;
-pub mod intake;
-pub mod outbox_dir;
-pub mod pki;
-pub mod receiver;
-pub mod referral;
-pub mod retry;
-pub mod routing;
-pub mod sender;
-pub mod store;
-pub mod telemetry;
-pub mod transport;
-pub mod types;
+pub mod edge;
+pub mod node;

@@ -1,5 +1,5 @@
-//! The `refex` command line: a thin edge over the library (see `refex::cli`).
+//! The `refex` command line: a thin edge over the library (see `refex::edge::cli`).
 
 fn main() -> std::process::ExitCode {
-    refex::cli::main()
+    refex::edge::cli::main()
 }

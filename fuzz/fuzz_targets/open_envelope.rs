@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use refex::crypto::{self, OpenPolicy};
-use refex::envelope::Reply;
+use refex::core::envelope::Reply;
 
 fuzz_target!(|data: &[u8]| {
     let me = "london".parse().unwrap();

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use refex::referral::csv::{parse_csv, CsvLimits};
+use refex::core::referral::csv::{parse_csv, CsvLimits};
 
 fuzz_target!(|data: &[u8]| {
     let limits = CsvLimits { max_rows: 100, max_field_bytes: 1024 };

@@ -16,11 +16,11 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use refex::adapters::store::{NewEnvelope, Store};
+use refex::core::envelope::{Header, CONTENT_TYPE_REFERRAL_V1};
+use refex::core::referral::parse_json;
+use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
-use refex::envelope::{Header, CONTENT_TYPE_REFERRAL_V1};
-use refex::referral::parse_json;
-use refex::store::{NewEnvelope, Store};
-use refex::types::{AreaId, EnvelopeId, PriorityClass};
 
 use harness::{referral, wait_until, Federation};
 

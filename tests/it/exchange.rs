@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use refex::adapters::transport::{Limits, PeerAddr, TlsIdentity, Transport};
+use refex::core::envelope::{Header, Reply, CONTENT_TYPE_REFERRAL_V1};
+use refex::core::referral::parse_json;
+use refex::core::types::{EnvelopeId, PriorityClass};
 use refex::crypto::{self, KemPublicKey, SigningKey};
-use refex::envelope::{Header, Reply, CONTENT_TYPE_REFERRAL_V1};
-use refex::referral::parse_json;
-use refex::transport::{Limits, PeerAddr, TlsIdentity, Transport};
-use refex::types::{EnvelopeId, PriorityClass};
 
 use crate::harness::{referral, wait_until, Federation};
 

@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use refex::config::Settings;
-use refex::types::AreaId;
+use refex::core::types::AreaId;
+use refex::node::settings::Settings;
 
 /// Each federation takes a block of ports of its own, so tests can run in parallel.
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
@@ -74,7 +74,8 @@ impl Federation {
         let dir = tempfile::tempdir().expect("tempdir");
         let ids: Vec<AreaId> = areas.iter().map(|a| a.parse().expect("area id")).collect();
         let base = port_block(areas.len());
-        let configs = refex::federation::init(dir.path(), &ids, base).expect("federation init");
+        let configs =
+            refex::edge::federation::init(dir.path(), &ids, base).expect("federation init");
         let nodes = ids
             .into_iter()
             .zip(configs)

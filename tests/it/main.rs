@@ -8,5 +8,6 @@ mod harness;
 mod durability;
 mod exchange;
 mod intake;
+mod layers;
 mod outage;
 mod torture;

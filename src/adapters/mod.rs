@@ -1,0 +1,13 @@
+//! Adapters: each is the only user of its library or of the disk. `store` (sled), `transport`
+//! (quinn, rustls), `outbox_dir` (inotify and the outbox files), `inbox_dir` (inbox files),
+//! `audit` (the audit log files and its writer thread), and `durable`, the one shared
+//! write-sync-rename helper with the one disk-full classifier.
+//! Must not: import `node` or `edge`, spawn long-lived tasks of their own on the runtime (the
+//! node owns every task), or import each other — except `durable`, which all of them share.
+
+pub mod audit;
+pub mod durable;
+pub mod inbox_dir;
+pub mod outbox_dir;
+pub mod store;
+pub mod transport;

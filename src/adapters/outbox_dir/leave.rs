@@ -1,0 +1,161 @@
+//! How a file leaves the outbox: [`remove_taken`] after its envelopes are durable, [`reject`]
+//! into `rejected/` with its error document (rules in the module doc).
+
+use std::fs::{self};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::RenameFlags;
+use rustix::io::Errno;
+use tracing::debug;
+
+use super::*;
+
+/// A name directly inside the outbox: not empty, no `/` or NUL, not `.`/`..`/`rejected`.
+fn check_name(name: &str) -> Result<(), OutboxError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.contains(['/', '\0'])
+        && name != "."
+        && name != ".."
+        && name != REJECTED_DIR;
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name
+            .chars()
+            .take(80)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        Err(OutboxError::BadName(shown))
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
+    crate::adapters::durable::sync_dir(dir).map_err(OutboxError::io("sync", dir))
+}
+
+pub(super) fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Deletes a taken file if it still has the identity it was read under, then syncs the
+/// directory. A version a provider put there meanwhile stays (and is taken as a new file); a
+/// file already gone is fine.
+pub fn remove_taken(dir: &Path, f: &ReadyFile) -> Result<(), OutboxError> {
+    check_name(&f.name)?;
+    let path = dir.join(&f.name);
+    match fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(OutboxError::io("examine", &path)(e)),
+        Ok(m) if FileIdentity::of(&m) != f.identity => {
+            debug!(file = %f.name, "outbox file replaced after it was read; the new version stays");
+            return Ok(());
+        }
+        Ok(_) => {}
+    }
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(OutboxError::io("remove", &path)(e)),
+        Ok(()) => {}
+    }
+    sync_dir(dir)
+}
+
+/// Files a refusal in `dir/rejected/` and returns the path of the refused file there.
+///
+/// Without `replacement`, `dir/name` itself is moved (whatever it is: a link is moved as a link,
+/// never followed); if it is already gone only the error document is written. With
+/// `replacement` (the refused rows of a batch) those bytes are written instead and `dir/name`
+/// is left for the caller. `error_json` becomes `<same name>.error.json`. Nothing earlier in
+/// `rejected/` is ever replaced.
+pub fn reject(
+    dir: &Path,
+    name: &str,
+    replacement: Option<&[u8]>,
+    error_json: &[u8],
+) -> Result<PathBuf, OutboxError> {
+    check_name(name)?;
+    let rejected = dir.join(REJECTED_DIR);
+    fs::create_dir_all(&rejected).map_err(OutboxError::io("create", &rejected))?;
+    let base = crate::core::text::truncate(name, MAX_REJECTED_BASE);
+    for n in 0..=MAX_REJECTED_SUFFIX {
+        let target = if n == 0 {
+            base.to_owned()
+        } else {
+            format!("{base}.{n}")
+        };
+        let doc = format!("{target}.error.json");
+        if exists(&rejected.join(&target)) || exists(&rejected.join(&doc)) {
+            continue;
+        }
+        if !place_new(&rejected, &doc, error_json)? {
+            continue;
+        }
+        let placed = match replacement {
+            Some(bytes) => place_new(&rejected, &target, bytes),
+            None => move_new(&dir.join(name), &rejected.join(&target)),
+        };
+        match placed {
+            Ok(true) => {}
+            Ok(false) => {
+                // Someone else filled this slot between the check and the move: next one.
+                let _ = fs::remove_file(rejected.join(&doc));
+                continue;
+            }
+            Err(e) => {
+                // Leave no error document without its file.
+                let _ = fs::remove_file(rejected.join(&doc));
+                return Err(e);
+            }
+        }
+        sync_dir(&rejected)?;
+        if replacement.is_none() {
+            sync_dir(dir)?;
+        }
+        return Ok(rejected.join(target));
+    }
+    Err(OutboxError::RejectedFull(base.to_owned()))
+}
+
+/// Renames without replacing. `Ok(false)` when `to` exists. Falls back to check-then-rename on
+/// filesystems without `RENAME_NOREPLACE` (refex is the only writer of `rejected/`).
+fn rename_new(from: &Path, to: &Path) -> io::Result<bool> {
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) => Ok(false),
+        Err(Errno::INVAL | Errno::NOSYS) => {
+            if exists(to) {
+                return Ok(false);
+            }
+            fs::rename(from, to).map(|()| true)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes `dir/name` whole via a synced temporary, never replacing an existing file.
+fn place_new(dir: &Path, name: &str, bytes: &[u8]) -> Result<bool, OutboxError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    crate::adapters::durable::write_synced(&tmp, bytes).map_err(OutboxError::io("write", &tmp))?;
+    let to = dir.join(name);
+    let placed = rename_new(&tmp, &to);
+    if !matches!(placed, Ok(true)) {
+        let _ = fs::remove_file(&tmp);
+    }
+    placed.map_err(OutboxError::io("rename", &to))
+}
+
+/// Moves `from` to `to` without replacing; a missing `from` counts as done.
+fn move_new(from: &Path, to: &Path) -> Result<bool, OutboxError> {
+    match rename_new(from, to) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        other => other.map_err(OutboxError::io("move", from)),
+    }
+}

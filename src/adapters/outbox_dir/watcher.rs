@@ -1,0 +1,590 @@
+//! The watcher: inotify events, rescans, settling and reading (rules in the module doc).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use inotify::{EventMask, Inotify, WatchMask};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::*;
+
+/// The outbox watcher. See the module documentation for the rules.
+pub struct OutboxWatcher {
+    cfg: WatchConfig,
+    /// Created in `new`, registered with the reactor on the first `next` (so `new` works outside
+    /// a runtime).
+    inotify: Option<Inotify>,
+    events: Option<AsyncFd<Inotify>>,
+    watch_lost: bool,
+    tracked: HashMap<String, Tracked>,
+    emitted: HashMap<String, Emitted>,
+    pub(super) max_tracked: usize,
+    generation: u64,
+    next_rescan: Instant,
+    rescan_now: bool,
+    ready: VecDeque<Pickup>,
+}
+
+fn watch_mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+}
+
+impl OutboxWatcher {
+    /// Creates the outbox and `rejected/` if missing and starts watching; files already present
+    /// are taken (after settling) by the first rescan.
+    pub fn new(cfg: WatchConfig) -> Result<Self, OutboxError> {
+        Self::with_events(cfg, true)
+    }
+
+    /// As [`OutboxWatcher::new`]; with `events = false` no inotify watch is set up and only
+    /// rescans find files (tests of the safety net).
+    pub fn with_events(cfg: WatchConfig, events: bool) -> Result<Self, OutboxError> {
+        let rejected = cfg.dir.join(REJECTED_DIR);
+        fs::create_dir_all(&rejected).map_err(OutboxError::io("create", &rejected))?;
+        let inotify = if events {
+            let inotify = Inotify::init().map_err(OutboxError::io("watch", &cfg.dir))?;
+            inotify
+                .watches()
+                .add(&cfg.dir, watch_mask())
+                .map_err(OutboxError::io("watch", &cfg.dir))?;
+            Some(inotify)
+        } else {
+            None
+        };
+        let now = Instant::now();
+        Ok(Self {
+            cfg,
+            inotify,
+            events: None,
+            watch_lost: false,
+            tracked: HashMap::new(),
+            emitted: HashMap::new(),
+            max_tracked: MAX_TRACKED,
+            generation: 0,
+            next_rescan: now,
+            rescan_now: true,
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// Lets `name` be emitted again at the next rescan, even with the same identity: the caller
+    /// could not finish it (for example the disk was full) and left it in the outbox.
+    pub fn forget(&mut self, name: &str) {
+        self.emitted.remove(name);
+        self.tracked.remove(name);
+    }
+
+    /// Waits until a file is ready or must be refused. Cancel-safe.
+    pub async fn next(&mut self) -> Pickup {
+        self.arm_events();
+        loop {
+            self.drain_events();
+            if let Some(p) = self.ready.pop_front() {
+                return p;
+            }
+            if self.rescan_now || Instant::now() >= self.next_rescan {
+                self.rescan();
+            }
+            if let Some(p) = self.evaluate_due().await {
+                return p;
+            }
+            if let Some(p) = self.ready.pop_front() {
+                return p;
+            }
+            let deadline = self.next_deadline();
+            match self.events.as_ref() {
+                Some(fd) => {
+                    tokio::select! {
+                        r = fd.readable() => match r {
+                            // Cleared before reading, so an event that arrives after the drain
+                            // wakes us again.
+                            Ok(mut guard) => guard.clear_ready(),
+                            Err(e) => {
+                                warn!(error = %e, "outbox events failed; relying on rescans");
+                                self.events = None;
+                            }
+                        },
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+                None => tokio::time::sleep_until(deadline).await,
+            }
+        }
+    }
+
+    fn arm_events(&mut self) {
+        if let Some(inotify) = self.inotify.take() {
+            // `AsyncFd::new` is deprecated because a caller could close the descriptor while it
+            // is registered; here the `AsyncFd` owns the `Inotify` (and so the descriptor) by
+            // value for its whole life, which is the condition the `unsafe` replacement asks
+            // for, and this crate forbids `unsafe`.
+            #[allow(deprecated)]
+            let registered = AsyncFd::new(inotify);
+            match registered {
+                Ok(fd) => self.events = Some(fd),
+                Err(e) => warn!(error = %e, "outbox events unavailable; relying on rescans"),
+            }
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.tracked.len() + self.emitted.len() < self.max_tracked
+    }
+
+    fn stale_after(&self) -> Duration {
+        self.cfg.settle.max(self.cfg.rescan_interval)
+    }
+
+    /// Reads every queued event (until the descriptor would block) and applies it.
+    fn drain_events(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let Some(fd) = self.events.as_mut() else {
+                return;
+            };
+            let batch: Vec<(Option<String>, EventMask)> = match fd.get_mut().read_events(&mut buf) {
+                Ok(events) => events
+                    .map(|ev| {
+                        let name = ev.name.and_then(|n| n.to_str()).map(str::to_owned);
+                        (name, ev.mask)
+                    })
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!(error = %e, "outbox events could not be read; relying on rescans");
+                    self.events = None;
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            for (name, mask) in batch {
+                self.on_event(name, mask, now);
+            }
+        }
+    }
+
+    fn on_event(&mut self, name: Option<String>, mask: EventMask, now: Instant) {
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            warn!("outbox event queue overflowed; rescanning");
+            // Close events may be among the lost ones: everything tracked is now "found by a
+            // scan", which still demands the settle window.
+            for t in self.tracked.values_mut() {
+                t.closed = true;
+                t.due = now;
+            }
+            self.rescan_now = true;
+            return;
+        }
+        if mask.intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+            if !self.watch_lost {
+                warn!(dir = %self.cfg.dir.display(), "outbox watch lost (directory removed or moved); rescanning");
+            }
+            self.watch_lost = true;
+            self.rescan_now = true;
+            return;
+        }
+        // Names that are not UTF-8 are counted by the rescan.
+        let Some(name) = name else {
+            return;
+        };
+        let gone = mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM);
+        if let Some(base) = name.strip_suffix(".lock") {
+            // A lock released: look at the file it held at once.
+            if gone {
+                if let Some(t) = self.tracked.get_mut(base) {
+                    t.due = now;
+                }
+            }
+            return;
+        }
+        if matches!(classify_name(&name), NameClass::Ignore) {
+            return;
+        }
+        if gone {
+            self.tracked.remove(&name);
+            self.emitted.remove(&name);
+            return;
+        }
+        let closed = mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO);
+        // A write in progress need not be looked at before a settle window has passed; a close
+        // is looked at now (the file may have been stable for long already).
+        let due = if closed { now } else { now + self.cfg.settle };
+        if let Some(t) = self.tracked.get_mut(&name) {
+            t.closed = closed;
+            t.last_event = now;
+            t.due = due;
+        } else if self.has_room() {
+            self.tracked.insert(
+                name,
+                Tracked {
+                    closed,
+                    last_event: now,
+                    last_id: None,
+                    stable_since: now,
+                    due,
+                    listed: self.generation,
+                },
+            );
+        }
+        // Without room the name waits for a rescan after room has freed.
+    }
+
+    fn rewatch(&mut self) {
+        let Some(fd) = self.events.as_ref() else {
+            return;
+        };
+        match fd.get_ref().watches().add(&self.cfg.dir, watch_mask()) {
+            Ok(_) => {
+                warn!(dir = %self.cfg.dir.display(), "outbox watch restored");
+                self.watch_lost = false;
+            }
+            Err(e) => debug!(error = %e, "outbox watch not yet restorable"),
+        }
+    }
+
+    /// Lists the whole directory: picks up names no event announced, applies the stale-open
+    /// rule, and forgets emitted names that are gone.
+    fn rescan(&mut self) {
+        let now = Instant::now();
+        self.rescan_now = false;
+        self.next_rescan = now + self.cfg.rescan_interval;
+        if self.watch_lost {
+            self.rewatch();
+        }
+        let entries = match fs::read_dir(&self.cfg.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(dir = %self.cfg.dir.display(), error = %e, "outbox cannot be listed");
+                return;
+            }
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        let stale_after = self.stale_after();
+        let (mut complete, mut deferred, mut not_utf8) = (true, 0usize, 0usize);
+        for entry in entries {
+            let Ok(entry) = entry else {
+                complete = false;
+                break;
+            };
+            let Ok(name) = entry.file_name().into_string() else {
+                not_utf8 += 1;
+                continue;
+            };
+            if matches!(classify_name(&name), NameClass::Ignore) {
+                continue;
+            }
+            if let Some(t) = self.tracked.get_mut(&name) {
+                t.listed = generation;
+                if !t.closed && now.duration_since(t.last_event) >= stale_after {
+                    debug!(file = %name, "no close event came; settling it like a scanned file");
+                    t.closed = true;
+                    t.due = now;
+                }
+                continue;
+            }
+            if let Some(e) = self.emitted.get_mut(&name) {
+                e.listed = generation;
+                let same =
+                    fs::symlink_metadata(entry.path()).is_ok_and(|m| FileIdentity::of(&m) == e.id);
+                if same {
+                    continue;
+                }
+                // A new version under a name already handed out: a new file.
+            }
+            if !self.has_room() {
+                deferred += 1;
+                continue;
+            }
+            self.tracked.insert(
+                name,
+                Tracked {
+                    closed: true,
+                    last_event: now,
+                    last_id: None,
+                    stable_since: now,
+                    due: now,
+                    listed: generation,
+                },
+            );
+        }
+        if complete {
+            self.emitted.retain(|_, e| e.listed == generation);
+            // Not listed: probably gone with its event lost; a look confirms and drops it.
+            for t in self.tracked.values_mut() {
+                if t.listed != generation {
+                    t.due = now;
+                }
+            }
+        }
+        if deferred > 0 {
+            warn!(
+                deferred,
+                limit = self.max_tracked,
+                "outbox holds more files than are tracked at once; the rest wait for a later rescan"
+            );
+        }
+        if not_utf8 > 0 {
+            warn!(
+                count = not_utf8,
+                "outbox file names that are not UTF-8 are left alone; rename them"
+            );
+        }
+    }
+
+    /// Looks at every name whose time has come, oldest-stable first. Refusals are queued; the
+    /// first file read whole is returned at once (so at most one file's bytes are held).
+    async fn evaluate_due(&mut self) -> Option<Pickup> {
+        let now = Instant::now();
+        let mut due: Vec<(Instant, String)> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.due <= now)
+            .map(|(n, t)| (t.stable_since, n.clone()))
+            .collect();
+        due.sort();
+        for (_, name) in due {
+            match self.look(&name, now) {
+                Look::Wait => {}
+                Look::Refuse(id, reason) => self.refuse(name, id, reason),
+                Look::Read(id, kind) => {
+                    let path = self.cfg.dir.join(&name);
+                    let max = self.cfg.max_file_bytes;
+                    let read_path = path.clone();
+                    // Large files are read off the async threads. If `next` is dropped here,
+                    // nothing has been recorded yet and the file is simply looked at again.
+                    let result =
+                        tokio::task::spawn_blocking(move || read_whole(&read_path, max, id)).await;
+                    if let Some(p) = self.after_read(name, path, id, kind, result) {
+                        return Some(p);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn look(&mut self, name: &str, now: Instant) -> Look {
+        let path = self.cfg.dir.join(name);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.tracked.remove(name);
+                return Look::Wait;
+            }
+            Err(e) => {
+                warn!(file = %name, error = %e, "outbox file cannot be examined; will retry");
+                if let Some(t) = self.tracked.get_mut(name) {
+                    t.due = now + self.cfg.rescan_interval;
+                }
+                return Look::Wait;
+            }
+        };
+        let id = FileIdentity::of(&meta);
+        if self.emitted.get(name).is_some_and(|e| e.id == id) {
+            self.tracked.remove(name);
+            return Look::Wait;
+        }
+        let settle = self.cfg.settle;
+        let recheck = self.cfg.rescan_interval;
+        let Some(t) = self.tracked.get_mut(name) else {
+            return Look::Wait;
+        };
+        if t.last_id != Some(id) {
+            t.last_id = Some(id);
+            t.stable_since = now;
+            t.due = now + settle;
+            return Look::Wait;
+        }
+        let settled_at = t.stable_since + settle;
+        if now < settled_at {
+            t.due = settled_at;
+            return Look::Wait;
+        }
+        let file_type = meta.file_type();
+        // Only a regular file has a writer to wait for.
+        if file_type.is_file() && !t.closed {
+            t.due = now + recheck;
+            return Look::Wait;
+        }
+        if fs::symlink_metadata(self.cfg.dir.join(format!("{name}.lock"))).is_ok() {
+            // The lock's removal event re-arms this; the poll covers lost events.
+            t.due = now + settle;
+            return Look::Wait;
+        }
+        if file_type.is_symlink() {
+            return Look::Refuse(id, PickupRefusal::Symlink);
+        }
+        if !file_type.is_file() || file_type.is_fifo() {
+            return Look::Refuse(id, PickupRefusal::NotRegular);
+        }
+        let kind = match classify_name(name) {
+            NameClass::Candidate(kind) => kind,
+            NameClass::Unsupported => return Look::Refuse(id, PickupRefusal::UnsupportedName),
+            NameClass::Ignore => {
+                self.tracked.remove(name);
+                return Look::Wait;
+            }
+        };
+        if id.len > self.cfg.max_file_bytes {
+            return Look::Refuse(
+                id,
+                PickupRefusal::TooLarge {
+                    len: id.len,
+                    max: self.cfg.max_file_bytes,
+                },
+            );
+        }
+        Look::Read(id, kind)
+    }
+
+    fn refuse(&mut self, name: String, id: FileIdentity, reason: PickupRefusal) {
+        self.mark_emitted(&name, id);
+        self.ready.push_back(Pickup::Refused { name, reason });
+    }
+
+    fn mark_emitted(&mut self, name: &str, id: FileIdentity) {
+        self.tracked.remove(name);
+        self.emitted.insert(
+            name.to_owned(),
+            Emitted {
+                id,
+                listed: self.generation,
+            },
+        );
+    }
+
+    fn after_read(
+        &mut self,
+        name: String,
+        path: PathBuf,
+        id: FileIdentity,
+        kind: FileKind,
+        result: Result<io::Result<ReadOutcome>, tokio::task::JoinError>,
+    ) -> Option<Pickup> {
+        let now = Instant::now();
+        let changed = match result {
+            Ok(Ok(ReadOutcome::Whole { bytes, after }))
+                if after == id && bytes.len() as u64 == id.len =>
+            {
+                self.mark_emitted(&name, id);
+                return Some(Pickup::Ready(ReadyFile {
+                    name,
+                    path,
+                    bytes,
+                    identity: id,
+                    kind,
+                }));
+            }
+            Ok(Ok(ReadOutcome::Whole { after, .. })) | Ok(Ok(ReadOutcome::Changed(after))) => {
+                Some(after)
+            }
+            Ok(Ok(ReadOutcome::NotRegular)) => {
+                self.mark_emitted(&name, id);
+                return Some(Pickup::Refused {
+                    name,
+                    reason: PickupRefusal::NotRegular,
+                });
+            }
+            Ok(Err(e)) => {
+                let errno = e.raw_os_error();
+                let reason = if errno == Some(Errno::LOOP.raw_os_error()) {
+                    // Replaced by a symlink between the look and the open.
+                    Some(PickupRefusal::Symlink)
+                } else if errno == Some(Errno::NXIO.raw_os_error()) {
+                    Some(PickupRefusal::NotRegular)
+                } else if e.kind() == io::ErrorKind::PermissionDenied {
+                    Some(PickupRefusal::Unreadable)
+                } else if e.kind() == io::ErrorKind::NotFound {
+                    self.tracked.remove(&name);
+                    return None;
+                } else {
+                    // EIO, EMFILE, ENOMEM…: not the file's fault; never refuse it for that.
+                    warn!(file = %name, error = %e, "outbox file could not be read; will retry");
+                    None
+                };
+                if let Some(reason) = reason {
+                    self.mark_emitted(&name, id);
+                    return Some(Pickup::Refused { name, reason });
+                }
+                None
+            }
+            Err(e) => {
+                warn!(file = %name, error = %e, "outbox read task failed; will retry");
+                None
+            }
+        };
+        let recheck = self.cfg.rescan_interval;
+        let settle = self.cfg.settle;
+        if let Some(t) = self.tracked.get_mut(&name) {
+            match changed {
+                Some(after) => {
+                    debug!(file = %name, "outbox file changed while being read; waiting for it to settle");
+                    t.last_id = Some(after);
+                    t.stable_since = now;
+                    t.due = now + settle;
+                }
+                None => t.due = now + recheck,
+            }
+        }
+        None
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let now = Instant::now();
+        if self.rescan_now {
+            return now;
+        }
+        let earliest = self
+            .tracked
+            .values()
+            .map(|t| t.due)
+            .fold(self.next_rescan, Instant::min);
+        earliest.max(now + MIN_WAIT)
+    }
+}
+
+/// Opens without following links or blocking, checks it is still the regular file that was
+/// looked at, and reads at most `max + 1` bytes.
+pub(super) fn read_whole(path: &Path, max: u64, expected: FileIdentity) -> io::Result<ReadOutcome> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = File::from(fd);
+    let before = file.metadata()?;
+    if !before.file_type().is_file() {
+        return Ok(ReadOutcome::NotRegular);
+    }
+    let before = FileIdentity::of(&before);
+    if before != expected {
+        return Ok(ReadOutcome::Changed(before));
+    }
+    let capacity = usize::try_from(expected.len.min(max)).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(capacity);
+    (&file)
+        .take(max.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    let after = FileIdentity::of(&file.metadata()?);
+    Ok(ReadOutcome::Whole { bytes, after })
+}

@@ -1,0 +1,468 @@
+//! The command-line interface. The subcommands `run`, `check-config`, `federation init`,
+//! `demo`, `status` and `audit verify` are a contract ops scripts and tests rely on.
+//!
+//! Exit codes: 0 success; 1 a check failed (`audit verify`) or a command failed; 78
+//! (EX_CONFIG) the configuration is invalid — every problem is printed, one per line.
+//! Must not: print referral content, except `audit search`, which prints audit records (no
+//! personal data by construction) and is itself audited as a consultation.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::types::AreaId;
+use crate::crypto::SigningKey;
+use crate::node::control::{self, Request};
+use crate::node::settings::Settings;
+
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "refex",
+    version,
+    about = "Referral exchange daemon for PCC victim services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print the effective settings (secrets redacted).
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Development federations.
+    Federation {
+        #[command(subcommand)]
+        cmd: FederationCmd,
+    },
+    /// Build a local federation, run its daemons, exchange sample referrals, verify, stop.
+    Demo {
+        /// Keep the federation in this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 17_401)]
+        base_port: u16,
+    },
+    /// Queues per peer, oldest item, past-due and non-delivered envelopes.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Operator actions on undelivered envelopes (both audited).
+    Outbox {
+        #[command(subcommand)]
+        cmd: OutboxCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FederationCmd {
+    /// Create CA, certificates, keys, directory and per-area configs under DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Comma-separated area ids, e.g. west-midlands,greater-manchester,london
+        #[arg(long, value_delimiter = ',')]
+        areas: Vec<String>,
+        #[arg(long, default_value_t = 7401)]
+        base_port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verify the hash chain and signed checkpoints; exit 1 naming the first bad record.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Every record about one person (subject access requests); audited as a consultation.
+    Search {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        source_ref: String,
+        /// The provider system; without it, every system named in the log is tried.
+        #[arg(long)]
+        source_system: Option<String>,
+    },
+    /// Counts for the MoJ/PCC returns (no personal data).
+    Report {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        from: NaiveDate,
+        #[arg(long)]
+        to: NaiveDate,
+        /// Group by: day or week.
+        #[arg(long, default_value = "week")]
+        by: String,
+        /// Print CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Also write an SVG bar chart to this file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCmd {
+    /// Put a non-delivered envelope back in its peer's queue.
+    Requeue {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+    },
+    /// Withdraw an undelivered envelope (its payload is erased).
+    Withdraw {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+    },
+}
+
+/// Entry point used by `main.rs`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config } => run(&config),
+        Cmd::CheckConfig { config } => match load(&config) {
+            Ok(s) => {
+                print!("{}", s.describe());
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Federation {
+            cmd:
+                FederationCmd::Init {
+                    dir,
+                    areas,
+                    base_port,
+                },
+        } => {
+            let areas: Result<Vec<AreaId>, _> =
+                areas.iter().map(|a| AreaId::parse(a.trim())).collect();
+            let result = areas.map_err(|e| e.to_string()).and_then(|areas| {
+                crate::edge::federation::init(&dir, &areas, base_port).map_err(|e| e.to_string())
+            });
+            match result {
+                Ok(configs) => {
+                    for c in configs {
+                        println!("{}", c.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Cmd::Demo { dir, base_port } => match crate::edge::demo::run(dir, base_port) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("demo failed: {e:#}")),
+        },
+        Cmd::Status { config } => with_settings(&config, |s| {
+            let resp = block_on(control::call(
+                &s.control_socket,
+                &request("status", None, None, None),
+            ))
+            .map_err(|e| {
+                format!(
+                    "cannot reach the daemon at {}: {e}",
+                    s.control_socket.display()
+                )
+            })?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&resp).unwrap_or_default()
+            );
+            ok_field(&resp)
+        }),
+        Cmd::Outbox { cmd } => {
+            let (config, id, action) = match cmd {
+                OutboxCmd::Requeue { config, id } => (config, id, "requeue"),
+                OutboxCmd::Withdraw { config, id } => (config, id, "withdraw"),
+            };
+            with_settings(&config, |s| {
+                let resp = block_on(control::call(
+                    &s.control_socket,
+                    &request(action, Some(id), None, None),
+                ))
+                .map_err(|e| {
+                    format!(
+                        "cannot reach the daemon at {}: {e}",
+                        s.control_socket.display()
+                    )
+                })?;
+                println!("{resp}");
+                ok_field(&resp)
+            })
+        }
+        Cmd::Audit { cmd } => audit(cmd),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("refex: {msg}");
+    ExitCode::FAILURE
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("refex: cannot start runtime: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Loads a configuration, or prints every problem and gives the EX_CONFIG exit code.
+fn load(config: &Path) -> Result<Settings, ExitCode> {
+    Settings::load(config).map_err(|e| {
+        eprintln!("{}: invalid configuration:", config.display());
+        for line in &e.0 {
+            eprintln!("  {line}");
+        }
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn with_settings(config: &Path, f: impl FnOnce(&Settings) -> Result<(), String>) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match f(&settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn ok_field(resp: &serde_json::Value) -> Result<(), String> {
+    if resp.get("ok").and_then(|v| v.as_bool()) == Some(true) {
+        Ok(())
+    } else {
+        Err(resp
+            .get("error")
+            .and_then(|v| v.as_str())
+            .unwrap_or("request failed")
+            .to_owned())
+    }
+}
+
+/// The local user running a command, for the audit actor.
+fn local_user() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| format!("uid:{}", rustix::process::getuid().as_raw()))
+}
+
+fn request(
+    cmd: &str,
+    id: Option<String>,
+    what: Option<String>,
+    subject: Option<String>,
+) -> Request {
+    Request {
+        v: 1,
+        cmd: cmd.into(),
+        id,
+        user: Some(local_user()),
+        what,
+        subject,
+    }
+}
+
+fn run(config: &Path) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    crate::edge::logging::init(settings.telemetry.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            signals.cancel();
+        });
+        let ready = || {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        };
+        match crate::node::run::run(settings, shutdown, ready).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("refex could not start: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn audit(cmd: AuditCmd) -> ExitCode {
+    match cmd {
+        AuditCmd::Verify { config } => with_settings(&config, |s| {
+            let keys = s.directory.signing_keys(&s.area).unwrap_or_default();
+            match crate::adapters::audit::verify(&s.paths.audit, &keys) {
+                Ok(report) => {
+                    println!("audit log OK: {report}");
+                    Ok(())
+                }
+                Err(failure) => {
+                    println!("audit log FAILED: {failure}");
+                    Err("audit verification failed".into())
+                }
+            }
+        }),
+        AuditCmd::Search {
+            config,
+            source_ref,
+            source_system,
+        } => with_settings(&config, |s| {
+            let secret = crate::adapters::audit::SubjectSecret::load(&s.keys.subject_secret)
+                .map_err(|e| e.to_string())?;
+            let systems: Vec<String> = match source_system {
+                Some(sys) => vec![sys],
+                None => crate::adapters::audit::source_systems(&s.paths.audit)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .collect(),
+            };
+            // Chain order: by sequence number.
+            let mut records = std::collections::BTreeMap::new();
+            for system in &systems {
+                let key = secret.key(system, &source_ref);
+                record_consultation(s, "audit_search", &key)?;
+                for line in crate::adapters::audit::search(&s.paths.audit, &key)
+                    .map_err(|e| e.to_string())?
+                {
+                    let seq = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["seq"].as_u64())
+                        .unwrap_or(0);
+                    records.insert(seq, line);
+                }
+            }
+            for r in records.values() {
+                println!("{r}");
+            }
+            eprintln!("{} record(s) for this subject", records.len());
+            Ok(())
+        }),
+        AuditCmd::Report {
+            config,
+            from,
+            to,
+            by,
+            csv,
+            svg,
+        } => with_settings(&config, |s| {
+            let by_week = match by.as_str() {
+                "week" => true,
+                "day" => false,
+                other => return Err(format!("--by {other}: expected week or day")),
+            };
+            let report = crate::adapters::audit::report(&s.paths.audit, from, to, by_week)
+                .map_err(|e| e.to_string())?;
+            if csv {
+                print!("{}", report.to_csv());
+            } else {
+                print!("{}", report.to_table());
+            }
+            if let Some(path) = svg {
+                std::fs::write(&path, report.to_svg())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// Records a consultation: through the running daemon (the single writer of the audit chain),
+/// or, when none runs, by opening the log directly.
+fn record_consultation(
+    s: &Settings,
+    what: &str,
+    key: &crate::adapters::audit::SubjectKey,
+) -> Result<(), String> {
+    let req = request(
+        "consultation",
+        None,
+        Some(what.into()),
+        Some(key.to_string()),
+    );
+    if let Ok(resp) = block_on(control::call(&s.control_socket, &req)) {
+        return ok_field(&resp);
+    }
+    let signer = Arc::new(SigningKey::load(&s.keys.signing_key).map_err(|e| e.to_string())?);
+    block_on(async {
+        let audit = crate::node::run::open_audit(s, signer).map_err(|e| e.to_string())?;
+        audit_consultation(&audit, &local_user(), what, Some(key.clone())).await;
+        audit.close().await.map_err(|e| e.to_string())
+    })
+}
+
+/// Audit helper for CLI commands that read referral data (consultations).
+async fn audit_consultation(
+    audit: &crate::adapters::audit::AuditLog,
+    user: &str,
+    what: &str,
+    subject: Option<crate::adapters::audit::SubjectKey>,
+) {
+    let mut ev = crate::adapters::audit::Event::new(
+        crate::adapters::audit::Operation::Consultation,
+        crate::adapters::audit::Actor::User(user.to_owned()),
+        crate::adapters::audit::Outcome::Ok,
+    )
+    .reason(what);
+    if let Some(k) = subject {
+        ev = ev.subject(k);
+    }
+    if let Err(e) = audit.record(ev).await {
+        tracing::error!("audit record of a consultation failed: {e}");
+    }
+}

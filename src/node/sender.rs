@@ -1,0 +1,303 @@
+//! The sending side: one worker per peer drains that peer's queue in priority order, many
+//! envelopes in flight at once, and stores each signed receipt.
+//!
+//! Per envelope: send → receipt verified against the peer's signing key, envelope id and the
+//! SHA-256 of exactly the bytes we sent → `mark_delivered` (receipt kept, payload erased) →
+//! store sync → audit `disclosure` and `receipt` (with the peer's audit head, so our log
+//! witnesses theirs). A crash anywhere before the store sync leaves the envelope queued: it is
+//! sent again and the receiver answers with the original receipt, so nothing is duplicated.
+//! Failures: a transient one (peer down, timeout, peer out of disk) backs the whole peer off
+//! (capped exponential backoff with jitter) and blocks no other peer; a permanent refusal (the
+//! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
+//! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::adapters::audit::{Actor, AuditLog, Event, Operation, Outcome};
+use crate::adapters::store::{OutRecord, Store};
+use crate::adapters::transport::{PeerAddr, Transport};
+use crate::core::envelope::Reply;
+use crate::core::retry::Backoff;
+use crate::core::types::{AreaId, EnvelopeId};
+use crate::crypto;
+use crate::crypto::directory::Directory;
+use crate::node::receiver::Receiver;
+
+/// How one send ended.
+#[derive(Debug)]
+enum SendOutcome {
+    Delivered,
+    /// Try again later; the peer is backed off.
+    Transient(String),
+    /// The peer will never accept this envelope.
+    Permanent(String),
+    /// The envelope left the queue (non-delivered, withdrawn) before it was sent.
+    Skipped,
+}
+
+/// Shared by all peer workers.
+pub struct SenderContext {
+    pub me: AreaId,
+    pub directory: Arc<Directory>,
+    pub store: Store,
+    pub audit: AuditLog,
+    pub transport: Transport,
+    /// Local delivery (to == me) goes straight to the receiving side, no network hop.
+    pub local: Arc<Receiver>,
+    pub max_in_flight: usize,
+    pub backoff: Backoff,
+}
+
+/// Drains one peer's queue.
+pub struct PeerWorker {
+    pub ctx: Arc<SenderContext>,
+    pub peer: AreaId,
+    pub wake: Arc<Notify>,
+}
+
+impl PeerWorker {
+    /// Runs until `shutdown`; then lets in-flight sends finish for at most `grace`.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let span = tracing::info_span!("peer", peer = %self.peer);
+        self.run_inner(shutdown, grace).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken, grace: Duration) {
+        let mut in_flight: HashSet<EnvelopeId> = HashSet::new();
+        let mut tasks: JoinSet<(EnvelopeId, SendOutcome)> = JoinSet::new();
+        let mut failures: u32 = 0;
+        let mut backoff_until: Option<Instant> = None;
+        let max = self.ctx.max_in_flight;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let backing_off = backoff_until.is_some_and(|t| t > Instant::now());
+            if !backing_off && in_flight.len() < max {
+                match self
+                    .ctx
+                    .store
+                    .next_queued(&self.peer, max - in_flight.len(), &in_flight)
+                {
+                    Ok(batch) => {
+                        for (id, rec) in batch {
+                            in_flight.insert(id);
+                            let (ctx, peer) = (self.ctx.clone(), self.peer.clone());
+                            tasks.spawn(async move { (id, send_one(&ctx, &peer, id, rec).await) });
+                        }
+                    }
+                    Err(e) => {
+                        error!("cannot read the queue: {e}");
+                        backoff_until = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
+            }
+            let sleep_until = match backoff_until {
+                Some(t) if t > Instant::now() => t,
+                _ => Instant::now() + Duration::from_secs(5),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    let Ok((id, outcome)) = joined else { continue };
+                    in_flight.remove(&id);
+                    match outcome {
+                        SendOutcome::Delivered => {
+                            if failures > 0 {
+                                info!(after_failures = failures, "peer reachable again");
+                            }
+                            failures = 0;
+                            backoff_until = None;
+                        }
+                        SendOutcome::Transient(why) => {
+                            let delay = self.ctx.backoff.delay(failures, unit_random());
+                            if failures == 0 {
+                                warn!(envelope_id = %id, retry_in_ms = delay.as_millis() as u64, "delivery failed, will retry: {why}");
+                            } else {
+                                debug!(envelope_id = %id, attempt = failures, "delivery failed again: {why}");
+                            }
+                            failures = failures.saturating_add(1);
+                            backoff_until = Some(Instant::now() + delay);
+                        }
+                        SendOutcome::Skipped => debug!(envelope_id = %id, "no longer queued; not sent"),
+                        SendOutcome::Permanent(why) => {
+                            error!(envelope_id = %id, "peer refused envelope permanently; kept as non-delivered for an operator: {why}");
+                        }
+                    }
+                }
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(sleep_until) => {}
+            }
+        }
+        // Park: let what is in flight finish briefly; anything unfinished stays queued.
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+    }
+}
+
+fn unit_random() -> f64 {
+    let mut b = [0u8; 8];
+    crypto::random_bytes(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn still_queued(ctx: &SenderContext, id: &EnvelopeId) -> bool {
+    matches!(ctx.store.get(id), Ok(Some(r)) if r.state == crate::adapters::store::OutState::Queued)
+}
+
+async fn send_one(
+    ctx: &SenderContext,
+    peer: &AreaId,
+    id: EnvelopeId,
+    rec: OutRecord,
+) -> SendOutcome {
+    let Some(sealed) = rec.sealed.as_ref() else {
+        return SendOutcome::Permanent("queued envelope has no payload".into());
+    };
+    let Some(entry) = ctx.directory.get(peer) else {
+        let _ = ctx.store.mark_non_delivered(&id, "peer_not_in_directory");
+        return SendOutcome::Permanent("peer is not in the directory".into());
+    };
+    let reply_bytes = if *peer == ctx.me {
+        if !still_queued(ctx, &id) {
+            return SendOutcome::Skipped;
+        }
+        ctx.local.handle(ctx.me.clone(), sealed.to_vec()).await
+    } else {
+        let addr = PeerAddr {
+            area: peer.clone(),
+            addr: entry.address,
+            server_name: entry.server_name.clone(),
+        };
+        // Connecting can take a while when the peer is down; the envelope may have been marked
+        // non-delivered or withdrawn meanwhile. Check again once connected, just before sending.
+        if let Err(e) = ctx.transport.connect(&addr).await {
+            let _ = ctx.store.note_attempt(&id, &e.to_string());
+            return SendOutcome::Transient(e.to_string());
+        }
+        if !still_queued(ctx, &id) {
+            return SendOutcome::Skipped;
+        }
+        match ctx.transport.request(&addr, sealed).await {
+            Ok(r) => r,
+            Err(e) if e.is_transient() => {
+                let _ = ctx.store.note_attempt(&id, &e.to_string());
+                return SendOutcome::Transient(e.to_string());
+            }
+            Err(e) => {
+                // An identity or protocol failure is a property of the peer, not the envelope:
+                // retry with backoff, loudly, rather than giving the envelope up.
+                let _ = ctx.store.note_attempt(&id, &e.to_string());
+                error!(envelope_id = %id, "peer connection failed: {e}");
+                return SendOutcome::Transient(e.to_string());
+            }
+        }
+    };
+    let reply = match Reply::decode(&reply_bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ctx.store.note_attempt(&id, "undecodable reply");
+            return SendOutcome::Transient(format!("peer sent an undecodable reply: {e}"));
+        }
+    };
+    match reply {
+        Reply::Receipt(receipt) => {
+            let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
+            let body =
+                match crypto::verify_receipt(&receipt, &entry.signing_keys, &id, &digest, peer) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // A peer that answers with a bad receipt has not proved delivery: keep it queued.
+                        let _ = ctx.store.note_attempt(&id, "invalid receipt");
+                        error!(envelope_id = %id, "peer returned an invalid receipt: {e}");
+                        return SendOutcome::Transient(format!("invalid receipt: {e}"));
+                    }
+                };
+            crate::core::failpoint::hit("sender_before_receipt_stored");
+            if let Err(e) = ctx
+                .store
+                .mark_delivered(&id, &receipt, &body.audit_head, Utc::now())
+            {
+                return SendOutcome::Transient(format!("cannot store receipt: {e}"));
+            }
+            if let Err(e) = ctx.store.durable().await {
+                return SendOutcome::Transient(format!("cannot sync receipt: {e}"));
+            }
+            let route = (&ctx.me, peer);
+            let mut disclosure = Event::new(
+                Operation::Disclosure,
+                Actor::Peer(peer.clone()),
+                Outcome::Ok,
+            )
+            .envelope(id)
+            .route(route.0, route.1)
+            .digest(digest)
+            .priority(rec.priority)
+            .reason("transferred");
+            let mut receipt_ev =
+                Event::new(Operation::Receipt, Actor::Peer(peer.clone()), Outcome::Ok)
+                    .envelope(id)
+                    .route(route.0, route.1)
+                    .digest(digest)
+                    .peer_head(&body.audit_head);
+            let mut erasure = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+                .envelope(id)
+                .route(route.0, route.1)
+                .digest(digest)
+                .reason("payload_erased_after_receipt");
+            if let Some(k) = &rec.subject_key {
+                disclosure = disclosure.subject_hex(k);
+                receipt_ev = receipt_ev.subject_hex(k);
+                erasure = erasure.subject_hex(k);
+            }
+            // Submitted together: one group commit for the three records.
+            let mut jobs = tokio::task::JoinSet::new();
+            for ev in [disclosure, receipt_ev, erasure] {
+                let audit = ctx.audit.clone();
+                jobs.spawn(async move { audit.record(ev).await });
+            }
+            while let Some(joined) = jobs.join_next().await {
+                if let Ok(Err(e)) = joined {
+                    error!(envelope_id = %id, "audit record of a delivery failed: {e}");
+                }
+            }
+            info!(envelope_id = %id, priority = %rec.priority, "delivered; receipt stored");
+            SendOutcome::Delivered
+        }
+        Reply::Refused {
+            code,
+            message,
+            permanent,
+        } => {
+            if permanent {
+                let _ = ctx.store.mark_non_delivered(&id, &code);
+                let _ = ctx.store.durable().await;
+                let ev = Event::new(
+                    Operation::Refusal,
+                    Actor::Peer(peer.clone()),
+                    Outcome::Refused,
+                )
+                .envelope(id)
+                .route(&ctx.me, peer)
+                .reason(&code);
+                if let Err(e) = ctx.audit.record(ev).await {
+                    error!(envelope_id = %id, "audit record of a refusal failed: {e}");
+                }
+                SendOutcome::Permanent(format!("{code}: {message}"))
+            } else {
+                let _ = ctx.store.note_attempt(&id, &code);
+                SendOutcome::Transient(format!("{code}: {message}"))
+            }
+        }
+    }
+}
