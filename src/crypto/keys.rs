@@ -149,14 +149,18 @@ impl fmt::Debug for VerifyingKey {
     }
 }
 
+/// A 32-byte public key written as 64 hex digits (the peer directory's form of both kinds).
+fn public_key_hex(s: &str) -> Result<[u8; 32], KeyError> {
+    let bad = || KeyError::BadPublicKey(s.chars().take(80).collect());
+    hex::decode(s.trim())
+        .map_err(|_| bad())?
+        .try_into()
+        .map_err(|_| bad())
+}
+
 impl VerifyingKey {
     pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        let v = hex::decode(s.trim())
-            .map_err(|_| KeyError::BadPublicKey(s.chars().take(80).collect()))?;
-        let k: [u8; 32] = v
-            .try_into()
-            .map_err(|_| KeyError::BadPublicKey(s.chars().take(80).collect()))?;
-        Ok(Self(k))
+        public_key_hex(s).map(Self)
     }
 
     pub fn to_hex(&self) -> String {
@@ -242,10 +246,9 @@ impl fmt::Debug for KemPublicKey {
 
 impl KemPublicKey {
     pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        let bad = || KeyError::BadPublicKey(s.chars().take(80).collect());
-        let v = hex::decode(s.trim()).map_err(|_| bad())?;
-        let k: [u8; 32] = v.try_into().map_err(|_| bad())?;
-        <Kem as hpke::Kem>::PublicKey::from_bytes(&k).map_err(|_| bad())?;
+        let k = public_key_hex(s)?;
+        <Kem as hpke::Kem>::PublicKey::from_bytes(&k)
+            .map_err(|_| KeyError::BadPublicKey(s.chars().take(80).collect()))?;
         Ok(Self(k))
     }
 

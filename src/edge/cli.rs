@@ -275,11 +275,9 @@ fn ok_field(resp: &serde_json::Value) -> Result<(), String> {
 }
 
 /// The local user running a command, for the audit actor.
+/// The account running this command, from the kernel (the real uid), never the environment.
 fn local_user() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| format!("uid:{}", rustix::process::getuid().as_raw()))
+    control::user_name(rustix::process::getuid().as_raw())
 }
 
 fn request(
@@ -292,7 +290,7 @@ fn request(
         v: 1,
         cmd: cmd.into(),
         id,
-        user: Some(local_user()),
+        user: None,
         what,
         subject,
     }
@@ -440,7 +438,7 @@ fn record_consultation(
     }
     let signer = Arc::new(SigningKey::load(&s.keys.signing_key).map_err(|e| e.to_string())?);
     block_on(async {
-        let audit = crate::node::run::open_audit(s, signer).map_err(|e| e.to_string())?;
+        let audit = crate::node::build::open_audit(s, signer).map_err(|e| e.to_string())?;
         audit_consultation(&audit, &local_user(), what, Some(key.clone())).await;
         audit.close().await.map_err(|e| e.to_string())
     })

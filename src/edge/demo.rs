@@ -9,37 +9,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::core::types::AreaId;
+use crate::edge::harness::{inbox_files, wait_for, Daemon};
 use crate::node::settings::Settings;
-
-/// The shipped samples, embedded so the demo needs nothing beside the binary.
-pub const SAMPLES: &[(&str, &[u8])] = &[
-    (
-        "burglary-greater-manchester.json",
-        include_bytes!("../../config/samples/burglary-greater-manchester.json"),
-    ),
-    (
-        "domestic-abuse-london-by-postcode.json",
-        include_bytes!("../../config/samples/domestic-abuse-london-by-postcode.json"),
-    ),
-    (
-        "under-18-west-midlands.json",
-        include_bytes!("../../config/samples/under-18-west-midlands.json"),
-    ),
-    (
-        "hate-crime-merseyside.json",
-        include_bytes!("../../config/samples/hate-crime-merseyside.json"),
-    ),
-    (
-        "daily-2026-11-20.csv",
-        include_bytes!("../../config/samples/daily-2026-11-20.csv"),
-    ),
-];
 
 const AREAS: [&str; 4] = [
     "west-midlands",
@@ -47,36 +23,6 @@ const AREAS: [&str; 4] = [
     "london",
     "merseyside",
 ];
-
-/// Kills the daemons if the demo fails half-way.
-struct Daemons(Vec<(String, Child)>);
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Daemons {
-    fn terminate(&mut self) -> Result<()> {
-        for (_, child) in &self.0 {
-            let pid = rustix::process::Pid::from_raw(child.id() as i32).context("bad pid")?;
-            rustix::process::kill_process(pid, rustix::process::Signal::TERM).context("SIGTERM")?;
-        }
-        for (area, child) in &mut self.0 {
-            let status = child.wait()?;
-            println!("  {area:<20} stopped ({status})");
-            if !status.success() {
-                bail!("{area} did not exit cleanly: {status}");
-            }
-        }
-        self.0.clear();
-        Ok(())
-    }
-}
 
 /// Runs the demo in `dir` (or a temporary directory that is removed afterwards).
 pub fn run(dir: Option<PathBuf>, base_port: u16) -> Result<()> {
@@ -114,41 +60,27 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
 
     println!("2. Starting one `refex run` per area");
     let exe = std::env::current_exe().context("cannot find the refex binary")?;
-    let mut daemons = Daemons(Vec::new());
-    for (s, config) in settings.iter().zip(&configs) {
-        let log = fs::File::create(dir.join(format!("{}.log", s.area)))?;
-        let child = Command::new(&exe)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start refex run")?;
-        daemons.0.push((s.area.to_string(), child));
-    }
-    for s in &settings {
-        wait_for(Duration::from_secs(30), || s.control_socket.exists()).with_context(|| {
-            format!(
-                "{} did not start; see {}/{}.log",
-                s.area,
-                dir.display(),
-                s.area
-            )
-        })?;
+    // Each daemon is killed when dropped, so an error on any path leaves none behind.
+    let mut daemons: Vec<Daemon> = settings
+        .iter()
+        .zip(&configs)
+        .map(|(s, config)| {
+            let log = dir.join(format!("{}.log", s.area));
+            Daemon::new(exe.clone(), config.clone(), s.clone(), log)
+        })
+        .collect();
+    for d in &mut daemons {
+        d.start()?;
     }
 
     let sender = &settings[0];
     println!(
         "3. Dropping {} sample files into {}'s outbox",
-        SAMPLES.len(),
+        crate::core::samples::SAMPLES.len(),
         sender.area
     );
-    for (name, bytes) in SAMPLES {
-        let tmp = sender.paths.outbox.join(format!(".{name}.part"));
-        fs::write(&tmp, bytes)?;
-        fs::rename(&tmp, sender.paths.outbox.join(name))?;
+    for (name, bytes) in crate::core::samples::SAMPLES {
+        daemons[0].drop_file(name, bytes)?;
         println!("   dropped {name}");
     }
 
@@ -160,10 +92,11 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
             .map(|s| inbox_files(&s.paths.inbox).len())
             .sum::<usize>()
     };
-    wait_for(Duration::from_secs(60), || {
-        count() >= expected && outbox_empty(&sender.paths.outbox)
-    })
-    .with_context(|| format!("only {} of {expected} referrals arrived", count()))?;
+    if !wait_for(Duration::from_secs(60), || {
+        count() >= expected && daemons[0].outbox_files().is_empty()
+    }) {
+        bail!("only {} of {expected} referrals arrived", count());
+    }
     for s in &settings {
         for f in inbox_files(&s.paths.inbox) {
             let doc: serde_json::Value = serde_json::from_slice(&fs::read(&f)?)?;
@@ -199,7 +132,13 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
     }
 
     println!("5. Stopping the daemons (SIGTERM)");
-    daemons.terminate()?;
+    for d in &mut daemons {
+        let status = d.stop()?;
+        println!("  {:<20} stopped ({status})", d.area);
+        if !status.success() {
+            bail!("{} did not exit cleanly: {status}", d.area);
+        }
+    }
 
     println!("6. Verifying every audit log");
     for s in &settings {
@@ -226,7 +165,7 @@ fn expected_deliveries(sender: &Settings) -> usize {
     };
     let routes =
         |r: &crate::core::referral::Referral| crate::core::referral::classify(r, &ctx).is_ok();
-    SAMPLES
+    crate::core::samples::SAMPLES
         .iter()
         .map(|(name, bytes)| {
             if name.ends_with(".csv") {
@@ -247,41 +186,4 @@ fn expected_deliveries(sender: &Settings) -> usize {
             }
         })
         .sum()
-}
-
-fn inbox_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let n = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            n.ends_with(".json") && !n.starts_with('.')
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn outbox_empty(dir: &Path) -> bool {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .all(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-}
-
-fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("timed out after {limit:?}")
 }

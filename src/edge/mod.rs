@@ -5,4 +5,5 @@
 pub mod cli;
 pub mod demo;
 pub mod federation;
+pub mod harness;
 pub mod logging;

@@ -6,11 +6,16 @@
 //! and reads one response line `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! Security: the socket is created mode 0600 in the state directory, so only the service user
 //! (and root) can connect; there is no network-exposed admin interface at all. Requests are
-//! bounded to 4 KiB and handled one line per connection.
+//! bounded to 4 KiB and handled one line per connection, each on a task of the node's tracker.
+//! Identity: the actor of every audited request is the account the kernel reports for the
+//! connecting process (`SO_PEERCRED`, uid → name from `/etc/passwd`); a client's `user` field is
+//! ignored. `what` must be one of [`REASON_CODES`] and `subject` 64 hex digits, so no free text
+//! from a client can reach the audit log.
 //! Must not: return referral content (status shows counts and ids only).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -18,13 +23,22 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::adapters::audit::{Actor, Event, Operation, Outcome};
 use crate::core::types::EnvelopeId;
-use crate::node::run::Handles;
+use crate::node::build::Node;
 
 const MAX_REQUEST: u64 = 4096;
+
+/// The reasons a client may give for a consultation; anything else is refused.
+pub const REASON_CODES: &[&str] = &[
+    "audit_search",
+    "subject_access_request",
+    "dpo_review",
+    "operator_correction",
+];
 
 /// A control request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,6 +47,7 @@ pub struct Request {
     pub cmd: String,
     #[serde(default)]
     pub id: Option<String>,
+    /// Ignored by the server (the kernel says who connected); kept so older clients parse.
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
@@ -52,7 +67,12 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves requests until `shutdown`.
-pub async fn serve(listener: UnixListener, h: Handles, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    h: Arc<Node>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -65,7 +85,7 @@ pub async fn serve(listener: UnixListener, h: Handles, shutdown: CancellationTok
             },
         };
         let h = h.clone();
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             if let Err(e) = handle(stream, &h).await {
                 warn!("control request failed: {e}");
             }
@@ -73,14 +93,15 @@ pub async fn serve(listener: UnixListener, h: Handles, shutdown: CancellationTok
     }
 }
 
-async fn handle(stream: UnixStream, h: &Handles) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, h: &Node) -> std::io::Result<()> {
+    let user = user_name(stream.peer_cred()?.uid());
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))
         .read_line(&mut line)
         .await?;
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => dispatch(req, h).await,
+        Ok(req) => dispatch(req, &user, h).await,
         Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -88,21 +109,31 @@ async fn handle(stream: UnixStream, h: &Handles) -> std::io::Result<()> {
     write.write_all(&out).await
 }
 
-async fn dispatch(req: Request, h: &Handles) -> Value {
-    let user = req.user.clone().unwrap_or_else(|| "unknown".into());
+async fn dispatch(req: Request, user: &str, h: &Node) -> Value {
     match req.cmd.as_str() {
         "status" => status(h),
         "requeue" | "withdraw" => {
             let Some(id) = req.id.as_deref().and_then(|s| s.parse::<EnvelopeId>().ok()) else {
                 return json!({"ok": false, "error": "id must be an envelope id (32 hex digits)"});
             };
-            operator_action(h, &req.cmd, id, &user).await
+            operator_action(h, &req.cmd, id, user).await
         }
         "consultation" => {
-            let ev = Event::new(Operation::Consultation, Actor::User(user), Outcome::Ok)
-                .reason(req.what.as_deref().unwrap_or("consultation"));
+            let what = req.what.as_deref().unwrap_or("audit_search");
+            if !REASON_CODES.contains(&what) {
+                return json!({"ok": false, "error": format!("reason must be one of: {}", REASON_CODES.join(", "))});
+            }
+            let ev = Event::new(
+                Operation::Consultation,
+                Actor::User(user.to_owned()),
+                Outcome::Ok,
+            )
+            .reason(what);
             let ev = match &req.subject {
-                Some(s) => ev.subject_hex(s),
+                Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    ev.subject_hex(&s.to_ascii_lowercase())
+                }
+                Some(_) => return json!({"ok": false, "error": "subject must be 64 hex digits"}),
                 None => ev,
             };
             match h.audit.record(ev).await {
@@ -114,7 +145,7 @@ async fn dispatch(req: Request, h: &Handles) -> Value {
     }
 }
 
-fn status(h: &Handles) -> Value {
+fn status(h: &Node) -> Value {
     let now = Utc::now();
     let mut peers = serde_json::Map::new();
     for entry in h.settings.directory.areas() {
@@ -145,7 +176,7 @@ fn status(h: &Handles) -> Value {
     })
 }
 
-async fn operator_action(h: &Handles, cmd: &str, id: EnvelopeId, user: &str) -> Value {
+async fn operator_action(h: &Node, cmd: &str, id: EnvelopeId, user: &str) -> Value {
     let now = Utc::now();
     let result = if cmd == "requeue" {
         h.store.requeue(&id)
@@ -174,11 +205,24 @@ async fn operator_action(h: &Handles, cmd: &str, id: EnvelopeId, user: &str) -> 
     if let Err(e) = h.audit.record(ev).await {
         return json!({"ok": false, "error": format!("done, but the audit record failed: {e}")});
     }
-    if let Some(w) = h.wake.get(&rec.to) {
-        w.notify_one();
-    }
+    h.wake(&rec.to);
     info!(envelope_id = %id, user = %user, action = cmd, "operator action");
     json!({"ok": true, "id": id.to_string(), "state": rec.state})
+}
+
+/// The account name of `uid` (from `/etc/passwd`), or `uid:N` when it has none.
+pub fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id: u32 = f.nth(1)?.parse().ok()?;
+            (id == uid && !name.is_empty()).then(|| name.to_owned())
+        })
+        .next()
+        .unwrap_or_else(|| format!("uid:{uid}"))
 }
 
 /// Client side: sends one request and returns the response.

@@ -12,31 +12,23 @@
 //! left alone, the error logged once, and intake pauses and retries until space returns.
 //! Must not: send half a file's content, block on one bad file, or write personal data to logs.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::adapters::audit::{
-    Actor, AuditLog, Event, Operation, Outcome, SubjectSecret, TallyEntry,
-};
+use crate::adapters::audit::{Actor, Event, Operation, Outcome, TallyEntry};
 use crate::adapters::outbox_dir::{self, FileKind, OutboxWatcher, Pickup, ReadyFile};
-use crate::adapters::store::{Enqueued, NewEnvelope, Store};
-use crate::core::calendar::Calendar;
+use crate::adapters::store::{Enqueued, NewEnvelope};
 use crate::core::digest::sha256;
 use crate::core::envelope::Header;
-use crate::core::referral::csv::{parse_csv, write_rows, CsvLimits};
-use crate::core::referral::{classify, parse_json, Classified, Context, FieldError, Referral};
-use crate::core::routing::RoutingTable;
+use crate::core::plan::{self, Accepted, Format, Plan, Refused};
+use crate::core::referral::FieldError;
 use crate::core::types::{AreaId, EnvelopeId};
-use crate::crypto::directory::Directory;
-use crate::crypto::{self, SigningKey};
+use crate::crypto;
+use crate::node::build::Node;
 
 /// A failure that leaves the file in the outbox to be tried again.
 #[derive(Debug, thiserror::Error)]
@@ -62,31 +54,9 @@ impl IntakeError {
     }
 }
 
-/// Everything intake needs.
-pub struct IntakeContext {
-    pub me: AreaId,
-    pub outbox: PathBuf,
-    pub directory: Arc<Directory>,
-    pub routing: RoutingTable,
-    pub calendar: Calendar,
-    pub signer: Arc<SigningKey>,
-    pub subject: Arc<SubjectSecret>,
-    pub store: Store,
-    pub audit: AuditLog,
-    pub wake: HashMap<AreaId, Arc<Notify>>,
-    pub csv_limits: CsvLimits,
-}
-
-/// One referral ready to seal, with where it came from.
-struct Accepted {
-    referral: Referral,
-    class: Classified,
-    row: Option<u64>,
-}
-
 /// The intake component.
 pub struct Intake {
-    pub ctx: IntakeContext,
+    pub node: Arc<Node>,
     pub watcher: OutboxWatcher,
 }
 
@@ -107,14 +77,13 @@ impl Intake {
                         rule: reason.rule().into(),
                         message: reason.to_string(),
                     };
-                    self.ctx
-                        .refuse_file(&name, None, vec![err], None, None)
+                    let plan = plan::refuse_whole(&name, vec![err], Utc::now());
+                    self.carry_out(&name, None, plan, None)
                         .await
-                        .map(|_| ())
                         .inspect_err(|_| self.watcher.forget(&name))
                 }
                 Pickup::Ready(file) => {
-                    let r = self.ctx.take_file(&file).await;
+                    let r = self.take_file(&file).await;
                     if r.is_err() {
                         self.watcher.forget(&file.name);
                     }
@@ -149,113 +118,63 @@ impl Intake {
     }
 }
 
-impl IntakeContext {
+impl Intake {
     /// Processes one ready file completely, or returns an error and leaves it in place.
     pub async fn take_file(&self, f: &ReadyFile) -> Result<(), IntakeError> {
         let now = Utc::now();
-        let file_hash = sha256(&f.bytes);
-        match f.kind {
-            FileKind::Json => match parse_json(&f.bytes) {
-                Err(errors) => {
-                    let subject = subject_of_json(&f.bytes, &self.subject);
-                    self.refuse_file(&f.name, None, errors, subject, Some(file_hash))
-                        .await?;
-                }
-                Ok(referral) => match classify(
-                    &referral,
-                    &Context {
-                        routing: &self.routing,
-                        calendar: &self.calendar,
-                        is_known_area: &self.known_area(),
-                    },
-                ) {
-                    Err(errors) => {
-                        let subject = Some(
-                            self.subject
-                                .key(&referral.source_system, &referral.source_ref)
-                                .to_string(),
-                        );
-                        self.refuse_file(&f.name, None, errors, subject, Some(file_hash))
-                            .await?;
-                    }
-                    Ok(class) => {
-                        self.accept(
-                            &f.name,
-                            file_hash,
-                            vec![Accepted {
-                                referral,
-                                class,
-                                row: None,
-                            }],
-                            false,
-                            now,
-                        )
-                        .await?;
-                        crate::core::failpoint::hit("intake_before_delete");
-                        outbox_dir::remove_taken(&self.outbox, f)?;
-                    }
-                },
-            },
-            FileKind::Csv => match parse_csv(&f.bytes, &self.csv_limits) {
-                Err(errors) => {
-                    self.refuse_file(&f.name, None, errors, None, Some(file_hash))
-                        .await?;
-                }
-                Ok(batch) => {
-                    let mut good = Vec::new();
-                    let mut bad = Vec::new();
-                    let mut errors = Vec::new();
-                    let known = self.known_area();
-                    let ctx = Context {
-                        routing: &self.routing,
-                        calendar: &self.calendar,
-                        is_known_area: &known,
-                    };
-                    for row in &batch.rows {
-                        let outcome = match &row.parsed {
-                            Ok(r) => classify(r, &ctx).map(|c| (r.clone(), c)),
-                            Err(e) => Err(e.clone()),
-                        };
-                        match outcome {
-                            Ok((referral, class)) => good.push(Accepted {
-                                referral,
-                                class,
-                                row: Some(row.row),
-                            }),
-                            Err(mut e) => {
-                                for err in &mut e {
-                                    err.row = Some(row.row);
-                                    if err.field.contains('.') {
-                                        err.field =
-                                            crate::core::referral::csv::column_for(&err.field);
-                                    }
-                                }
-                                let subject =
-                                    subject_of_row(&batch.header, &row.raw, &self.subject);
-                                self.audit_refusal(&f.name, Some(row.row), &e, subject, file_hash)
-                                    .await?;
-                                errors.extend(e);
-                                bad.push(row);
-                            }
-                        }
-                    }
-                    self.accept(&f.name, file_hash, good, true, now).await?;
-                    crate::core::failpoint::hit("intake_before_delete");
-                    if !bad.is_empty() {
-                        warn!(file = %f.name, refused_rows = bad.len(), "batch rows refused; written to rejected/");
-                        let rows = write_rows(&batch.header, &bad);
-                        let doc = error_document(&f.name, now, &errors);
-                        outbox_dir::reject(&self.outbox, &f.name, Some(&rows), &doc)?;
-                    }
-                    outbox_dir::remove_taken(&self.outbox, f)?;
-                }
-            },
-        }
-        Ok(())
+        let format = match f.kind {
+            FileKind::Json => Format::Json,
+            FileKind::Csv => Format::Csv,
+        };
+        let plan = self.node.with_referral_context(|ctx| {
+            plan::plan(format, &f.name, &f.bytes, ctx, &self.node.csv_limits(), now)
+        });
+        self.carry_out(&f.name, Some(f), plan, Some(sha256(&f.bytes)))
+            .await
     }
 
-    fn known_area(&self) -> impl Fn(&AreaId) -> bool + Sync + '_ {
-        |a: &AreaId| self.directory.contains(a)
+    /// Carries out a plan in the one fixed order: refusals audited → accepted referrals sealed,
+    /// queued, synced and audited → refused rows written to `rejected/` → the file removed.
+    /// `file` is `None` for a file refused before it was read (it is moved, not removed).
+    async fn carry_out(
+        &self,
+        name: &str,
+        file: Option<&ReadyFile>,
+        plan: Plan,
+        file_hash: Option<[u8; 32]>,
+    ) -> Result<(), IntakeError> {
+        let outbox = &self.node.settings.paths.outbox;
+        match plan {
+            Plan::RefuseFile { refused, error_doc } => {
+                let rules: Vec<&str> = refused.errors.iter().map(|e| e.rule.as_str()).collect();
+                warn!(file = %name, rules = %rules.join(","), "file refused; moved to rejected/");
+                self.audit_refusal(&refused, file_hash.unwrap_or([0; 32]))
+                    .await?;
+                outbox_dir::reject(outbox, name, None, &error_doc)?;
+            }
+            Plan::Take {
+                accepted,
+                refused,
+                batch,
+                rejected,
+            } => {
+                let file_hash = file_hash.unwrap_or([0; 32]);
+                for r in &refused {
+                    self.audit_refusal(r, file_hash).await?;
+                }
+                let now = Utc::now();
+                self.accept(name, file_hash, accepted, batch, now).await?;
+                crate::core::failpoint::hit("intake_before_delete");
+                if let Some((rows, doc)) = rejected {
+                    warn!(file = %name, refused_rows = refused.len(), "batch rows refused; written to rejected/");
+                    outbox_dir::reject(outbox, name, Some(&rows), &doc)?;
+                }
+                if let Some(f) = file {
+                    outbox_dir::remove_taken(outbox, f)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Seals and queues every accepted referral of one file, syncs, audits, wakes the senders.
@@ -273,15 +192,15 @@ impl IntakeContext {
         let mut queued = Vec::new();
         for item in &items {
             let to = &item.class.to;
-            let entry = self
-                .directory
-                .get(to)
-                .ok_or_else(|| IntakeError::Seal(to.clone(), "area not in the directory".into()))?;
+            let entry =
+                self.node.directory().get(to).ok_or_else(|| {
+                    IntakeError::Seal(to.clone(), "area not in the directory".into())
+                })?;
             let payload = item.referral.to_cbor();
             let header = Header {
                 v: 1,
                 id: EnvelopeId::generate(),
-                from: self.me.clone(),
+                from: self.node.me().clone(),
                 to: to.clone(),
                 created: now,
                 priority: item.class.priority,
@@ -289,9 +208,10 @@ impl IntakeContext {
                 content_type: crate::core::envelope::CONTENT_TYPE_REFERRAL_V1.into(),
                 payload_len: payload.len() as u64,
             };
-            let sealed = crypto::seal(header, &payload, &self.signer, &entry.encryption_key)
+            let sealed = crypto::seal(header, &payload, &self.node.signer, &entry.encryption_key)
                 .map_err(|e| IntakeError::Seal(to.clone(), e.to_string()))?;
             let subject = self
+                .node
                 .subject
                 .key(&item.referral.source_system, &item.referral.source_ref);
             let bytes = sealed.to_bytes();
@@ -307,10 +227,10 @@ impl IntakeContext {
                 digest,
                 subject_key: Some(subject.to_string()),
             };
-            let result = self.store.enqueue(new, &idem)?;
+            let result = self.node.store.enqueue(new, &idem)?;
             queued.push((result, digest, subject));
         }
-        self.store.durable().await?;
+        self.node.store.durable().await?;
         crate::core::failpoint::hit("intake_after_store");
 
         // The records of a whole file are submitted together so the audit writer commits them
@@ -323,7 +243,7 @@ impl IntakeContext {
             };
             let mut ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
                 .envelope(id)
-                .route(&self.me, &item.class.to)
+                .route(self.node.me(), &item.class.to)
                 .digest(*digest)
                 .subject(subject.clone())
                 .source_system(&item.referral.source_system)
@@ -333,7 +253,7 @@ impl IntakeContext {
                 ev = ev.reason("duplicate");
                 info!(file = %file, row = item.row, envelope_id = %id, "referral already queued earlier; duplicate not sent again");
             }
-            let audit = self.audit.clone();
+            let audit = self.node.audit.clone();
             jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
             if batch && !duplicate {
                 let ev = Event::new(Operation::Combination, Actor::System, Outcome::Ok)
@@ -342,19 +262,19 @@ impl IntakeContext {
                     .source_system(&item.referral.source_system)
                     .source(file_hash, item.row)
                     .reason("batch_split");
-                let audit = self.audit.clone();
+                let audit = self.node.audit.clone();
                 jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
             }
             if !duplicate {
                 let entry = TallyEntry {
                     day: now.date_naive(),
-                    from: self.me.clone(),
+                    from: self.node.me().clone(),
                     to: item.class.to.clone(),
                     priority: item.class.priority,
                     category: item.class.category.as_str().to_owned(),
                     incident: item.class.incident.clone(),
                 };
-                let audit = self.audit.clone();
+                let audit = self.node.audit.clone();
                 jobs.spawn(async move { audit.tally(entry).await });
             }
         }
@@ -374,84 +294,26 @@ impl IntakeContext {
             .count();
         info!(file = %file, queued = new, duplicates = queued.len() - new, "file taken");
         for item in &items {
-            if let Some(w) = self.wake.get(&item.class.to) {
-                w.notify_one();
-            }
+            self.node.wake(&item.class.to);
         }
         Ok(())
     }
 
-    /// Moves a whole file to `rejected/` with its error document, and audits the refusal.
-    async fn refuse_file(
-        &self,
-        name: &str,
-        row: Option<u64>,
-        errors: Vec<FieldError>,
-        subject: Option<String>,
-        file_hash: Option<[u8; 32]>,
-    ) -> Result<(), IntakeError> {
-        let now = Utc::now();
-        let rules: Vec<&str> = errors.iter().map(|e| e.rule.as_str()).collect();
-        warn!(file = %name, rules = %rules.join(","), "file refused; moved to rejected/");
-        self.audit_refusal(name, row, &errors, subject, file_hash.unwrap_or([0; 32]))
-            .await?;
-        let doc = error_document(name, now, &errors);
-        outbox_dir::reject(&self.outbox, name, None, &doc)?;
-        Ok(())
-    }
-
-    async fn audit_refusal(
-        &self,
-        _file: &str,
-        row: Option<u64>,
-        errors: &[FieldError],
-        subject: Option<String>,
-        file_hash: [u8; 32],
-    ) -> Result<(), IntakeError> {
-        let mut rules: Vec<&str> = errors.iter().map(|e| e.rule.as_str()).collect();
+    /// Audits one refusal (a whole file or a row), with its rules and, where the source fields
+    /// could be read, the subject key and source system.
+    async fn audit_refusal(&self, r: &Refused, file_hash: [u8; 32]) -> Result<(), IntakeError> {
+        let mut rules: Vec<&str> = r.errors.iter().map(|e| e.rule.as_str()).collect();
         rules.sort_unstable();
         rules.dedup();
         let mut ev = Event::new(Operation::Refusal, Actor::System, Outcome::Refused)
             .reason(&rules.join(","))
-            .source(file_hash, row);
-        if let Some(s) = subject {
-            ev = ev.subject_hex(&s);
+            .source(file_hash, r.row);
+        if let Some((system, reference)) = &r.source {
+            ev = ev
+                .subject(self.node.subject.key(system, reference))
+                .source_system(system);
         }
-        self.audit.record(ev).await?;
+        self.node.audit.record(ev).await?;
         Ok(())
     }
-}
-
-/// The `NAME.error.json` document of REFERRAL.md.
-fn error_document(file: &str, now: DateTime<Utc>, errors: &[FieldError]) -> Vec<u8> {
-    let doc = json!({
-        "file": file,
-        "refused_at": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "errors": errors,
-    });
-    serde_json::to_vec_pretty(&doc).unwrap_or_default()
-}
-
-/// The subject key of a refused JSON file, when its source fields can be read at all.
-fn subject_of_json(bytes: &[u8], secret: &SubjectSecret) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let system = v.get("source_system")?.as_str()?;
-    let reference = v.get("source_ref")?.as_str()?;
-    Some(secret.key(system, reference).to_string())
-}
-
-/// The subject key of a refused CSV row, when its source columns are present.
-fn subject_of_row(header: &[String], raw: &[String], secret: &SubjectSecret) -> Option<String> {
-    let col = |name: &str| {
-        header
-            .iter()
-            .position(|h| h == name)
-            .and_then(|i| raw.get(i))
-            .filter(|v| !v.is_empty())
-    };
-    Some(
-        secret
-            .key(col("source_system")?, col("source_ref")?)
-            .to_string(),
-    )
 }

@@ -5,10 +5,15 @@
 //! Must not: import `edge` (except tests, which use the development federation as a fixture);
 //! touch sled, quinn, inotify or the audit files except through `adapters`.
 
+pub mod build;
 pub mod control;
 pub mod counters;
+pub mod housekeeping;
 pub mod intake;
 pub mod receiver;
 pub mod run;
 pub mod sender;
 pub mod settings;
+
+#[cfg(test)]
+mod tests;

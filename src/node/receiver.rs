@@ -1,23 +1,23 @@
 //! The receiving side: verify an envelope, deduplicate, write the referral into the inbox
 //! exactly once, and answer with a signed receipt.
 //!
-//! Order of work for one envelope, and what a crash at each step leaves behind:
-//! 1. verify (size, decode, recipient, sender = TLS peer, signature, clock window) — nothing kept;
-//!    a refusal is audited.
-//! 2. seen? — a re-send of an accepted envelope gets the ORIGINAL receipt (after making sure its
-//!    inbox file was published), never a second inbox file.
-//! 3. decrypt, decode and re-validate the referral — nothing kept; refusals audited.
-//! 4. stage the inbox file as `.NAME.tmp` (written, fsynced; invisible to consumers).
-//!    Crash → the staged file has no `seen` record and is discarded at start; the sender re-sends.
-//! 5. audit `collection` (durable) and sign the receipt over the new chain head.
-//! 6. `seen` record with the receipt, then store sync. Crash → at start (or on re-send) the
-//!    staged file is published, because the record says it was accepted.
-//! 7. publish: rename to NAME, fsync the directory. 8. audit `disclosure` (written to the local
-//!    inbox), durable. 9. send the receipt. Crash before 9 → the sender re-sends; step 2 answers.
+//! One envelope moves through explicit states, one type each (as a TLS handshake does), so
+//! every crash point below is a named state in the code:
 //!
-//! A receipt therefore always means "durably in this area's inbox".
-//! Disk full at 4–8: the envelope is refused as transient (no receipt), logged once until space
-//! returns; the sender retries later. Nothing half-written is ever visible.
+//! | state | made by | a crash here leaves |
+//! |---|---|---|
+//! | [`Arrived`] | the transport | nothing |
+//! | [`Verified`] | size, decode, recipient, sender = TLS peer, signature, clock window | nothing; a refusal is audited |
+//! | [`Fresh`] | claimed (one stream per id at a time) and not seen before — a re-send of an accepted id gets the ORIGINAL receipt (its file published first), never a second inbox file | nothing |
+//! | [`Opened`] | decrypted, decoded, re-validated | nothing; a refusal is audited |
+//! | [`Staged`] | `.NAME.tmp` written and fsynced (invisible to consumers) | a staged file with no `seen` record: discarded at start; the sender re-sends |
+//! | [`Recorded`] | `collection` and `disclosure` (to the local inbox) audited and durable (write-ahead), receipt signed over the new chain head | as above; the records describe an acceptance the re-send completes |
+//! | [`Accepted`] | `seen` record with the receipt, store synced | at start (or on re-send) the staged file is published, because the record says it was accepted |
+//! | [`Published`] | renamed to NAME, directory fsynced; then the receipt is sent | the sender re-sends; `Fresh` answers with the original receipt |
+//!
+//! A receipt therefore always means "durably in this area's inbox, and recorded".
+//! Disk full from `Staged` to `Published`: the envelope is refused as transient (no receipt),
+//! logged once until space returns; the sender retries later. Nothing half-written is visible.
 //! Must not: block other envelopes while one is slow (each runs on its own stream task), or
 //! accept two copies of the same id at once (an in-progress set refuses the second, transiently).
 
@@ -28,58 +28,79 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
 
-use crate::adapters::audit::{Actor, AuditLog, Event, Operation, Outcome, SubjectSecret};
-use crate::adapters::inbox_dir::{inbox_name, InboxDir, InboxError};
-use crate::adapters::store::{SeenRecord, Store, StoreError};
-use crate::core::envelope::{ReceiptBody, ReceiptStatus, Reply};
+use crate::adapters::audit::{Actor, Event, Operation, Outcome, SubjectKey};
+use crate::adapters::inbox_dir::{inbox_name, InboxError};
+use crate::adapters::store::SeenRecord;
+use crate::core::envelope::{Header, ReceiptBody, ReceiptStatus, Reply};
 use crate::core::referral::{self, Delivery, Referral};
 use crate::core::types::{AreaId, EnvelopeId};
-use crate::crypto::directory::Directory;
-use crate::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
+use crate::crypto::{self, VerifiedEnvelope};
+use crate::node::build::Node;
 
-/// Everything the receiving side needs.
+/// The receiving side of one node.
 pub struct Receiver {
-    pub me: AreaId,
-    pub directory: Arc<Directory>,
-    pub signer: Arc<SigningKey>,
-    pub kem: Arc<KemSecretKey>,
-    pub subject: Arc<SubjectSecret>,
-    pub store: Store,
-    pub audit: AuditLog,
-    pub inbox: Arc<InboxDir>,
-    pub policy: OpenPolicy,
+    node: Arc<Node>,
     in_progress: Mutex<HashSet<EnvelopeId>>,
     disk_full: AtomicBool,
 }
 
-/// Why an accepted-looking envelope could not be taken now (never a half-done state).
-#[derive(Debug, thiserror::Error)]
-enum TakeError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Inbox(#[from] InboxError),
-    #[error(transparent)]
-    Audit(#[from] crate::adapters::audit::AuditError),
-    #[error("background task failed")]
-    Join,
+/// Bytes from a peer (or from this node, for local delivery), not yet checked.
+pub struct Arrived {
+    pub peer: AreaId,
+    pub bytes: Vec<u8>,
+    pub now: DateTime<Utc>,
 }
 
-impl TakeError {
-    fn is_disk_full(&self) -> bool {
-        match self {
-            Self::Store(e) => e.is_disk_full(),
-            Self::Inbox(e) => e.is_disk_full(),
-            Self::Audit(e) => e.is_disk_full(),
-            Self::Join => false,
-        }
-    }
+/// Signature, sender and clock window checked.
+pub struct Verified {
+    peer: AreaId,
+    envelope: VerifiedEnvelope,
+    now: DateTime<Utc>,
 }
 
-/// Removes an id from the in-progress set when the handling of that envelope ends.
-struct InProgress<'a>(&'a Mutex<HashSet<EnvelopeId>>, EnvelopeId);
+/// Claimed by this stream and never accepted before. Dropping it releases the claim.
+pub struct Fresh<'a> {
+    verified: Verified,
+    _claim: Claim<'a>,
+}
 
-impl Drop for InProgress<'_> {
+/// Decrypted, decoded and re-validated.
+pub struct Opened<'a> {
+    peer: AreaId,
+    header: Header,
+    digest: [u8; 32],
+    referral: Referral,
+    now: DateTime<Utc>,
+    _claim: Claim<'a>,
+}
+
+/// The inbox file is staged (`.NAME.tmp`, fsynced).
+pub struct Staged<'a> {
+    opened: Opened<'a>,
+    name: String,
+}
+
+/// Collection and disclosure are durable in the audit log; the receipt is signed.
+pub struct Recorded<'a> {
+    staged: Staged<'a>,
+    receipt: Vec<u8>,
+}
+
+/// The `seen` record (with the receipt) is durable: the envelope is accepted.
+pub struct Accepted<'a> {
+    recorded: Recorded<'a>,
+    seen: SeenRecord,
+}
+
+/// The inbox file is visible under its final name; the receipt may go.
+pub struct Published {
+    receipt: Vec<u8>,
+}
+
+/// Holds an id in the in-progress set while one stream handles it.
+struct Claim<'a>(&'a Mutex<HashSet<EnvelopeId>>, EnvelopeId);
+
+impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if let Ok(mut set) = self.0.lock() {
             set.remove(&self.1);
@@ -87,29 +108,13 @@ impl Drop for InProgress<'_> {
     }
 }
 
+/// The answer a state gives instead of moving on.
+type Step<T> = Result<T, Reply>;
+
 impl Receiver {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        me: AreaId,
-        directory: Arc<Directory>,
-        signer: Arc<SigningKey>,
-        kem: Arc<KemSecretKey>,
-        subject: Arc<SubjectSecret>,
-        store: Store,
-        audit: AuditLog,
-        inbox: Arc<InboxDir>,
-        policy: OpenPolicy,
-    ) -> Self {
+    pub fn new(node: Arc<Node>) -> Self {
         Self {
-            me,
-            directory,
-            signer,
-            kem,
-            subject,
-            store,
-            audit,
-            inbox,
-            policy,
+            node,
             in_progress: Mutex::new(HashSet::new()),
             disk_full: AtomicBool::new(false),
         }
@@ -118,22 +123,21 @@ impl Receiver {
     /// Finishes what a crash interrupted: publishes staged files of accepted envelopes and
     /// discards staged files nobody accepted. Run before serving.
     pub fn recover(&self) -> Result<(usize, usize), String> {
+        let (store, inbox) = (&self.node.store, &self.node.inbox);
         let mut published = 0;
         let mut accepted_names = HashSet::new();
-        for (id, rec) in self.store.seen_unpublished().map_err(|e| e.to_string())? {
-            self.inbox
-                .publish(&rec.inbox_name)
-                .map_err(|e| e.to_string())?;
+        for (id, rec) in store.seen_unpublished().map_err(|e| e.to_string())? {
+            inbox.publish(&rec.inbox_name).map_err(|e| e.to_string())?;
             let mut rec = rec;
             rec.published = true;
-            self.store.put_seen(&id, &rec).map_err(|e| e.to_string())?;
+            store.put_seen(&id, &rec).map_err(|e| e.to_string())?;
             accepted_names.insert(rec.inbox_name);
             published += 1;
         }
         let mut discarded = 0;
-        for name in self.inbox.staged().map_err(|e| e.to_string())? {
+        for name in inbox.staged().map_err(|e| e.to_string())? {
             if !accepted_names.contains(&name) {
-                self.inbox.discard(&name).map_err(|e| e.to_string())?;
+                inbox.discard(&name).map_err(|e| e.to_string())?;
                 discarded += 1;
             }
         }
@@ -146,193 +150,275 @@ impl Receiver {
     /// Handles one envelope from `peer` (the TLS-authenticated area, or this area for local
     /// delivery) and returns the encoded reply.
     pub async fn handle(&self, peer: AreaId, bytes: Vec<u8>) -> Vec<u8> {
-        self.handle_at(peer, bytes, Utc::now()).await.encode()
+        let arrived = Arrived {
+            peer,
+            bytes,
+            now: Utc::now(),
+        };
+        self.receive(arrived).await.encode()
     }
 
-    async fn handle_at(&self, peer: AreaId, bytes: Vec<u8>, now: DateTime<Utc>) -> Reply {
-        let directory = self.directory.clone();
-        let verified = match crypto::verify(
-            &bytes,
-            &self.me,
-            &peer,
-            |a| directory.signing_keys(a),
-            now,
-            &self.policy,
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(peer = %peer, code = e.code(), "envelope refused: {e}");
-                self.audit_refusal(&peer, None, e.code()).await;
-                return Reply::refused(e.code(), &e.to_string(), e.is_permanent());
-            }
+    /// Walks one envelope through every state; any state may answer instead of moving on.
+    pub async fn receive(&self, arrived: Arrived) -> Reply {
+        let walk = async {
+            let verified = self.verify(arrived).await?;
+            let fresh = self.claim(verified).await?;
+            let opened = self.open(fresh).await?;
+            let staged = self.stage(opened).await?;
+            let recorded = self.record(staged).await?;
+            let accepted = self.accept(recorded).await?;
+            self.publish(accepted).await
         };
-        let id = verified.header().id;
-        let _guard = {
-            let Ok(mut set) = self.in_progress.lock() else {
-                return Reply::refused("internal", "receiver state unavailable", false);
-            };
-            if !set.insert(id) {
-                return Reply::refused(
-                    "in_progress",
-                    "this envelope is being accepted on another stream",
-                    false,
-                );
-            }
-            InProgress(&self.in_progress, id)
-        };
-        match self.store.seen(&id) {
-            Ok(Some(rec)) => return self.answer_resend(id, rec).await,
-            Ok(None) => {}
-            Err(e) => return self.transient(&e.to_string(), e.is_disk_full()),
-        }
-        let header = verified.header().clone();
-        let digest = verified.digest();
-        let opened = match verified.decrypt(&self.kem) {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(peer = %peer, envelope_id = %id, code = e.code(), "envelope refused: {e}");
-                self.audit_refusal(&peer, Some(id), e.code()).await;
-                return Reply::refused(e.code(), &e.to_string(), e.is_permanent());
-            }
-        };
-        let referral = match Referral::from_cbor(&opened.payload) {
-            Ok(r) if referral::validate(&r).is_empty() => r,
-            _ => {
-                warn!(peer = %peer, envelope_id = %id, "envelope refused: payload is not a valid referral");
-                self.audit_refusal(&peer, Some(id), "payload_invalid").await;
-                return Reply::refused(
-                    "payload_invalid",
-                    "payload is not a valid refex.referral.v1",
-                    true,
-                );
-            }
-        };
-        match self.take(&peer, id, &header, digest, &referral, now).await {
-            Ok(receipt) => {
+        match walk.await {
+            Ok(Published { receipt }) => {
                 if self.disk_full.swap(false, Ordering::Relaxed) {
                     info!("inbox and state volumes writable again; receipts resume");
                 }
                 Reply::Receipt(receipt)
             }
-            Err(e) => self.transient(&e.to_string(), e.is_disk_full()),
+            Err(reply) => reply,
         }
     }
 
-    async fn take(
-        &self,
-        peer: &AreaId,
-        id: EnvelopeId,
-        header: &crate::core::envelope::Header,
-        digest: [u8; 32],
-        referral: &Referral,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<u8>, TakeError> {
-        // Named from the (signed) envelope, not the arrival time: if an accepted envelope were ever
-        // delivered again, it would replace its own file rather than add a second one.
-        let name = inbox_name(header.created, &id.to_string()).map_err(TakeError::Inbox)?;
-        let delivery = Delivery {
-            envelope_id: id.to_string(),
-            from_area: header.from.to_string(),
-            to_area: header.to.to_string(),
-            received_at: now,
-            priority: header.priority,
-            due_by: header.due_by,
-        };
-        let doc = referral::inbox_document(referral, &delivery);
-        let inbox = self.inbox.clone();
-        let staged_name = name.clone();
-        tokio::task::spawn_blocking(move || inbox.stage(&staged_name, &doc))
-            .await
-            .map_err(|_| TakeError::Join)??;
-        crate::core::failpoint::hit("receiver_after_stage");
+    async fn verify(&self, a: Arrived) -> Step<Verified> {
+        let directory = self.node.directory();
+        match crypto::verify(
+            &a.bytes,
+            self.node.me(),
+            &a.peer,
+            |area| directory.signing_keys(area),
+            a.now,
+            &self.node.settings.limits.open,
+        ) {
+            Ok(envelope) => Ok(Verified {
+                peer: a.peer,
+                envelope,
+                now: a.now,
+            }),
+            Err(e) => {
+                warn!(peer = %a.peer, code = e.code(), "envelope refused: {e}");
+                self.audit_refusal(&a.peer, None, e.code()).await;
+                Err(Reply::refused(e.code(), &e.to_string(), e.is_permanent()))
+            }
+        }
+    }
 
-        let subject = self
-            .subject
-            .key(&referral.source_system, &referral.source_ref);
-        let head = self
-            .audit
-            .record(
-                Event::new(
-                    Operation::Collection,
-                    Actor::Peer(peer.clone()),
-                    Outcome::Ok,
-                )
-                .envelope(id)
-                .route(&header.from, &header.to)
-                .digest(digest)
-                .subject(subject.clone())
-                .source_system(&referral.source_system)
-                .priority(header.priority),
-            )
+    async fn claim(&self, v: Verified) -> Step<Fresh<'_>> {
+        let id = v.envelope.header().id;
+        let claim = {
+            let Ok(mut set) = self.in_progress.lock() else {
+                return Err(Reply::refused(
+                    "internal",
+                    "receiver state unavailable",
+                    false,
+                ));
+            };
+            if !set.insert(id) {
+                return Err(Reply::refused(
+                    "in_progress",
+                    "this envelope is being accepted on another stream",
+                    false,
+                ));
+            }
+            Claim(&self.in_progress, id)
+        };
+        match self.node.store.seen(&id) {
+            Ok(Some(rec)) => Err(self.answer_resend(id, rec).await),
+            Ok(None) => Ok(Fresh {
+                verified: v,
+                _claim: claim,
+            }),
+            Err(e) => Err(self.transient(&e.to_string(), e.is_disk_full())),
+        }
+    }
+
+    async fn open<'a>(&self, f: Fresh<'a>) -> Step<Opened<'a>> {
+        let Verified {
+            peer,
+            envelope,
+            now,
+        } = f.verified;
+        let header = envelope.header().clone();
+        let digest = envelope.digest();
+        let id = header.id;
+        let opened = match envelope.decrypt(&self.node.kem) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(peer = %peer, envelope_id = %id, code = e.code(), "envelope refused: {e}");
+                self.audit_refusal(&peer, Some(id), e.code()).await;
+                return Err(Reply::refused(e.code(), &e.to_string(), e.is_permanent()));
+            }
+        };
+        match Referral::from_cbor(&opened.payload) {
+            Ok(referral) if referral::validate(&referral).is_empty() => Ok(Opened {
+                peer,
+                header,
+                digest,
+                referral,
+                now,
+                _claim: f._claim,
+            }),
+            _ => {
+                warn!(peer = %peer, envelope_id = %id, "envelope refused: payload is not a valid referral");
+                self.audit_refusal(&peer, Some(id), "payload_invalid").await;
+                Err(Reply::refused(
+                    "payload_invalid",
+                    "payload is not a valid refex.referral.v1",
+                    true,
+                ))
+            }
+        }
+    }
+
+    async fn stage<'a>(&self, o: Opened<'a>) -> Step<Staged<'a>> {
+        // Named from the (signed) envelope, not the arrival time: if an accepted envelope were
+        // ever delivered again, it would replace its own file rather than add a second one.
+        let name = inbox_name(o.header.created, &o.header.id.to_string())
+            .map_err(|e| self.transient(&e.to_string(), e.is_disk_full()))?;
+        let delivery = Delivery {
+            envelope_id: o.header.id.to_string(),
+            from_area: o.header.from.to_string(),
+            to_area: o.header.to.to_string(),
+            received_at: o.now,
+            priority: o.header.priority,
+            due_by: o.header.due_by,
+        };
+        let doc = referral::inbox_document(&o.referral, &delivery);
+        let inbox = self.node.inbox.clone();
+        let staged_name = name.clone();
+        self.blocking(move || inbox.stage(&staged_name, &doc))
             .await?;
+        crate::core::failpoint::hit("receiver_after_stage");
+        Ok(Staged { opened: o, name })
+    }
+
+    async fn record<'a>(&self, s: Staged<'a>) -> Step<Recorded<'a>> {
+        let o = &s.opened;
+        let subject = self.subject_of(o);
+        let collection = Event::new(
+            Operation::Collection,
+            Actor::Peer(o.peer.clone()),
+            Outcome::Ok,
+        )
+        .envelope(o.header.id)
+        .route(&o.header.from, &o.header.to)
+        .digest(o.digest)
+        .subject(subject.clone())
+        .source_system(&o.referral.source_system)
+        .priority(o.header.priority);
+        let disclosure = Event::new(Operation::Disclosure, Actor::System, Outcome::Ok)
+            .envelope(o.header.id)
+            .route(&o.header.from, &o.header.to)
+            .digest(o.digest)
+            .subject(subject)
+            .source_system(&o.referral.source_system)
+            .reason("written_to_inbox");
+        // Submitted together so the writer commits both with one sync; the receipt is signed
+        // over the head that covers both (write-ahead: recorded before it takes effect).
+        let audit = &self.node.audit;
+        let (first, second) = tokio::join!(audit.record(collection), audit.record(disclosure));
+        let head = match (first, second) {
+            (Ok(a), Ok(b)) => {
+                if a.seq > b.seq {
+                    a
+                } else {
+                    b
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(self.transient(&e.to_string(), e.is_disk_full()))
+            }
+        };
         let body = ReceiptBody {
             v: 1,
-            envelope_id: id,
-            envelope_sha256: digest,
-            receiver: self.me.clone(),
-            received_at: now,
+            envelope_id: o.header.id,
+            envelope_sha256: o.digest,
+            receiver: self.node.me().clone(),
+            received_at: o.now,
             status: ReceiptStatus::Delivered,
             audit_head: head.to_string(),
         };
-        let receipt = crypto::sign_receipt(&body, &self.signer).to_bytes();
-        let rec = SeenRecord {
-            v: 1,
-            from: peer.clone(),
-            received_at: now.timestamp(),
-            inbox_name: name.clone(),
-            published: false,
-            receipt: serde_bytes::ByteBuf::from(receipt.clone()),
-        };
-        self.store.put_seen(&id, &rec)?;
-        self.store.durable().await?;
-        crate::core::failpoint::hit("receiver_after_seen");
+        let receipt = crypto::sign_receipt(&body, &self.node.signer).to_bytes();
+        Ok(Recorded { staged: s, receipt })
+    }
 
-        let inbox = self.inbox.clone();
-        tokio::task::spawn_blocking(move || inbox.publish(&name))
-            .await
-            .map_err(|_| TakeError::Join)??;
-        self.store.put_seen(
-            &id,
-            &SeenRecord {
-                published: true,
-                ..rec
-            },
-        )?;
-        self.audit
-            .record(
-                Event::new(Operation::Disclosure, Actor::System, Outcome::Ok)
-                    .envelope(id)
-                    .route(&header.from, &header.to)
-                    .digest(digest)
-                    .subject(subject)
-                    .source_system(&referral.source_system)
-                    .reason("written_to_inbox"),
-            )
-            .await?;
+    async fn accept<'a>(&self, r: Recorded<'a>) -> Step<Accepted<'a>> {
+        let o = &r.staged.opened;
+        let seen = SeenRecord {
+            v: 1,
+            from: o.peer.clone(),
+            received_at: o.now.timestamp(),
+            inbox_name: r.staged.name.clone(),
+            published: false,
+            receipt: serde_bytes::ByteBuf::from(r.receipt.clone()),
+        };
+        let store = &self.node.store;
+        let synced = match store.put_seen(&o.header.id, &seen) {
+            Ok(()) => store.durable().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            return Err(self.transient(&e.to_string(), e.is_disk_full()));
+        }
+        crate::core::failpoint::hit("receiver_after_seen");
+        Ok(Accepted { recorded: r, seen })
+    }
+
+    async fn publish(&self, a: Accepted<'_>) -> Step<Published> {
+        let Accepted { recorded, seen } = a;
+        let o = &recorded.staged.opened;
+        let id = o.header.id;
+        let inbox = self.node.inbox.clone();
+        let name = recorded.staged.name.clone();
+        self.blocking(move || inbox.publish(&name)).await?;
+        let published = SeenRecord {
+            published: true,
+            ..seen
+        };
+        if let Err(e) = self.node.store.put_seen(&id, &published) {
+            return Err(self.transient(&e.to_string(), e.is_disk_full()));
+        }
         crate::core::failpoint::hit("receiver_before_reply");
-        info!(peer = %peer, envelope_id = %id, priority = %header.priority, "referral delivered to inbox");
-        Ok(receipt)
+        info!(peer = %o.peer, envelope_id = %id, priority = %o.header.priority, "referral delivered to inbox");
+        Ok(Published {
+            receipt: recorded.receipt,
+        })
+    }
+
+    fn subject_of(&self, o: &Opened<'_>) -> SubjectKey {
+        self.node
+            .subject
+            .key(&o.referral.source_system, &o.referral.source_ref)
+    }
+
+    /// Runs a blocking inbox operation off the runtime; errors become transient refusals.
+    async fn blocking(
+        &self,
+        f: impl FnOnce() -> Result<(), InboxError> + Send + 'static,
+    ) -> Step<()> {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.transient(&e.to_string(), e.is_disk_full())),
+            Err(_) => Err(self.transient("background task failed", false)),
+        }
     }
 
     /// A re-send of an envelope already accepted: make sure its file is published, then answer
     /// with the original receipt.
     async fn answer_resend(&self, id: EnvelopeId, rec: SeenRecord) -> Reply {
         if !rec.published {
-            let inbox = self.inbox.clone();
+            let inbox = self.node.inbox.clone();
             let name = rec.inbox_name.clone();
-            match tokio::task::spawn_blocking(move || inbox.publish(&name)).await {
-                Ok(Ok(())) => {
-                    let _ = self.store.put_seen(
-                        &id,
-                        &SeenRecord {
-                            published: true,
-                            ..rec.clone()
-                        },
-                    );
-                }
-                Ok(Err(e)) => return self.transient(&e.to_string(), e.is_disk_full()),
-                Err(_) => return self.transient("background task failed", false),
+            if let Err(reply) = self.blocking(move || inbox.publish(&name)).await {
+                return reply;
             }
+            let _ = self.node.store.put_seen(
+                &id,
+                &SeenRecord {
+                    published: true,
+                    ..rec.clone()
+                },
+            );
         }
         info!(envelope_id = %id, "re-sent envelope answered with its original receipt");
         Reply::Receipt(rec.receipt.into_vec())
@@ -367,7 +453,7 @@ impl Receiver {
         if let Some(id) = id {
             ev = ev.envelope(id);
         }
-        if let Err(e) = self.audit.record(ev).await {
+        if let Err(e) = self.node.audit.record(ev).await {
             error!("audit record of a refusal failed: {e}");
         }
     }

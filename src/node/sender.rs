@@ -22,14 +22,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::adapters::audit::{Actor, AuditLog, Event, Operation, Outcome};
-use crate::adapters::store::{OutRecord, Store};
+use crate::adapters::audit::{Actor, Event, Operation, Outcome};
+use crate::adapters::store::OutRecord;
 use crate::adapters::transport::{PeerAddr, Transport};
 use crate::core::envelope::Reply;
-use crate::core::retry::Backoff;
 use crate::core::types::{AreaId, EnvelopeId};
 use crate::crypto;
-use crate::crypto::directory::Directory;
+use crate::node::build::Node;
 use crate::node::receiver::Receiver;
 
 /// How one send ended.
@@ -44,17 +43,12 @@ enum SendOutcome {
     Skipped,
 }
 
-/// Shared by all peer workers.
+/// Shared by all peer workers: the node, the transport, and the local receiving side.
 pub struct SenderContext {
-    pub me: AreaId,
-    pub directory: Arc<Directory>,
-    pub store: Store,
-    pub audit: AuditLog,
+    pub node: Arc<Node>,
     pub transport: Transport,
     /// Local delivery (to == me) goes straight to the receiving side, no network hop.
     pub local: Arc<Receiver>,
-    pub max_in_flight: usize,
-    pub backoff: Backoff,
 }
 
 /// Drains one peer's queue.
@@ -76,7 +70,7 @@ impl PeerWorker {
         let mut tasks: JoinSet<(EnvelopeId, SendOutcome)> = JoinSet::new();
         let mut failures: u32 = 0;
         let mut backoff_until: Option<Instant> = None;
-        let max = self.ctx.max_in_flight;
+        let max = self.ctx.node.settings.delivery.max_in_flight_per_peer.get() as usize;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -85,6 +79,7 @@ impl PeerWorker {
             if !backing_off && in_flight.len() < max {
                 match self
                     .ctx
+                    .node
                     .store
                     .next_queued(&self.peer, max - in_flight.len(), &in_flight)
                 {
@@ -119,7 +114,7 @@ impl PeerWorker {
                             backoff_until = None;
                         }
                         SendOutcome::Transient(why) => {
-                            let delay = self.ctx.backoff.delay(failures, unit_random());
+                            let delay = self.ctx.node.backoff().delay(failures, unit_random());
                             if failures == 0 {
                                 warn!(envelope_id = %id, retry_in_ms = delay.as_millis() as u64, "delivery failed, will retry: {why}");
                             } else {
@@ -152,7 +147,7 @@ fn unit_random() -> f64 {
 }
 
 fn still_queued(ctx: &SenderContext, id: &EnvelopeId) -> bool {
-    matches!(ctx.store.get(id), Ok(Some(r)) if r.state == crate::adapters::store::OutState::Queued)
+    matches!(ctx.node.store.get(id), Ok(Some(r)) if r.state == crate::adapters::store::OutState::Queued)
 }
 
 async fn send_one(
@@ -164,15 +159,20 @@ async fn send_one(
     let Some(sealed) = rec.sealed.as_ref() else {
         return SendOutcome::Permanent("queued envelope has no payload".into());
     };
-    let Some(entry) = ctx.directory.get(peer) else {
-        let _ = ctx.store.mark_non_delivered(&id, "peer_not_in_directory");
+    let Some(entry) = ctx.node.directory().get(peer) else {
+        let _ = ctx
+            .node
+            .store
+            .mark_non_delivered(&id, "peer_not_in_directory");
         return SendOutcome::Permanent("peer is not in the directory".into());
     };
-    let reply_bytes = if *peer == ctx.me {
+    let reply_bytes = if peer == ctx.node.me() {
         if !still_queued(ctx, &id) {
             return SendOutcome::Skipped;
         }
-        ctx.local.handle(ctx.me.clone(), sealed.to_vec()).await
+        ctx.local
+            .handle(ctx.node.me().clone(), sealed.to_vec())
+            .await
     } else {
         let addr = PeerAddr {
             area: peer.clone(),
@@ -182,7 +182,7 @@ async fn send_one(
         // Connecting can take a while when the peer is down; the envelope may have been marked
         // non-delivered or withdrawn meanwhile. Check again once connected, just before sending.
         if let Err(e) = ctx.transport.connect(&addr).await {
-            let _ = ctx.store.note_attempt(&id, &e.to_string());
+            let _ = ctx.node.store.note_attempt(&id, &e.to_string());
             return SendOutcome::Transient(e.to_string());
         }
         if !still_queued(ctx, &id) {
@@ -191,13 +191,13 @@ async fn send_one(
         match ctx.transport.request(&addr, sealed).await {
             Ok(r) => r,
             Err(e) if e.is_transient() => {
-                let _ = ctx.store.note_attempt(&id, &e.to_string());
+                let _ = ctx.node.store.note_attempt(&id, &e.to_string());
                 return SendOutcome::Transient(e.to_string());
             }
             Err(e) => {
                 // An identity or protocol failure is a property of the peer, not the envelope:
                 // retry with backoff, loudly, rather than giving the envelope up.
-                let _ = ctx.store.note_attempt(&id, &e.to_string());
+                let _ = ctx.node.store.note_attempt(&id, &e.to_string());
                 error!(envelope_id = %id, "peer connection failed: {e}");
                 return SendOutcome::Transient(e.to_string());
             }
@@ -206,7 +206,7 @@ async fn send_one(
     let reply = match Reply::decode(&reply_bytes) {
         Ok(r) => r,
         Err(e) => {
-            let _ = ctx.store.note_attempt(&id, "undecodable reply");
+            let _ = ctx.node.store.note_attempt(&id, "undecodable reply");
             return SendOutcome::Transient(format!("peer sent an undecodable reply: {e}"));
         }
     };
@@ -218,22 +218,23 @@ async fn send_one(
                     Ok(b) => b,
                     Err(e) => {
                         // A peer that answers with a bad receipt has not proved delivery: keep it queued.
-                        let _ = ctx.store.note_attempt(&id, "invalid receipt");
+                        let _ = ctx.node.store.note_attempt(&id, "invalid receipt");
                         error!(envelope_id = %id, "peer returned an invalid receipt: {e}");
                         return SendOutcome::Transient(format!("invalid receipt: {e}"));
                     }
                 };
             crate::core::failpoint::hit("sender_before_receipt_stored");
-            if let Err(e) = ctx
-                .store
-                .mark_delivered(&id, &receipt, &body.audit_head, Utc::now())
+            if let Err(e) =
+                ctx.node
+                    .store
+                    .mark_delivered(&id, &receipt, &body.audit_head, Utc::now())
             {
                 return SendOutcome::Transient(format!("cannot store receipt: {e}"));
             }
-            if let Err(e) = ctx.store.durable().await {
+            if let Err(e) = ctx.node.store.durable().await {
                 return SendOutcome::Transient(format!("cannot sync receipt: {e}"));
             }
-            let route = (&ctx.me, peer);
+            let route = (ctx.node.me(), peer);
             let mut disclosure = Event::new(
                 Operation::Disclosure,
                 Actor::Peer(peer.clone()),
@@ -263,7 +264,7 @@ async fn send_one(
             // Submitted together: one group commit for the three records.
             let mut jobs = tokio::task::JoinSet::new();
             for ev in [disclosure, receipt_ev, erasure] {
-                let audit = ctx.audit.clone();
+                let audit = ctx.node.audit.clone();
                 jobs.spawn(async move { audit.record(ev).await });
             }
             while let Some(joined) = jobs.join_next().await {
@@ -280,22 +281,22 @@ async fn send_one(
             permanent,
         } => {
             if permanent {
-                let _ = ctx.store.mark_non_delivered(&id, &code);
-                let _ = ctx.store.durable().await;
+                let _ = ctx.node.store.mark_non_delivered(&id, &code);
+                let _ = ctx.node.store.durable().await;
                 let ev = Event::new(
                     Operation::Refusal,
                     Actor::Peer(peer.clone()),
                     Outcome::Refused,
                 )
                 .envelope(id)
-                .route(&ctx.me, peer)
+                .route(ctx.node.me(), peer)
                 .reason(&code);
-                if let Err(e) = ctx.audit.record(ev).await {
+                if let Err(e) = ctx.node.audit.record(ev).await {
                     error!(envelope_id = %id, "audit record of a refusal failed: {e}");
                 }
                 SendOutcome::Permanent(format!("{code}: {message}"))
             } else {
-                let _ = ctx.store.note_attempt(&id, &code);
+                let _ = ctx.node.store.note_attempt(&id, &code);
                 SendOutcome::Transient(format!("{code}: {message}"))
             }
         }

@@ -1,17 +1,19 @@
 //! Test harness: a development federation in a temp dir, with each area's daemon run as a real
-//! `refex run` process on its own loopback ports. Processes are killed and directories removed
-//! on drop.
+//! `refex run` process on its own loopback ports, through the same process harness the demo
+//! uses (`refex::edge::harness`). Processes are killed and directories removed on drop.
 
 #![allow(dead_code)]
 
 use std::fs;
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use refex::core::types::AreaId;
+use refex::edge::harness::Daemon;
 use refex::node::settings::Settings;
 
 /// Each federation takes a block of ports of its own, so tests can run in parallel.
@@ -52,15 +54,21 @@ pub struct Federation {
     pub dir: tempfile::TempDir,
 }
 
-pub struct Node {
-    pub area: AreaId,
-    pub config: PathBuf,
-    pub settings: Settings,
-    pub log: PathBuf,
-    pub extra_env: Vec<(String, String)>,
-    /// A command to run the daemon under (e.g. strace), prepended to `refex run`.
-    pub wrapper: Vec<String>,
-    child: Option<Child>,
+/// One area's daemon in a test: the library's process harness, with helpers that panic
+/// (a test that cannot drive its daemon has failed) and that print the daemon's log on failure.
+pub struct Node(Daemon);
+
+impl Deref for Node {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.0
+    }
+}
+
+impl DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.0
+    }
 }
 
 impl Federation {
@@ -87,15 +95,13 @@ impl Federation {
                 }
                 let settings = Settings::load(&config).expect("generated config loads");
                 let log = dir.path().join(format!("{area}.log"));
-                Node {
-                    area,
+                assert_eq!(settings.area, area);
+                Node(Daemon::new(
+                    env!("CARGO_BIN_EXE_refex").into(),
                     config,
                     settings,
                     log,
-                    extra_env: Vec::new(),
-                    wrapper: Vec::new(),
-                    child: None,
-                }
+                ))
             })
             .collect();
         Self { nodes, dir }
@@ -139,126 +145,30 @@ fn merge_toml(base: &str, extra: &str) -> String {
 
 impl Node {
     pub fn start(&mut self) {
-        assert!(self.child.is_none(), "{} already running", self.area);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
-        let mut cmd = match self.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(env!("CARGO_BIN_EXE_refex"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_refex")),
-        };
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in &self.extra_env {
-            cmd.env(k, v);
+        if let Err(e) = self.0.start() {
+            panic!("{e}; log:\n{}", self.log_text());
         }
-        self.child = Some(cmd.spawn().expect("spawn refex run"));
-        let sock = self.settings.control_socket.clone();
-        let log = self.log.clone();
-        let start = Instant::now();
-        while !sock.exists() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "{} exited at start ({status}); log:\n{}",
-                    self.area,
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{} did not start",
-                self.area
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.0.pid().expect("running")
     }
 
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // Under a wrapper (strace), signal the daemon itself; the wrapper exits with it.
-        let mut target = child.id();
-        if !self.wrapper.is_empty() {
-            let children = fs::read_to_string(format!("/proc/{target}/task/{target}/children"))
-                .unwrap_or_default();
-            target = children
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(target);
-        }
-        let pid = rustix::process::Pid::from_raw(target as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                panic!("{} did not stop within 30 s of SIGTERM", self.area);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0.stop().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Sends SIGHUP (reload keys and certificates).
     pub fn hangup(&self) {
-        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
-    }
-
-    /// SIGKILL: the process dies wherever it is.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn outbox(&self) -> &Path {
-        &self.settings.paths.outbox
-    }
-
-    pub fn inbox(&self) -> &Path {
-        &self.settings.paths.inbox
+        self.0.hangup().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Drops a file the careful way: temporary name, then rename.
     pub fn drop_file(&self, name: &str, bytes: &[u8]) {
-        let tmp = self.outbox().join(format!(".{name}.tmp"));
-        fs::write(&tmp, bytes).expect("write");
-        fs::rename(&tmp, self.outbox().join(name)).expect("rename");
-    }
-
-    /// The delivered referral files (visible names only).
-    pub fn inbox_files(&self) -> Vec<PathBuf> {
-        list(self.inbox(), |n| {
-            n.ends_with(".json") && !n.starts_with('.')
-        })
+        self.0
+            .drop_file(name, bytes)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Parsed inbox documents.
@@ -267,22 +177,6 @@ impl Node {
             .iter()
             .filter_map(|p| serde_json::from_slice(&fs::read(p).ok()?).ok())
             .collect()
-    }
-
-    /// Files still waiting in the outbox (not rejected/).
-    pub fn outbox_files(&self) -> Vec<PathBuf> {
-        list(self.outbox(), |_| true)
-            .into_iter()
-            .filter(|p| p.is_file())
-            .collect()
-    }
-
-    pub fn rejected_files(&self) -> Vec<PathBuf> {
-        list(&self.outbox().join("rejected"), |_| true)
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// `refex <args> --config <this node's config>`, returning (exit code, stdout, stderr).
@@ -314,22 +208,6 @@ impl Drop for Node {
             }
         }
     }
-}
-
-fn list(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .map(|n| keep(&n.to_string_lossy()))
-                .unwrap_or(false)
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 /// A valid referral (fake person) for `area`, as REFERRAL.md's JSON.

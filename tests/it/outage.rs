@@ -9,21 +9,10 @@ use crate::harness::{referral, referral_with, wait_until, Federation};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Audit records of one node, in order.
+/// Audit records of one node, in order (the files as the audit log itself lists them).
 fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+    refex::adapters::audit::log_files(dir)
         .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("audit-")
-        })
-        .collect();
-    files.sort();
-    files
         .iter()
         .flat_map(|f| {
             fs::read_to_string(f)

@@ -33,6 +33,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 
 pub use crate::core::audit::{Actor, Event, Head, Operation, Outcome, Record, SubjectKey};
 pub use crate::crypto::SubjectSecret;
+pub use log::log_files;
 pub use report::{report, Report};
 
 use crate::core::types::{AreaId, PriorityClass};

@@ -424,7 +424,7 @@ fn refused_rows_are_written_back_with_the_header() {
 
 #[test]
 fn the_shipped_samples_are_what_they_claim() {
-    for (name, bytes) in crate::edge::demo::SAMPLES {
+    for (name, bytes) in crate::core::samples::SAMPLES {
         if name.ends_with(".json") {
             assert!(
                 parse_json(bytes).is_ok(),

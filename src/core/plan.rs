@@ -1,0 +1,310 @@
+//! The intake plan: what one outbox file becomes, decided before anything is moved.
+//!
+//! `plan(format, name, bytes, ctx, now)` parses, validates, routes and classifies every
+//! referral of a file and returns a [`Plan`]: the accepted referrals (each with its row), the
+//! refused rows (each with its errors and, where the source fields can be read, the
+//! `(source_system, source_ref)` a subject key is made from), the CSV of refused rows to write
+//! back, and the `NAME.error.json` document. The node then carries the plan out in one fixed
+//! order (seal and queue the accepted ones, audit, write the refusals, remove the file), so the
+//! path of a referral through the code never climbs back up from the file adapter to the model.
+//! Pure: no I/O, no clock (`now` is an argument), no keys (subject keys are made by the caller).
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::core::referral::csv::{column_for, parse_csv, write_rows, CsvLimits};
+use crate::core::referral::{classify, parse_json, Classified, Context, FieldError, Referral};
+
+/// How a file's bytes are to be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// One referral (`*.json`).
+    Json,
+    /// A batch, one referral per row (`*.csv`).
+    Csv,
+}
+
+/// The source fields a subject key is made from, when they could be read.
+pub type SourceRef = Option<(String, String)>;
+
+/// One referral that passed every rule.
+#[derive(Debug)]
+pub struct Accepted {
+    pub referral: Referral,
+    pub class: Classified,
+    /// The CSV row (1 = first data row), `None` for a JSON file.
+    pub row: Option<u64>,
+}
+
+/// One refused row of a batch, or the refused file itself (`row: None`).
+#[derive(Debug)]
+pub struct Refused {
+    pub row: Option<u64>,
+    pub errors: Vec<FieldError>,
+    pub source: SourceRef,
+}
+
+/// What to do with one file.
+#[derive(Debug)]
+pub enum Plan {
+    /// Nothing in the file can be taken: move it whole to `rejected/` with `error_doc`.
+    RefuseFile {
+        refused: Refused,
+        error_doc: Vec<u8>,
+    },
+    /// Take `accepted`; write the refused rows (if any) back as `rejected_csv` with `error_doc`.
+    Take {
+        accepted: Vec<Accepted>,
+        refused: Vec<Refused>,
+        batch: bool,
+        /// The refused rows as CSV and their error document; `None` when every row was taken.
+        rejected: Option<(Vec<u8>, Vec<u8>)>,
+    },
+}
+
+/// Plans `bytes` (the content of the outbox file `name`).
+pub fn plan(
+    format: Format,
+    name: &str,
+    bytes: &[u8],
+    ctx: &Context,
+    csv_limits: &CsvLimits,
+    now: DateTime<Utc>,
+) -> Plan {
+    match format {
+        Format::Json => plan_json(name, bytes, ctx, now),
+        Format::Csv => plan_csv(name, bytes, ctx, csv_limits, now),
+    }
+}
+
+/// A whole-file refusal for a reason found before the content was read (a pickup refusal).
+pub fn refuse_whole(name: &str, errors: Vec<FieldError>, now: DateTime<Utc>) -> Plan {
+    let error_doc = error_document(name, now, &errors);
+    Plan::RefuseFile {
+        refused: Refused {
+            row: None,
+            errors,
+            source: None,
+        },
+        error_doc,
+    }
+}
+
+fn plan_json(name: &str, bytes: &[u8], ctx: &Context, now: DateTime<Utc>) -> Plan {
+    let (errors, source) = match parse_json(bytes) {
+        Err(errors) => (errors, source_of_json(bytes)),
+        Ok(referral) => match classify(&referral, ctx) {
+            Ok(class) => {
+                return Plan::Take {
+                    accepted: vec![Accepted {
+                        referral,
+                        class,
+                        row: None,
+                    }],
+                    refused: Vec::new(),
+                    batch: false,
+                    rejected: None,
+                }
+            }
+            Err(errors) => {
+                let source = Some((referral.source_system, referral.source_ref));
+                (errors, source)
+            }
+        },
+    };
+    let error_doc = error_document(name, now, &errors);
+    Plan::RefuseFile {
+        refused: Refused {
+            row: None,
+            errors,
+            source,
+        },
+        error_doc,
+    }
+}
+
+fn plan_csv(
+    name: &str,
+    bytes: &[u8],
+    ctx: &Context,
+    limits: &CsvLimits,
+    now: DateTime<Utc>,
+) -> Plan {
+    let batch = match parse_csv(bytes, limits) {
+        Ok(b) => b,
+        Err(errors) => {
+            let error_doc = error_document(name, now, &errors);
+            return Plan::RefuseFile {
+                refused: Refused {
+                    row: None,
+                    errors,
+                    source: None,
+                },
+                error_doc,
+            };
+        }
+    };
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    let mut bad_rows = Vec::new();
+    for row in &batch.rows {
+        let outcome = match &row.parsed {
+            Ok(r) => classify(r, ctx).map(|c| (r.clone(), c)),
+            Err(e) => Err(e.clone()),
+        };
+        match outcome {
+            Ok((referral, class)) => accepted.push(Accepted {
+                referral,
+                class,
+                row: Some(row.row),
+            }),
+            Err(mut errors) => {
+                for err in &mut errors {
+                    err.row = Some(row.row);
+                    if err.field.contains('.') {
+                        err.field = column_for(&err.field);
+                    }
+                }
+                refused.push(Refused {
+                    row: Some(row.row),
+                    errors,
+                    source: source_of_row(&batch.header, &row.raw),
+                });
+                bad_rows.push(row);
+            }
+        }
+    }
+    let rejected = (!bad_rows.is_empty()).then(|| {
+        let all: Vec<FieldError> = refused.iter().flat_map(|r| r.errors.clone()).collect();
+        (
+            write_rows(&batch.header, &bad_rows),
+            error_document(name, now, &all),
+        )
+    });
+    Plan::Take {
+        accepted,
+        refused,
+        batch: true,
+        rejected,
+    }
+}
+
+/// The `NAME.error.json` document of REFERRAL.md.
+pub fn error_document(file: &str, now: DateTime<Utc>, errors: &[FieldError]) -> Vec<u8> {
+    let doc = json!({
+        "file": file,
+        "refused_at": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "errors": errors,
+    });
+    serde_json::to_vec_pretty(&doc).unwrap_or_default()
+}
+
+/// The source fields of a refused JSON file, when they can be read at all.
+fn source_of_json(bytes: &[u8]) -> SourceRef {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let system = v.get("source_system")?.as_str()?;
+    let reference = v.get("source_ref")?.as_str()?;
+    Some((system.to_owned(), reference.to_owned()))
+}
+
+/// The source fields of a refused CSV row, when its source columns are present.
+fn source_of_row(header: &[String], raw: &[String]) -> SourceRef {
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .and_then(|i| raw.get(i))
+            .filter(|v| !v.is_empty())
+            .cloned()
+    };
+    Some((col("source_system")?, col("source_ref")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::calendar::Calendar;
+    use crate::core::routing::RoutingTable;
+    use crate::core::types::AreaId;
+
+    fn with_ctx<T>(f: impl FnOnce(&Context) -> T) -> T {
+        let routing = RoutingTable::from_toml(include_str!("../../config/postcodes.toml")).unwrap();
+        let calendar =
+            Calendar::from_toml(include_str!("../../config/bank-holidays.toml")).unwrap();
+        let known = |_: &AreaId| true;
+        f(&Context {
+            routing: &routing,
+            calendar: &calendar,
+            is_known_area: &known,
+        })
+    }
+
+    fn limits() -> CsvLimits {
+        CsvLimits {
+            max_rows: 100,
+            max_field_bytes: 8192,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-20T15:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn the_sample_batch_plans_its_good_rows_and_lists_the_bad_ones_with_their_source() {
+        let bytes = include_bytes!("../../config/samples/daily-2026-11-20.csv");
+        let plan = with_ctx(|ctx| plan(Format::Csv, "daily.csv", bytes, ctx, &limits(), now()));
+        let Plan::Take {
+            accepted,
+            refused,
+            batch,
+            rejected,
+        } = plan
+        else {
+            panic!("the sample batch is taken");
+        };
+        assert!(batch);
+        assert!(!accepted.is_empty());
+        assert_eq!(refused.len(), 2, "the sample has two bad rows");
+        assert!(refused
+            .iter()
+            .all(|r| r.row.is_some() && !r.errors.is_empty()));
+        let (csv, doc) = rejected.expect("bad rows are written back");
+        let csv = String::from_utf8(csv).unwrap();
+        assert_eq!(csv.lines().count(), 3, "header and two rows: {csv}");
+        let doc: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(doc["file"], "daily.csv");
+        assert_eq!(doc["refused_at"], "2026-11-20T15:00:00Z");
+    }
+
+    #[test]
+    fn a_json_file_that_breaks_a_rule_is_refused_whole_and_keeps_its_source_reference() {
+        let mut v: serde_json::Value = serde_json::from_slice(include_bytes!(
+            "../../config/samples/burglary-greater-manchester.json"
+        ))
+        .unwrap();
+        v["consent"]["referral"] = serde_json::Value::Bool(false);
+        let bytes = serde_json::to_vec(&v).unwrap();
+        let plan = with_ctx(|ctx| plan(Format::Json, "x.json", &bytes, ctx, &limits(), now()));
+        let Plan::RefuseFile { refused, error_doc } = plan else {
+            panic!("refused");
+        };
+        assert_eq!(refused.row, None);
+        let (system, _) = refused.source.expect("source fields readable");
+        assert_eq!(system, v["source_system"].as_str().unwrap());
+        let doc: serde_json::Value = serde_json::from_slice(&error_doc).unwrap();
+        assert!(!doc["errors"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unreadable_json_is_refused_without_a_source() {
+        let plan = with_ctx(|ctx| plan(Format::Json, "x.json", b"{", ctx, &limits(), now()));
+        assert!(matches!(
+            plan,
+            Plan::RefuseFile {
+                refused: Refused { source: None, .. },
+                ..
+            }
+        ));
+    }
+}

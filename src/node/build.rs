@@ -1,0 +1,177 @@
+//! The composition root: opens everything a node needs, once, in order, into one [`Node`]
+//! that every component borrows from (no component is handed a bag of positional `Arc`s).
+//!
+//! Order: directories → keys (refused if readable by others) → store → audit log → inbox.
+//! Each step fails with its own [`StartError`]; nothing is opened twice. The network endpoint is
+//! bound separately by `run` (in-process tests build a `Node` without one).
+//! Must not: spawn tasks (that is `run`), or re-validate settings (they arrive in final types).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::adapters::audit::{AuditConfig, AuditLog, Justification};
+use crate::adapters::inbox_dir::InboxDir;
+use crate::adapters::store::Store;
+use crate::adapters::transport::{TlsIdentity, TransportError};
+use crate::core::referral::csv::CsvLimits;
+use crate::core::referral::Context;
+use crate::core::retry::Backoff;
+use crate::core::types::AreaId;
+use crate::crypto::directory::Directory;
+use crate::crypto::{KemSecretKey, SigningKey, SubjectSecret};
+use crate::node::settings::Settings;
+
+/// A failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("key: {0}")]
+    Key(#[from] crate::crypto::KeyError),
+    #[error("subject secret: {0}")]
+    Subject(crate::crypto::KeyError),
+    #[error("cannot create {0}: {1}")]
+    Dir(std::path::PathBuf, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::adapters::store::StoreError),
+    #[error(transparent)]
+    Audit(#[from] crate::adapters::audit::AuditError),
+    #[error("inbox: {0}")]
+    Inbox(String),
+    #[error("outbox: {0}")]
+    Outbox(String),
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+/// One wake-up signal per area's queue: intake and operators notify, the peer worker waits.
+pub type Wake = HashMap<AreaId, Arc<Notify>>;
+
+/// Everything the components of one running node share.
+pub struct Node {
+    pub settings: Arc<Settings>,
+    pub signer: Arc<SigningKey>,
+    pub kem: KemSecretKey,
+    pub subject: SubjectSecret,
+    pub store: Store,
+    pub audit: AuditLog,
+    pub inbox: Arc<InboxDir>,
+    pub wake: Wake,
+}
+
+impl Node {
+    /// Opens the node described by `settings` (see the module doc for the order).
+    pub fn open(settings: Settings) -> Result<Arc<Self>, StartError> {
+        let s = &settings;
+        for d in [
+            &s.paths.state,
+            &s.paths.audit,
+            &s.paths.inbox,
+            &s.paths.outbox,
+        ] {
+            std::fs::create_dir_all(d).map_err(|e| StartError::Dir(d.clone(), e))?;
+        }
+        let signer = Arc::new(SigningKey::load(&s.keys.signing_key)?);
+        let kem = KemSecretKey::load(&s.keys.encryption_key)?;
+        let subject = SubjectSecret::load(&s.keys.subject_secret).map_err(StartError::Subject)?;
+        if let Some(me) = s.directory.get(&s.area) {
+            if !me.signing_keys.contains(&signer.public_key()) {
+                warn!("this node's signing key is not listed for its area in the peer directory; peers will refuse its envelopes");
+            }
+        }
+        let store = Store::open(&s.paths.state.join("db"))?;
+        let audit = open_audit(s, signer.clone())?;
+        let inbox = Arc::new(
+            InboxDir::open(s.paths.inbox.clone()).map_err(|e| StartError::Inbox(e.to_string()))?,
+        );
+        let wake = s
+            .directory
+            .areas()
+            .map(|e| (e.id.clone(), Arc::new(Notify::new())))
+            .collect();
+        Ok(Arc::new(Self {
+            settings: Arc::new(settings),
+            signer,
+            kem,
+            subject,
+            store,
+            audit,
+            inbox,
+            wake,
+        }))
+    }
+
+    /// The peer directory (every area, with its keys).
+    pub fn directory(&self) -> &Directory {
+        &self.settings.directory
+    }
+
+    /// This node's area.
+    pub fn me(&self) -> &AreaId {
+        &self.settings.area
+    }
+
+    /// Wakes the worker of `area`'s queue (new or re-queued work).
+    pub fn wake(&self, area: &AreaId) {
+        if let Some(w) = self.wake.get(area) {
+            w.notify_one();
+        }
+    }
+
+    /// The classification context of this node's routing table, calendar and directory.
+    pub fn with_referral_context<T>(&self, f: impl FnOnce(&Context) -> T) -> T {
+        let known = |a: &AreaId| self.settings.directory.contains(a);
+        f(&Context {
+            routing: &self.settings.routing,
+            calendar: &self.settings.calendar,
+            is_known_area: &known,
+        })
+    }
+
+    /// The CSV bounds of intake.
+    pub fn csv_limits(&self) -> CsvLimits {
+        CsvLimits {
+            max_rows: self.settings.intake.max_csv_rows,
+            max_field_bytes: self.settings.intake.max_field_bytes,
+        }
+    }
+
+    /// The retry schedule of the sending side.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.settings.delivery.retry_initial,
+            max: self.settings.delivery.retry_max,
+        }
+    }
+}
+
+/// Loads the TLS identity named in `settings` (at start and on SIGHUP).
+pub fn load_tls(settings: &Settings) -> Result<TlsIdentity, TransportError> {
+    TlsIdentity::load(
+        &settings.keys.tls_ca,
+        &settings.keys.tls_cert,
+        &settings.keys.tls_key,
+        settings.keys.tls_crl.as_deref(),
+    )
+}
+
+/// Opens the audit log as configured (also used by CLI commands when no daemon runs).
+pub fn open_audit(
+    settings: &Settings,
+    signer: Arc<SigningKey>,
+) -> Result<AuditLog, crate::adapters::audit::AuditError> {
+    AuditLog::open(
+        AuditConfig::new(
+            settings.paths.audit.clone(),
+            settings.area.clone(),
+            Justification {
+                lawful_basis: settings.audit.lawful_basis.clone(),
+                purpose: settings.audit.purpose.clone(),
+            },
+            settings.audit.checkpoint_interval,
+            settings.audit.retention_days,
+        ),
+        signer,
+    )
+}

@@ -1,0 +1,102 @@
+//! Housekeeping: signed audit checkpoints at the configured interval, the non-delivery window
+//! (envelopes still queued after it are marked non-delivered, alerted at ERROR and kept for an
+//! operator), and retention purges of receipts, dedup ids and audit files — each audited.
+//! Must not: delete anything whose erasure is not recorded first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::adapters::audit::{Actor, Event, Operation, Outcome};
+use crate::node::build::Node;
+
+/// Periodic work: signed audit checkpoints, the non-delivery window, retention purges.
+pub async fn run(h: Arc<Node>, shutdown: CancellationToken) {
+    let s = h.settings.clone();
+    let mut checkpoint = tokio::time::interval(s.audit.checkpoint_interval);
+    let mut sweep = tokio::time::interval(Duration::from_secs(5).min(Duration::from_secs(
+        s.delivery.non_delivery_after.num_seconds().unsigned_abs(),
+    )));
+    let mut purge = tokio::time::interval(Duration::from_secs(3600));
+    checkpoint.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = checkpoint.tick() => {
+                if let Err(e) = h.audit.checkpoint().await {
+                    error!("audit checkpoint failed: {e}");
+                }
+            }
+            _ = sweep.tick() => sweep_non_delivered(&h).await,
+            _ = purge.tick() => purge_expired(&h).await,
+        }
+    }
+}
+
+async fn sweep_non_delivered(h: &Node) {
+    let cutoff = Utc::now() - h.settings.delivery.non_delivery_after;
+    let ids = match h.store.queued_before(cutoff, 1000) {
+        Ok(ids) => ids,
+        Err(e) => {
+            error!("non-delivery sweep failed: {e}");
+            return;
+        }
+    };
+    for id in ids {
+        let Ok(Some(rec)) = h.store.get(&id) else {
+            continue;
+        };
+        if h.store
+            .mark_non_delivered(&id, "non_delivery_window_passed")
+            .is_err()
+        {
+            continue;
+        }
+        crate::node::counters::count_non_delivered();
+        error!(envelope_id = %id, peer = %rec.to, attempts = rec.attempts, "envelope NOT DELIVERED within the non-delivery window; kept for an operator (refex outbox requeue|withdraw)");
+        let mut ev = Event::new(Operation::Disclosure, Actor::System, Outcome::Failed)
+            .envelope(id)
+            .route(&h.settings.area, &rec.to)
+            .reason("non_delivered");
+        if let Some(k) = &rec.subject_key {
+            ev = ev.subject_hex(k);
+        }
+        if let Err(e) = h.audit.record(ev).await {
+            error!("audit record of a non-delivery failed: {e}");
+        }
+    }
+    let _ = h.store.durable().await;
+}
+
+async fn purge_expired(h: &Node) {
+    let now = Utc::now();
+    let receipts = chrono::Duration::days(i64::from(h.settings.retention.receipts_days));
+    match h.store.purge_finished(now - receipts) {
+        Ok(gone) => {
+            for id in gone {
+                let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+                    .envelope(id)
+                    .reason("retention_receipt");
+                let _ = h.audit.record(ev).await;
+            }
+        }
+        Err(e) => error!("receipt retention purge failed: {e}"),
+    }
+    let seen = chrono::Duration::days(i64::from(h.settings.retention.seen_ids_days));
+    match h.store.purge_seen(now - seen) {
+        Ok(n) if n > 0 => {
+            let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+                .reason(&format!("retention_seen_ids:{n}"));
+            let _ = h.audit.record(ev).await;
+        }
+        Ok(_) => {}
+        Err(e) => error!("dedup id retention purge failed: {e}"),
+    }
+    if let Err(e) = h.audit.purge_expired(now).await {
+        error!("audit retention purge failed: {e}");
+    }
+    let _ = h.store.durable().await;
+}
