@@ -310,6 +310,9 @@ impl IntakeContext {
             let result = self.store.enqueue(new, &idem)?;
             queued.push((result, digest, subject));
         }
+        if let Some(d) = crate::core::failpoint::hold("intake_before_durable") {
+            tokio::time::sleep(d).await;
+        }
         self.store.durable().await?;
         crate::core::failpoint::hit("intake_after_store");
 

@@ -7,7 +7,9 @@ mod harness;
 
 mod durability;
 mod exchange;
+mod history;
 mod intake;
 mod layers;
 mod outage;
+mod powercut;
 mod torture;
