@@ -10,6 +10,7 @@ mod exchange;
 mod history;
 mod intake;
 mod layers;
+mod lazyfs;
 mod outage;
 mod powercut;
 mod torture;
