@@ -18,11 +18,18 @@
 //! while a commit is running share the next one (group commit), so a burst of N envelopes costs
 //! a handful of syncs, not N. Nothing may be acknowledged (outbox file deleted, receipt sent)
 //! before `durable()` returns.
+//! Visibility: sled shows a write to readers at once, before any sync. An envelope that
+//! [`Store::enqueue`] has written is therefore kept out of [`Store::next_queued`] (so it cannot be
+//! sent) until a commit that started after the write has synced: otherwise it could be sent and
+//! accepted while its record and idempotency key were only in memory, a crash or power cut would
+//! lose both, intake would read the outbox file again under a new envelope id, and the receiver
+//! (dedup by envelope id) would deliver the referral twice. The pending set lives in memory only:
+//! after a restart everything in sled came from the device.
 //! Crash safety: every multi-tree change is one sled transaction, so after a crash a record is
 //! either fully queued (envelope + queue key + idempotency key) or absent.
 //! Must not: know about files, the network, or how envelopes are made.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,6 +207,25 @@ struct Inner {
     commit_tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
     syncs: Arc<AtomicU64>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+/// Enqueued envelopes not yet covered by a completed sync (see "Visibility" above).
+#[derive(Default)]
+struct Pending {
+    /// Envelope id → the write's ticket; `WRITING` while the transaction is still running.
+    ids: HashMap<EnvelopeId, u64>,
+    /// Tickets handed out so far: a write gets one once its transaction has returned.
+    issued: u64,
+}
+
+const WRITING: u64 = u64::MAX;
+
+impl Pending {
+    /// Forgets every write whose ticket is at most `upto` (covered by a finished sync).
+    fn covered(&mut self, upto: u64) {
+        self.ids.retain(|_, t| *t > upto);
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -252,9 +278,11 @@ impl Store {
         let path = dir.to_owned();
         let db2 = db.clone();
         let syncs2 = syncs.clone();
+        let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
+        let pending2 = pending.clone();
         let handle = thread::Builder::new()
             .name("refex-store-commit".into())
-            .spawn(move || committer(db2, path, commit_rx, syncs2))
+            .spawn(move || committer(db2, path, commit_rx, syncs2, pending2))
             .map_err(|e| StoreError::Sled {
                 message: format!("cannot start committer: {e}"),
                 disk_full: false,
@@ -268,6 +296,7 @@ impl Store {
             commit_tx: std::sync::Mutex::new(Some(commit_tx)),
             syncs,
             committer: std::sync::Mutex::new(Some(handle)),
+            pending,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -298,7 +327,8 @@ impl Store {
     }
 
     /// Queues a sealed envelope unless `idem_key` was seen before. Not yet durable: call
-    /// [`Store::durable`] before acknowledging.
+    /// [`Store::durable`] before acknowledging. Not sendable either: [`Store::next_queued`]
+    /// skips it until a sync that covers it has finished.
     pub fn enqueue(&self, env: NewEnvelope, idem_key: &[u8; 32]) -> Result<Enqueued, StoreError> {
         let i = &self.inner;
         let rec = OutRecord {
@@ -320,6 +350,8 @@ impl Store {
         let value = encode(&rec);
         let qk = queue_key(&env.to, env.priority, rec.due_by, &env.id);
         let id = env.id;
+        // Marked before the write can be seen, so no scan finds it unmarked.
+        self.pending_lock()?.ids.insert(id, WRITING);
         let out = (&i.envelopes, &i.queue, &i.idem).transaction(|(envelopes, queue, idem)| {
             if let Some(existing) = idem.get(idem_key)? {
                 let existing = EnvelopeId::from_slice(&existing).map_err(|_| {
@@ -333,8 +365,31 @@ impl Store {
             envelopes.insert(&id.as_bytes()[..], value.clone())?;
             queue.insert(qk.clone(), &[][..])?;
             Ok(Enqueued::New(id))
-        })?;
-        Ok(out)
+        });
+        let mut pending = self.pending_lock()?;
+        match out {
+            Ok(Enqueued::New(_)) => {
+                // The write is complete: any commit that starts from here on covers it.
+                pending.issued += 1;
+                let ticket = pending.issued;
+                pending.ids.insert(id, ticket);
+            }
+            _ => {
+                pending.ids.remove(&id);
+            }
+        }
+        Ok(out?)
+    }
+
+    fn pending_lock(&self) -> Result<std::sync::MutexGuard<'_, Pending>, StoreError> {
+        self.inner.pending.lock().map_err(|_| StoreError::Closed)
+    }
+
+    /// True while `id` was enqueued but no sync covering it has finished.
+    pub fn is_pending(&self, id: &EnvelopeId) -> bool {
+        self.pending_lock()
+            .map(|p| p.ids.contains_key(id))
+            .unwrap_or(true)
     }
 
     /// One outgoing envelope's record.
@@ -345,8 +400,9 @@ impl Store {
         }
     }
 
-    /// Up to `limit` queued envelopes for `to`, in delivery order, skipping `skip` (in flight).
-    /// Reads lazily: never more than `limit + skip.len()` queue keys.
+    /// Up to `limit` queued envelopes for `to`, in delivery order, skipping `skip` (in flight)
+    /// and any envelope whose enqueue is not yet synced.
+    /// Reads lazily: never more than `limit + skip.len()` plus unsynced queue keys.
     pub fn next_queued(
         &self,
         to: &AreaId,
@@ -362,7 +418,7 @@ impl Store {
             let Some(id) = id_from_queue_key(&k) else {
                 continue;
             };
-            if skip.contains(&id) {
+            if skip.contains(&id) || self.is_pending(&id) {
                 continue;
             }
             if let Some(rec) = self.get(&id)? {
@@ -626,15 +682,28 @@ impl Store {
 }
 
 /// The group-commit loop: take every waiter that has arrived, flush and sync once, answer all.
-fn committer(db: sled::Db, dir: PathBuf, rx: mpsc::Receiver<Waiter>, syncs: Arc<AtomicU64>) {
+fn committer(
+    db: sled::Db,
+    dir: PathBuf,
+    rx: mpsc::Receiver<Waiter>,
+    syncs: Arc<AtomicU64>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+) {
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
         waiters.extend(rx.try_iter());
+        // Every enqueue that finished before this point is in what the flush below writes.
+        let upto = pending.lock().map(|p| p.issued).unwrap_or(0);
         let result = db
             .flush()
             .map_err(StoreError::from)
             .and_then(|_| sync_files(&dir));
         syncs.fetch_add(1, Ordering::Relaxed);
+        if result.is_ok() {
+            if let Ok(mut p) = pending.lock() {
+                p.covered(upto);
+            }
+        }
         for w in waiters {
             let _ = w.send(result.clone());
         }
@@ -734,6 +803,7 @@ mod tests {
             store.enqueue(again, &[9; 32]).unwrap(),
             Enqueued::Duplicate(first_id)
         );
+        store.durable().await.unwrap();
         assert_eq!(
             store
                 .next_queued(&area("london"), 10, &HashSet::new())
@@ -776,6 +846,7 @@ mod tests {
         let (ida, idb) = (a.id, b.id);
         store.enqueue(a, &[1; 32]).unwrap();
         store.enqueue(b, &[2; 32]).unwrap();
+        store.durable().await.unwrap();
         store.mark_non_delivered(&ida, "window passed").unwrap();
         store.mark_non_delivered(&idb, "window passed").unwrap();
         assert_eq!(store.non_delivered(10).unwrap().len(), 2);
@@ -812,6 +883,70 @@ mod tests {
                 .0,
             id
         );
+    }
+
+    #[tokio::test]
+    async fn an_envelope_is_not_sendable_until_its_enqueue_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let london = area("london");
+        let e = env("london", PriorityClass::Standard, 1);
+        let id = e.id;
+        store.enqueue(e, &[1; 32]).unwrap();
+        assert!(store.is_pending(&id));
+        assert!(
+            store
+                .next_queued(&london, 10, &HashSet::new())
+                .unwrap()
+                .is_empty(),
+            "an unsynced envelope must not be offered to the sender"
+        );
+        // It is stored (a re-read of its outbox file sees the idempotency key) and counted.
+        assert!(store.get(&id).unwrap().is_some());
+        assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 1);
+        store.durable().await.unwrap();
+        assert!(!store.is_pending(&id));
+        let got = store.next_queued(&london, 10, &HashSet::new()).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, id);
+    }
+
+    #[tokio::test]
+    async fn a_sync_covers_only_enqueues_finished_before_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let london = area("london");
+        let a = env("london", PriorityClass::Standard, 1);
+        let ida = a.id;
+        store.enqueue(a, &[1; 32]).unwrap();
+        store.durable().await.unwrap();
+        let b = env("london", PriorityClass::Standard, 2);
+        let idb = b.id;
+        store.enqueue(b, &[2; 32]).unwrap();
+        let ids: Vec<_> = store
+            .next_queued(&london, 10, &HashSet::new())
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, [ida], "b was written after the last sync");
+        // A duplicate enqueue leaves nothing pending behind.
+        let c = env("london", PriorityClass::Standard, 3);
+        let idc = c.id;
+        assert_eq!(
+            store.enqueue(c, &[1; 32]).unwrap(),
+            Enqueued::Duplicate(ida)
+        );
+        assert!(!store.is_pending(&idc));
+        store.durable().await.unwrap();
+        assert_eq!(
+            store
+                .next_queued(&london, 10, &HashSet::new())
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(!store.is_pending(&idb));
     }
 
     #[tokio::test]

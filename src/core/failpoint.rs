@@ -33,3 +33,27 @@ pub fn hit(point: &str) {
         }
     }
 }
+
+static HOLD: OnceLock<Option<(String, u64)>> = OnceLock::new();
+
+fn hold_target() -> &'static Option<(String, u64)> {
+    HOLD.get_or_init(|| {
+        let v = std::env::var("REFEX_HOLD_AT").ok()?;
+        let (point, ms) = v.split_once(':')?;
+        Some((point.to_owned(), ms.parse().ok()?))
+    })
+}
+
+/// `REFEX_HOLD_AT=<point>:<ms>`: how long to hold the caller at `point` (every pass), so a test
+/// can widen a race window (e.g. between a store write and its sync) and act inside it. The
+/// caller sleeps (core has no runtime): `if let Some(d) = hold("p") { sleep(d).await }`.
+/// Without the variable this is `None` after one cached read.
+pub fn hold(point: &str) -> Option<std::time::Duration> {
+    match hold_target() {
+        Some((p, ms)) if p == point => {
+            eprintln!("REFEX_HOLD_AT: holding at {point} for {ms} ms");
+            Some(std::time::Duration::from_millis(*ms))
+        }
+        _ => None,
+    }
+}

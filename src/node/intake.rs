@@ -230,6 +230,9 @@ impl Intake {
             let result = self.node.store.enqueue(new, &idem)?;
             queued.push((result, digest, subject));
         }
+        if let Some(d) = crate::core::failpoint::hold("intake_before_durable") {
+            tokio::time::sleep(d).await;
+        }
         self.node.store.durable().await?;
         crate::core::failpoint::hit("intake_after_store");
 

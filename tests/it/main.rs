@@ -7,7 +7,10 @@ mod harness;
 
 mod durability;
 mod exchange;
+mod history;
 mod intake;
 mod layers;
+mod lazyfs;
 mod outage;
+mod powercut;
 mod torture;

@@ -122,6 +122,8 @@ fn assert_exactly_once(fed: &mut Federation, expected: &[String], limit: Duratio
             node.area
         );
     }
+    crate::history::check_nodes(expected, fed.node("west-midlands"), fed.node("london"))
+        .assert(&crate::history::required_under_crashes());
 }
 
 /// Streams `total` referrals (a mix of single files and CSV batches) while killing a random side

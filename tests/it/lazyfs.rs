@@ -1,0 +1,111 @@
+//! A LazyFS mount for power-cut tests: a FUSE filesystem with its own page cache, so everything
+//! not fsynced (contents, new names, renames, unlinks) can be dropped on command, as a power cut
+//! would. The binary is built by `../shared/tools/lazyfs/build` (or named by REFEX_LAZYFS_BIN).
+//! Must not: be used where /dev/fuse is missing ([`LazyFs::mount`] returns `None` and says so).
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::wait_until;
+
+pub struct LazyFs {
+    pub mnt: PathBuf,
+    fifo: PathBuf,
+    child: Child,
+}
+
+fn binary() -> PathBuf {
+    if let Ok(b) = std::env::var("REFEX_LAZYFS_BIN") {
+        return b.into();
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = [
+        here.join("../shared/tools/lazyfs/build"),
+        PathBuf::from("/work/shared/tools/lazyfs/build"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("../shared/tools/lazyfs/build not found (set REFEX_LAZYFS_BIN)");
+    let out = std::env::temp_dir().join("lazyfs-build");
+    let o = Command::new(script)
+        .arg(&out)
+        .output()
+        .expect("run lazyfs build");
+    assert!(
+        o.status.success(),
+        "lazyfs build failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+impl LazyFs {
+    /// Mounts `root` (the backing directory) at `mnt`; `None` when /dev/fuse is missing.
+    pub fn mount(work: &Path) -> Option<Self> {
+        if !Path::new("/dev/fuse").exists() {
+            eprintln!("SKIPPED: /dev/fuse is missing; power-cut tests need FUSE (LazyFS)");
+            return None;
+        }
+        let bin = binary();
+        let (root, mnt, fifo) = (
+            work.join("root"),
+            work.join("mnt"),
+            work.join("faults.fifo"),
+        );
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&mnt).unwrap();
+        let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(st.success(), "mkfifo");
+        let cfg = work.join("lazyfs.toml");
+        fs::write(
+            &cfg,
+            format!(
+                "[faults]\nfifo_path=\"{}\"\n[cache]\napply_eviction=false\n[cache.simple]\ncustom_size=\"512mb\"\nblocks_per_page=1\n[filesystem]\nlog_all_operations=false\nlogfile=\"\"\n",
+                fifo.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg(&mnt)
+            .arg("--config-path")
+            .arg(&cfg)
+            .args(["-o", "allow_other", "-o", "modules=subdir"])
+            .arg("-o")
+            .arg(format!("subdir={}", root.display()))
+            .arg("-f")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(work.join("lazyfs.log")).unwrap())
+            .spawn()
+            .expect("start lazyfs");
+        let me = Self { mnt, fifo, child };
+        wait_until(Duration::from_secs(30), "the LazyFS mount", || {
+            fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .contains(&*me.mnt.to_string_lossy())
+        });
+        Some(me)
+    }
+
+    /// The power loss: everything not fsynced is gone.
+    pub fn clear_cache(&self) {
+        let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
+        f.write_all(b"lazyfs::clear-cache\n").unwrap();
+    }
+}
+
+impl Drop for LazyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
