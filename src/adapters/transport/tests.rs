@@ -503,3 +503,31 @@ fn the_frame_reader_refuses_oversize_trailing_and_truncated_input() {
         FrameError::Truncated { got: 0, want: 4 }
     );
 }
+
+#[tokio::test]
+async fn failed_handshakes_are_counted_apart_from_connections_and_retry_still_admits_peers() {
+    let ca = DevCa::generate("test ca", 30).unwrap();
+    let rogue = DevCa::generate("rogue ca", 30).unwrap();
+    let mut l = limits();
+    l.max_connections = 1;
+    l.retry_above_handshakes = 0; // every unvalidated address is sent a Retry first
+    let srv = Transport::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "london"), l).unwrap();
+    let (s2, tok) = (srv.clone(), CancellationToken::new());
+    let _stop = tok.clone();
+    tokio::spawn(async move {
+        s2.serve(|_p: AreaId, r: Vec<u8>| async move { r }, tok)
+            .await
+    });
+    let peer = addr_of(&srv, "london");
+    for _ in 0..3 {
+        let node = rogue.issue_node(&area("kent"), 30).unwrap();
+        let id = TlsIdentity::from_pem(&ca.cert_pem(), &node.cert_pem, &node.key_pem).unwrap();
+        assert!(client(&id).request(&peer, b"x").await.is_err());
+    }
+    // Each refusal is counted (one WARN, the rest summarised), none took a connection slot.
+    while srv.shared.refusals.count("TLS handshake failed") < 3 {
+        tokio::task::yield_now().await;
+    }
+    let honest = client(&identity(&ca, "west-midlands"));
+    assert_eq!(honest.request(&peer, b"hi").await.unwrap(), b"hi");
+}
