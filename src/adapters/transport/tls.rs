@@ -231,9 +231,10 @@ impl PeerPolicy {
 
 fn peer_chain(
     identity: Option<Box<dyn std::any::Any>>,
-) -> Result<Box<Vec<CertificateDer<'static>>>, String> {
+) -> Result<Vec<CertificateDer<'static>>, String> {
     identity
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
         .ok_or_else(|| "no certificate".into())
 }
 
