@@ -4,13 +4,17 @@
 //! SAN URI = `urn:refex:area:<area>` — the URI SAN binds the area id to the TLS identity, and
 //! the transport reads the peer's area from it. ECDSA P-256 keys; EKU serverAuth + clientAuth,
 //! because every node is both client and server.
+//! Revocation: every issued certificate carries a random positive serial (returned in
+//! [`NodeCert::serial`]) so a test can revoke it with [`DevCa::crl_pem`].
 //! Must not: be used for production (the production CA is operated offline by the federation).
 
 use chrono::{Datelike, Duration, Utc};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber,
 };
+use ring::rand::SecureRandom;
 
 use crate::core::types::AreaId;
 
@@ -39,6 +43,8 @@ pub fn area_server_name(area: &AreaId) -> String {
 pub struct NodeCert {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number (DER integer content bytes), for [`DevCa::crl_pem`].
+    pub serial: Vec<u8>,
 }
 
 /// A development certificate authority.
@@ -109,11 +115,44 @@ impl DevCa {
         ];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, valid_days);
+        let mut serial = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut serial)
+            .map_err(|_| PkiError("no randomness for a serial number".into()))?;
+        // Positive and minimally encoded: the top bit clear, the first byte non-zero.
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(NodeCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial: serial.to_vec(),
         })
+    }
+
+    /// A CRL signed by this CA revoking the certificates with the given serials (valid 7 days).
+    pub fn crl_pem(&self, revoked: &[&[u8]], crl_number: u64) -> Result<String, PkiError> {
+        let ymd = |d: chrono::DateTime<Utc>| {
+            rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8)
+        };
+        let now = Utc::now();
+        let params = CertificateRevocationListParams {
+            this_update: ymd(now - Duration::days(1)),
+            next_update: ymd(now + Duration::days(7)),
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: ymd(now - Duration::days(1)),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
     }
 }

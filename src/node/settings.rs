@@ -262,9 +262,19 @@ impl Settings {
                 max_connections_per_peer: r.number("limits.max_connections_per_peer", 4, 1, 1_000)
                     as u32,
                 max_connections: r.number("limits.max_connections", 256, 1, 100_000) as u32,
-                handshake_timeout: r.millis("limits.handshake_timeout_ms", 10_000),
+                max_handshakes: r.number("limits.max_handshakes", 64, 1, 100_000) as u32,
+                retry_above_handshakes: r.number("limits.retry_above_handshakes", 16, 0, 100_000)
+                    as u32,
+                handshake_timeout: r.millis("limits.handshake_timeout_ms", 5_000),
                 idle_timeout: r.millis("limits.idle_timeout_ms", 30_000),
                 request_timeout: r.millis("limits.request_timeout_ms", 30_000),
+                max_connection_lifetime: Duration::from_secs(r.number(
+                    "limits.max_connection_lifetime_secs",
+                    3_600,
+                    10,
+                    7 * 86_400,
+                )),
+                ..TransportLimits::default()
             },
             open: OpenPolicy {
                 max_bytes: max_frame_bytes as usize,
