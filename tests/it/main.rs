@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod corpus;
 mod durability;
 mod exchange;
 mod history;
