@@ -5,6 +5,7 @@
 //! Must not: import `edge` (except tests, which use the development federation as a fixture);
 //! touch sled, quinn, inotify or the audit files except through `adapters`.
 
+pub mod check;
 pub mod control;
 pub mod counters;
 pub mod intake;

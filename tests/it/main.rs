@@ -10,4 +10,5 @@ mod exchange;
 mod intake;
 mod layers;
 mod outage;
+mod package;
 mod torture;
