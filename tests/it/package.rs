@@ -210,8 +210,8 @@ fn the_debian_package_installs_into_a_throwaway_root_and_its_example_config_chec
     ] {
         assert!(
             list.lines()
-                .any(|l| l.starts_with(mode) && l.contains(" root/root ") && l.ends_with(path)),
-            "{mode} root/root {path} not in:\n{list}"
+                .any(|l| l.starts_with(mode) && l.contains(" 0/0 ") && l.ends_with(path)),
+            "{mode} 0/0 {path} not in:\n{list}"
         );
     }
     assert!(!list.contains("usr/lib/debug"), "{list}");
