@@ -25,6 +25,7 @@
 //! symlink, and not readable by group or others (mode & 0o077 == 0); the bytes are never logged.
 //! Must not: do network I/O or know about envelopes' wire layout beyond what seal/open need.
 
+pub mod certs;
 pub mod checkpoint;
 pub mod directory;
 mod keys;

@@ -2,7 +2,8 @@
 //! `demo`, `status` and `audit verify` are a contract ops scripts and tests rely on.
 //!
 //! Exit codes: 0 success; 1 a check failed (`audit verify`) or a command failed; 78
-//! (EX_CONFIG) the configuration is invalid — every problem is printed, one per line.
+//! (EX_CONFIG) the configuration is invalid — every problem is printed, one per line; `check-config`
+//! and `run` run the same checks (`node::check`), so a node that passes one starts under the other.
 //! Must not: print referral content, except `audit search`, which prints audit records (no
 //! personal data by construction) and is itself audited as a consultation.
 
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::types::AreaId;
 use crate::crypto::SigningKey;
+use crate::edge::logging::{eprint_error, eprint_warning};
 use crate::node::control::{self, Request};
 use crate::node::settings::Settings;
 
@@ -146,7 +148,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run { config } => run(&config),
-        Cmd::CheckConfig { config } => match load(&config) {
+        Cmd::CheckConfig { config } => match load_checked(&config) {
             Ok(s) => {
                 print!("{}", s.describe());
                 println!("configuration OK");
@@ -243,12 +245,31 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// Loads a configuration, or prints every problem and gives the EX_CONFIG exit code.
 fn load(config: &Path) -> Result<Settings, ExitCode> {
     Settings::load(config).map_err(|e| {
-        eprintln!("{}: invalid configuration:", config.display());
+        eprint_error(&format!("{}: invalid configuration:", config.display()));
         for line in &e.0 {
-            eprintln!("  {line}");
+            eprint_error(&format!("  {line}"));
         }
         ExitCode::from(EX_CONFIG)
     })
+}
+
+/// Loads a configuration and runs every start-up check (`node::check`, the same for
+/// `check-config` and `run`): warnings are printed, and any error prints every problem and
+/// gives the EX_CONFIG exit code.
+fn load_checked(config: &Path) -> Result<Settings, ExitCode> {
+    let settings = load(config)?;
+    let report = crate::node::check::check(&settings);
+    for w in report.warnings() {
+        eprint_warning(&format!("{}: {w}", config.display()));
+    }
+    if !report.is_ok() {
+        eprint_error(&format!("{}: invalid configuration:", config.display()));
+        for e in report.errors() {
+            eprint_error(&format!("  {e}"));
+        }
+        return Err(ExitCode::from(EX_CONFIG));
+    }
+    Ok(settings)
 }
 
 fn with_settings(config: &Path, f: impl FnOnce(&Settings) -> Result<(), String>) -> ExitCode {
@@ -297,7 +318,7 @@ fn request(
 }
 
 fn run(config: &Path) -> ExitCode {
-    let settings = match load(config) {
+    let settings = match load_checked(config) {
         Ok(s) => s,
         Err(code) => return code,
     };

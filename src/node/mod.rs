@@ -6,6 +6,7 @@
 //! touch sled, quinn, inotify or the audit files except through `adapters`.
 
 pub mod build;
+pub mod check;
 pub mod control;
 pub mod counters;
 pub mod housekeeping;

@@ -14,4 +14,5 @@ mod layers;
 mod lazyfs;
 mod outage;
 mod powercut;
+mod package;
 mod torture;
