@@ -336,7 +336,7 @@ async fn workload(dir: &Path) -> Vec<VerifyingKey> {
         for e in entries {
             log.tally(e).await.unwrap();
         }
-        if clock == nov18 as fn() -> _ {
+        if std::ptr::fn_addr_eq(clock, nov18 as fn() -> _) {
             log.record(
                 Event::new(Operation::Refusal, Actor::System, Outcome::Refused)
                     .reason("explicit_consent_required"),
