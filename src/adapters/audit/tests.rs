@@ -313,7 +313,8 @@ async fn workload(dir: &Path) -> Vec<VerifyingKey> {
     let std = PriorityClass::Standard;
     let enh = PriorityClass::Enhanced;
     // (intake clock, entries): the referral of the 20th is taken in on the 23rd (late).
-    let days: [(fn() -> chrono::DateTime<Utc>, Vec<TallyEntry>); 5] = [
+    type Clock = fn() -> chrono::DateTime<Utc>;
+    let days: [(Clock, Vec<TallyEntry>); 5] = [
         (nov16, vec![tally(16, "london", std, "burglary", None)]),
         (nov18, vec![tally(18, "london", std, "burglary", None)]),
         (

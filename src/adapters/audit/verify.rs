@@ -156,19 +156,16 @@ pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyF
         let mut offset = 0u64;
         let mut line_no = 0;
         loop {
-            if let Some(bound) = acks.get(&(name.clone(), offset)) {
+            if let Some(Some((len, sha))) = acks.get(&(name.clone(), offset)) {
                 // The bytes from here on are a noted fragment: they must be exactly those noted.
-                if let Some((len, sha)) = bound {
-                    let (got_len, got_sha) =
-                        log::fragment_digest(path, offset).map_err(|e| io(e))?;
-                    if got_len != *len || hex::encode(got_sha) != *sha {
-                        return Err(fail(&name, line_no + 1, None, format!("the torn fragment at byte {offset} is not the one the torn_tail note binds ({got_len} bytes, expected {len}): altered")));
-                    }
-                    used_acks.insert((name.clone(), offset));
-                    break;
+                let (got_len, got_sha) = log::fragment_digest(path, offset).map_err(io)?;
+                if got_len != *len || hex::encode(got_sha) != *sha {
+                    return Err(fail(&name, line_no + 1, None, format!("the torn fragment at byte {offset} is not the one the torn_tail note binds ({got_len} bytes, expected {len}): altered")));
                 }
+                used_acks.insert((name.clone(), offset));
+                break;
             }
-            let Some(complete) = next_line(&mut r, &mut buf).map_err(|e| io(e))? else {
+            let Some(complete) = next_line(&mut r, &mut buf).map_err(io)? else {
                 break;
             };
             line_no += 1;
