@@ -3,7 +3,12 @@
 //! Every record is one JSON line; its hash is SHA-256 of the line's exact bytes (without the
 //! newline); each record's `prev` is the previous record's hash (64 zeros for the very first).
 //! A checkpoint record carries `head` (= its `prev`), the area, the signer's public key and an
-//! Ed25519 signature over `CHECKPOINT_TAG ‖ area ‖ 0 ‖ seq (u64 BE) ‖ head`.
+//! Ed25519 signature over `CHECKPOINT_TAG ‖ area ‖ 0 ‖ seq (u64 BE) ‖ head` (version 1) or
+//! `CHECKPOINT_TAG_V2 ‖ area ‖ 0 ‖ seq (u64 BE) ‖ time ‖ 0 ‖ head` (version 2: the time is
+//! signed too). Version 2 (this code) adds `tally` records (one referral counted: `from`, `to`,
+//! `priority`, `category`, `incident`, `referred`, `late`; never a subject key or envelope id)
+//! and binds torn-tail notes to the fragment (`length`, `fragment_sha256`). Version-1 lines
+//! still parse and verify by their own rules.
 //! Verification walks lines in order and names the first record that breaks a rule.
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -12,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::core::digest::sha256;
 use crate::core::types::{AreaId, EnvelopeId, PriorityClass};
 
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 pub const CHECKPOINT_TAG: &[u8] = b"refex/1 audit-checkpoint\0";
+pub const CHECKPOINT_TAG_V2: &[u8] = b"refex/2 audit-checkpoint\0";
 
 /// The s.62 operations, plus the log's own record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +37,8 @@ pub enum Operation {
     Checkpoint,
     /// A note that the previous run ended with a torn (half-written) line.
     TornTail,
+    /// One referral counted for the returns (counts only: no subject key, no envelope id).
+    Tally,
 }
 
 /// Who did it.
@@ -229,6 +237,20 @@ pub struct Record {
     pub anchor_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub anchor_prev: Option<String>,
+    /// Torn-tail notes (v2): the fragment's length and SHA-256, so only those bytes pass.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fragment_sha256: Option<String>,
+    /// Tally records (v2): offence category, incident code, referral date, late at intake.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub incident: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub referred: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub late: Option<bool>,
     pub prev: String,
 }
 
@@ -262,6 +284,12 @@ impl Record {
             offset: None,
             anchor_seq: None,
             anchor_prev: None,
+            length: None,
+            fragment_sha256: None,
+            category: None,
+            incident: None,
+            referred: None,
+            late: None,
             prev: prev.to_owned(),
         }
     }
@@ -303,10 +331,21 @@ impl Record {
         r
     }
 
-    pub fn torn_tail(seq: u64, time: DateTime<Utc>, prev: &str, file: &str, offset: u64) -> Self {
+    /// A note that `file` holds `length` bytes from `offset` on (SHA-256 `fragment`) that are
+    /// not part of the chain: a crash mid-write, or a failed write that could not be cut back.
+    pub fn torn_tail(
+        seq: u64,
+        time: DateTime<Utc>,
+        prev: &str,
+        file: &str,
+        offset: u64,
+        fragment: (u64, [u8; 32]),
+    ) -> Self {
         let mut r = Self::bare(seq, time, Operation::TornTail, prev);
         r.file = Some(file.to_owned());
         r.offset = Some(offset);
+        r.length = Some(fragment.0);
+        r.fragment_sha256 = Some(hex::encode(fragment.1));
         r.reason =
             Some("previous run ended while writing this line; it is kept, not repaired".into());
         r
@@ -330,18 +369,61 @@ impl Record {
         r
     }
 
+    /// One referral counted for the returns: counts only, no subject key, no envelope id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tally(
+        seq: u64,
+        time: DateTime<Utc>,
+        prev: &str,
+        route: (&AreaId, &AreaId),
+        priority: PriorityClass,
+        category: &str,
+        incident: Option<&str>,
+        referred: Option<chrono::NaiveDate>,
+        late: Option<bool>,
+    ) -> Self {
+        let mut r = Self::bare(seq, time, Operation::Tally, prev);
+        r.from = Some(route.0.to_string());
+        r.to = Some(route.1.to_string());
+        r.priority = Some(priority);
+        r.category = Some(clean(category, 60));
+        r.incident = incident.map(|i| clean(i, 40));
+        r.referred = referred.map(|d| d.to_string());
+        r.late = late;
+        r
+    }
+
     /// The exact line (no newline).
     pub fn line(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
 }
 
-/// The bytes a checkpoint signature covers.
+fn clean(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(max)
+        .collect()
+}
+
+/// The bytes a version-1 checkpoint signature covers (no time; kept to verify old logs).
 pub fn checkpoint_message(area: &str, seq: u64, head: &str) -> Vec<u8> {
     let mut m = CHECKPOINT_TAG.to_vec();
     m.extend_from_slice(area.as_bytes());
     m.push(0);
     m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(head.as_bytes());
+    m
+}
+
+/// The bytes a version-2 checkpoint signature covers: area, sequence, time and head.
+pub fn checkpoint_message_v2(area: &str, seq: u64, time: &str, head: &str) -> Vec<u8> {
+    let mut m = CHECKPOINT_TAG_V2.to_vec();
+    m.extend_from_slice(area.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(time.as_bytes());
+    m.push(0);
     m.extend_from_slice(head.as_bytes());
     m
 }

@@ -106,6 +106,9 @@ enum AuditCmd {
         /// The provider system; without it, every system named in the log is tried.
         #[arg(long)]
         source_system: Option<String>,
+        /// Print the raw records (JSON Lines) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Counts for the MoJ/PCC returns (no personal data).
     Report {
@@ -381,36 +384,9 @@ fn audit(cmd: AuditCmd) -> ExitCode {
             config,
             source_ref,
             source_system,
+            json,
         } => with_settings(&config, |s| {
-            let secret = crate::adapters::audit::SubjectSecret::load(&s.keys.subject_secret)
-                .map_err(|e| e.to_string())?;
-            let systems: Vec<String> = match source_system {
-                Some(sys) => vec![sys],
-                None => crate::adapters::audit::source_systems(&s.paths.audit)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .collect(),
-            };
-            // Chain order: by sequence number.
-            let mut records = std::collections::BTreeMap::new();
-            for system in &systems {
-                let key = secret.key(system, &source_ref);
-                record_consultation(s, "audit_search", &key)?;
-                for line in crate::adapters::audit::search(&s.paths.audit, &key)
-                    .map_err(|e| e.to_string())?
-                {
-                    let seq = serde_json::from_str::<serde_json::Value>(&line)
-                        .ok()
-                        .and_then(|v| v["seq"].as_u64())
-                        .unwrap_or(0);
-                    records.insert(seq, line);
-                }
-            }
-            for r in records.values() {
-                println!("{r}");
-            }
-            eprintln!("{} record(s) for this subject", records.len());
-            Ok(())
+            audit_search(s, &source_ref, source_system, json)
         }),
         AuditCmd::Report {
             config,
@@ -441,18 +417,93 @@ fn audit(cmd: AuditCmd) -> ExitCode {
     }
 }
 
+/// `audit search`: one pass over the log for the subject's key under every system (or the one
+/// given); one consultation is recorded per subject key that matched (or, when nothing matched,
+/// one for the key of the system given, else one without a subject), before anything is shown.
+fn audit_search(
+    s: &Settings,
+    source_ref: &str,
+    source_system: Option<String>,
+    json: bool,
+) -> Result<(), String> {
+    use crate::adapters::audit;
+    let secret = audit::SubjectSecret::load(&s.keys.subject_secret).map_err(|e| e.to_string())?;
+    let given = source_system.is_some();
+    let systems: Vec<String> = match source_system {
+        Some(sys) => vec![sys],
+        None => audit::source_systems(&s.paths.audit)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect(),
+    };
+    let keys: Vec<audit::SubjectKey> = systems
+        .iter()
+        .map(|sys| secret.key(sys, source_ref))
+        .collect();
+    let found = audit::search_any(&s.paths.audit, &keys).map_err(|e| e.to_string())?;
+    let mut matched: Vec<usize> = found.iter().map(|(i, _)| *i).collect();
+    matched.sort_unstable();
+    matched.dedup();
+    if matched.is_empty() {
+        record_consultation(s, "audit_search", given.then(|| keys[0].clone()).as_ref())?;
+    }
+    for i in &matched {
+        record_consultation(s, "audit_search", Some(&keys[*i]))?;
+    }
+    if json {
+        for (_, line) in &found {
+            println!("{line}");
+        }
+    } else {
+        print!("{}", search_table(found.iter().map(|(_, l)| l.as_str())));
+    }
+    eprintln!(
+        "{} record(s) for this reference ({} subject key(s) matched)",
+        found.len(),
+        matched.len()
+    );
+    Ok(())
+}
+
+/// A readable table of audit records: time, operation, from → to, actor, outcome, reason.
+fn search_table<'a>(lines: impl Iterator<Item = &'a str>) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:<24} {:<13} {:<44} {:<28} {:<8} {}\n",
+        "time", "operation", "from -> to", "actor", "outcome", "reason"
+    );
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let f = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+        let route = format!("{} -> {}", f("from"), f("to"));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<13} {:<44} {:<28} {:<8} {}",
+            f("time"),
+            f("op"),
+            route,
+            f("actor"),
+            f("outcome"),
+            f("reason")
+        );
+    }
+    out
+}
+
 /// Records a consultation: through the running daemon (the single writer of the audit chain),
 /// or, when none runs, by opening the log directly.
 fn record_consultation(
     s: &Settings,
     what: &str,
-    key: &crate::adapters::audit::SubjectKey,
+    key: Option<&crate::adapters::audit::SubjectKey>,
 ) -> Result<(), String> {
     let req = request(
         "consultation",
         None,
         Some(what.into()),
-        Some(key.to_string()),
+        key.map(ToString::to_string),
     );
     if let Ok(resp) = block_on(control::call(&s.control_socket, &req)) {
         return ok_field(&resp);
@@ -460,7 +511,7 @@ fn record_consultation(
     let signer = Arc::new(SigningKey::load(&s.keys.signing_key).map_err(|e| e.to_string())?);
     block_on(async {
         let audit = crate::node::build::open_audit(s, signer).map_err(|e| e.to_string())?;
-        audit_consultation(&audit, &local_user(), what, Some(key.clone())).await;
+        audit_consultation(&audit, &local_user(), what, key.cloned()).await;
         audit.close().await.map_err(|e| e.to_string())
     })
 }

@@ -276,6 +276,10 @@ impl Intake {
                     priority: item.class.priority,
                     category: item.class.category.as_str().to_owned(),
                     incident: item.class.incident.clone(),
+                    referred: chrono::DateTime::parse_from_rfc3339(&item.referral.referred_at)
+                        .ok()
+                        .map(|d| d.date_naive()),
+                    late: None,
                 };
                 let audit = self.node.audit.clone();
                 jobs.spawn(async move { audit.tally(entry).await });

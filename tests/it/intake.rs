@@ -236,6 +236,7 @@ fn audit_search_report_and_check_config_work_for_operators() {
             "test-records",
             "--source-ref",
             "DPO-1",
+            "--json",
         ]);
         out.contains("\"op\":\"receipt\"")
     });
@@ -247,6 +248,7 @@ fn audit_search_report_and_check_config_work_for_operators() {
         "test-records",
         "--source-ref",
         "DPO-1",
+        "--json",
     ]);
     assert_eq!(code, 0, "{err}");
     let ops: Vec<String> = out
@@ -269,6 +271,7 @@ fn audit_search_report_and_check_config_work_for_operators() {
         "test-records",
         "--source-ref",
         "DPO-2",
+        "--json",
     ]);
     assert!(
         out.lines().all(|l| !out2.contains(l)),
@@ -277,8 +280,20 @@ fn audit_search_report_and_check_config_work_for_operators() {
     assert!(other > 0);
     // Without naming the system: every system in the log is tried; the earlier searches show up
     // as consultations of this subject.
-    let (code, out3, err) = wm.cli(&["audit", "search", "--source-ref", "DPO-1"]);
+    let (code, out3, err) = wm.cli(&["audit", "search", "--source-ref", "DPO-1", "--json"]);
     assert_eq!(code, 0, "{err}");
+    // One consultation per subject matched, not one per system in the log.
+    let consultations = |o: &str| o.matches("\"op\":\"consultation\"").count();
+    let (_, out4, _) = wm.cli(&["audit", "search", "--source-ref", "DPO-1", "--json"]);
+    assert_eq!(consultations(&out4), consultations(&out3) + 1, "{out4}");
+    // The table for people: a header and one line per record.
+    let (code, table, err) = wm.cli(&["audit", "search", "--source-ref", "DPO-1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.starts_with("time") && table.contains("from -> to") && table.contains("receipt"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), out4.lines().count() + 2, "{table}");
     assert!(
         out3.contains("\"op\":\"consultation\""),
         "the earlier search was recorded as a consultation"

@@ -1,19 +1,29 @@
 //! The audit file adapter: appends records with group commit, rotates daily, writes signed
-//! checkpoints, handles a torn tail left by a crash, and keeps the aggregate tally.
+//! checkpoints (on a timer, every N records, at close), notes torn tails, and chains the tally.
 //!
-//! One writer thread owns the files. Callers send requests and wait; the thread takes every
-//! request that has arrived, appends all their lines with one `write`, one `fdatasync`, and only
-//! then answers — so a record is on the device before its caller acts (group commit).
-//! A failed write (disk full) is cut back to the last complete line before anyone is answered,
-//! and the callers get the error; the chain head does not move.
+//! One writer thread owns the files, and an exclusive `flock` on `audit.lock` in the directory
+//! makes it the only writer there is (a second open, in this process or another, fails with
+//! [`AuditError::Locked`]). Callers send requests and wait; the thread takes every request that
+//! has arrived, appends all their lines with one `write`, one `fdatasync`, and only then
+//! answers — so a record is on the device before its caller acts (group commit).
+//! A failed append (disk full, I/O error): the fd is dropped (a failed `fdatasync` is never
+//! retried on it — the page cache may already have dropped the data), the file is cut back to
+//! the last acknowledged byte through a fresh fd and synced, and the callers get the error; no
+//! sequence number is consumed and the head does not move. If the cut-back fails too, the file
+//! is abandoned: the next write goes to a new file and starts with a `torn_tail` record binding
+//! the leftover bytes (offset, length, SHA-256), which `verify` then skips. Once the chain
+//! append is durable the head moves even if `checkpoints.jsonl` then fails (its lines are
+//! retried with the next commit), so nothing is ever written twice under one sequence number.
 //! Files: `audit-YYYY-MM-DD-NN.jsonl` (UTC date of the records; NN starts at 00 and rises when a
 //! file must not be appended to, e.g. after a torn tail), created mode 0640 with the directory
 //! fsynced; `checkpoints.jsonl` (every checkpoint line again, so truncation of the main log after
-//! a checkpoint is detectable); `tally.json` (aggregate counts for reports, written atomically).
+//! a checkpoint is detectable). Tally counts are chained `tally` records (no `tally.json`).
+//! Must not: answer a caller before its record is durable; append to a file after a failed
+//! sync on it without first cutting it back through a fresh fd.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -34,9 +44,13 @@ struct Writer {
     head: Head,
     file: Option<(String, File, u64)>,
     next_suffix: BTreeMap<NaiveDate, u32>,
+    /// A file with bytes past `offset` that are not in the chain (noted before the next record).
     pending_torn: Option<(String, u64)>,
-    tally: BTreeMap<String, u64>,
-    tally_dirty: bool,
+    /// Checkpoint lines durable in the chain but not yet in `checkpoints.jsonl`.
+    pending_checkpoints: Vec<String>,
+    /// Records since the last checkpoint (for `checkpoint_every_records`).
+    since_checkpoint: u64,
+    _lock: File,
     shared_head: Arc<Mutex<Head>>,
     syncs: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -68,7 +82,12 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
 }
 
 /// What `start` hands back: the job queue, the shared head, the sync counter.
-pub(super) type Started = (Sender, Arc<Mutex<Head>>, Arc<std::sync::atomic::AtomicU64>);
+pub(super) type Started = (
+    Sender,
+    Arc<Mutex<Head>>,
+    Arc<std::sync::atomic::AtomicU64>,
+    oneshot::Receiver<()>,
+);
 
 /// A crash while appending to `checkpoints.jsonl` leaves a fragment without a newline; later
 /// appends must not glue onto it. The fragment is kept (never repaired) and closed with a newline;
@@ -93,9 +112,47 @@ fn seal_torn_checkpoints(dir: &Path) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// Starts the writer: finds the chain head, notes a torn tail, loads the tally.
+/// Takes the directory's exclusive writer lock (released when the writer thread ends).
+fn lock_dir(dir: &Path) -> Result<File, AuditError> {
+    let path = dir.join("audit.lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o640)
+        .open(&path)
+        .map_err(|e| AuditError::io(&path, e))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(AuditError::Locked(dir.to_owned())),
+        Err(e) => Err(AuditError::io(&path, e.into())),
+    }
+}
+
+/// SHA-256 and length of `path` from `offset` to its end, streamed.
+pub(super) fn fragment_digest(path: &Path, offset: u64) -> std::io::Result<(u64, [u8; 32])> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        len += n as u64;
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok((len, out))
+}
+
+/// Starts the writer: takes the lock, finds the chain head, notes a torn tail.
 pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started, AuditError> {
     fs::create_dir_all(&cfg.dir).map_err(|e| AuditError::io(&cfg.dir, e))?;
+    let lock = lock_dir(&cfg.dir)?;
     let mut head = Head {
         seq: 0,
         hash: GENESIS.into(),
@@ -151,12 +208,6 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
         break;
     }
     seal_torn_checkpoints(&cfg.dir)?;
-    let tally_path = cfg.dir.join("tally.json");
-    let tally = match fs::read(&tally_path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|_| AuditError::Corrupt("tally.json does not parse".into()))?,
-        Err(_) => BTreeMap::new(),
-    };
     let shared_head = Arc::new(Mutex::new(head.clone()));
     let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (tx, rx) = mpsc::channel::<(JobKind, Reply)>();
@@ -167,16 +218,23 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
         file: None,
         next_suffix,
         pending_torn,
-        tally,
-        tally_dirty: false,
+        pending_checkpoints: Vec::new(),
+        since_checkpoint: 0,
+        _lock: lock,
         shared_head: shared_head.clone(),
         syncs: syncs.clone(),
     };
+    let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("refex-audit".into())
-        .spawn(move || w.run(rx))
+        .spawn(move || {
+            w.run(rx);
+            // Files and the lock are released before anyone waiting in `close` goes on.
+            drop(w);
+            let _ = done_tx.send(());
+        })
         .map_err(|e| AuditError::Corrupt(format!("cannot start the audit writer: {e}")))?;
-    Ok((tx, shared_head, syncs))
+    Ok((tx, shared_head, syncs, done_rx))
 }
 
 impl Writer {
@@ -196,7 +254,9 @@ impl Writer {
     fn commit(&mut self, batch: Vec<(JobKind, Reply)>) {
         let mut lines: Vec<(DateTime<Utc>, String)> = Vec::new();
         let mut head = self.head.clone();
+        let mut since = self.since_checkpoint;
         let mut answers = Vec::new();
+        let mut checkpoints = Vec::new();
         let push = |rec: Record,
                     time: DateTime<Utc>,
                     head: &mut Head,
@@ -210,16 +270,30 @@ impl Writer {
         };
         if let Some((file, offset)) = self.pending_torn.clone() {
             let t = self.now();
-            push(
-                Record::torn_tail(head.seq + 1, t, &head.hash, &file, offset),
-                t,
-                &mut head,
-                &mut lines,
-            );
+            let path = self.cfg.dir.join(&file);
+            match fragment_digest(&path, offset) {
+                Ok(fragment) => {
+                    push(
+                        Record::torn_tail(head.seq + 1, t, &head.hash, &file, offset, fragment),
+                        t,
+                        &mut head,
+                        &mut lines,
+                    );
+                    since += 1;
+                }
+                Err(e) => {
+                    let e = AuditError::io(&path, e);
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
         }
-        let mut checkpoints = Vec::new();
+        let every = self.cfg.checkpoint_every_records.max(1);
         for (job, reply) in batch {
             let t = self.now();
+            let mut is_checkpoint = false;
             match job {
                 JobKind::Event(ev) => {
                     let j = &self.cfg.justification;
@@ -243,10 +317,21 @@ impl Writer {
                     );
                     checkpoints.push(rec.line());
                     push(rec, t, &mut head, &mut lines);
+                    is_checkpoint = true;
                 }
-                JobKind::Tally(entry) => {
-                    *self.tally.entry(entry.key()).or_default() += 1;
-                    self.tally_dirty = true;
+                JobKind::Tally(e) => {
+                    let rec = Record::tally(
+                        head.seq + 1,
+                        t,
+                        &head.hash,
+                        (&e.from, &e.to),
+                        e.priority,
+                        &e.category,
+                        e.incident.as_deref(),
+                        e.referred,
+                        e.late,
+                    );
+                    push(rec, t, &mut head, &mut lines);
                 }
                 JobKind::Purge(now) => match self.purge(now, &head) {
                     Ok(Some(rec)) => push(rec, t, &mut head, &mut lines),
@@ -257,20 +342,40 @@ impl Writer {
                     }
                 },
             }
+            since = if is_checkpoint { 0 } else { since + 1 };
             answers.push((reply, head.clone()));
+            if since >= every {
+                let rec = crate::crypto::checkpoint::sign(
+                    head.seq + 1,
+                    t,
+                    &head.hash,
+                    &self.cfg.area,
+                    &self.signer,
+                );
+                checkpoints.push(rec.line());
+                push(rec, t, &mut head, &mut lines);
+                since = 0;
+            }
         }
-        let result = self
-            .append(&lines)
-            .and_then(|_| self.write_checkpoints(&checkpoints))
-            .and_then(|_| self.write_tally());
+        let result = self.append(&lines);
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(()) => {
+                // The chain is durable: the head moves whatever happens to the copy below.
                 self.pending_torn = None;
                 self.head = head;
+                self.since_checkpoint = since;
                 if let Ok(mut h) = self.shared_head.lock() {
                     *h = self.head.clone();
+                }
+                self.pending_checkpoints.extend(checkpoints);
+                let copied = self.write_checkpoints();
+                match copied {
+                    Ok(()) => self.pending_checkpoints.clear(),
+                    Err(e) => {
+                        error!("checkpoints.jsonl not written (retried with the next record): {e}")
+                    }
                 }
                 for (reply, h) in answers {
                     let _ = reply.send(Ok(h));
@@ -280,6 +385,29 @@ impl Writer {
                 for (reply, _) in answers {
                     let _ = reply.send(Err(e.clone()));
                 }
+            }
+        }
+    }
+
+    /// After a failed write or sync on the current file: drop its fd, cut the file back to the
+    /// last acknowledged byte through a fresh fd, sync it; if that fails, abandon the file and
+    /// note the leftover bytes for the next record (`torn_tail`).
+    fn recover(&mut self) {
+        let Some((name, fd, len)) = self.file.take() else {
+            return;
+        };
+        drop(fd);
+        let path = self.cfg.dir.join(&name);
+        let fresh = OpenOptions::new().append(true).open(&path).and_then(|f| {
+            f.set_len(len)?;
+            f.sync_all()?;
+            Ok(f)
+        });
+        match fresh {
+            Ok(f) => self.file = Some((name, f, len)),
+            Err(e) => {
+                error!(file = %name, offset = len, "audit file could not be cut back after a failed write ({e}); it is abandoned and the leftover bytes are noted");
+                self.pending_torn = Some((name, len));
             }
         }
     }
@@ -321,11 +449,17 @@ impl Writer {
                 continue;
             };
             let path = self.cfg.dir.join(&*name);
-            let written = f.write_all(&buf).and_then(|_| f.sync_data());
+            let written = match fail_injected(&self.cfg) {
+                Some(e) => {
+                    // A failpoint for tests: half the batch reaches the file, then the error.
+                    let _ = f.write_all(&buf[..buf.len() / 2]);
+                    Err(e)
+                }
+                None => f.write_all(&buf).and_then(|_| f.sync_data()),
+            };
             if let Err(e) = written {
-                // Nothing was acknowledged: cut back to the last complete line.
-                let _ = f.set_len(*len);
-                let _ = f.sync_data();
+                // Nothing was acknowledged: the whole commit is undone.
+                self.recover();
                 return Err(AuditError::io(&path, e));
             }
             *len += buf.len() as u64;
@@ -333,7 +467,8 @@ impl Writer {
         Ok(())
     }
 
-    fn write_checkpoints(&self, lines: &[String]) -> Result<(), AuditError> {
+    fn write_checkpoints(&self) -> Result<(), AuditError> {
+        let lines = &self.pending_checkpoints;
         if lines.is_empty() {
             return Ok(());
         }
@@ -352,18 +487,6 @@ impl Writer {
         f.write_all(buf.as_bytes())
             .and_then(|_| f.sync_data())
             .map_err(|e| AuditError::io(&path, e))
-    }
-
-    fn write_tally(&mut self) -> Result<(), AuditError> {
-        if !self.tally_dirty {
-            return Ok(());
-        }
-        let path = self.cfg.dir.join("tally.json");
-        let bytes = serde_json::to_vec(&self.tally).unwrap_or_default();
-        crate::adapters::durable::replace(&self.cfg.dir, ".tally.json.tmp", "tally.json", &bytes)
-            .map_err(|e| AuditError::io(&path, e))?;
-        self.tally_dirty = false;
-        Ok(())
     }
 
     /// Removes whole daily files older than the retention period (never the newest file).
@@ -427,6 +550,13 @@ pub(super) async fn submit(
             .map_err(|_| AuditError::Closed)?;
     }
     rx.await.map_err(|_| AuditError::Closed)?
+}
+
+/// The failpoint of [`AuditConfig::fail_appends`]: an I/O error (EIO) while it is set.
+fn fail_injected(cfg: &AuditConfig) -> Option<std::io::Error> {
+    cfg.fail_appends
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| std::io::Error::from_raw_os_error(5))
 }
 
 /// What a caller asks of the writer.

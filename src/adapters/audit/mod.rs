@@ -1,29 +1,32 @@
 //! The audit log (DPA 2018 s.62 / UK GDPR): append-only JSON Lines, hash-chained, with signed
 //! checkpoints; plus subject-access search and the aggregate returns.
 //!
-//! Record format (version 1; see `chain.rs` for every field): `v, seq, time, op, envelope_id,
+//! Record format (version 2; see `core::audit` for every field): `v, seq, time, op, envelope_id,
 //! from, to, actor, lawful_basis, purpose, outcome, reason, payload_digest, subject_key,
 //! source_system, source_file_sha256, source_row, priority, peer_audit_head, [checkpoint: area,
 //! head, key, sig], [torn tail / purge: file, offset, anchor_seq, anchor_prev], prev`. Unset
 //! fields are omitted. `source_system` is the provider system's name (`wmp-records`), not
 //! personal data; it lets a subject access search try every system in the log.
+//! Version 2 (see `core::audit`) adds `tally` records and fragment-bound torn-tail notes, and
+//! checkpoints sign their time; version-1 logs still verify.
 //! Never in a record: names, addresses, dates of birth, free text, offence details. The offence
-//! category and incident code are counted only in `tally.json`, aggregated by day, area pair and
-//! priority, with no subject key, envelope id or time of day (see README, "Data protection").
+//! category and incident code appear only in `tally` records, which carry counts only — no
+//! subject key, no envelope id (see README, "Data protection"); the report is computed from
+//! them, so `verify` covers every figure. A `tally.json` left by older versions is ignored.
 //! Chain: `prev` = SHA-256 of the previous line's bytes; it continues across daily files.
 //! Recovery: a torn last line (crash mid-write) is left as it is; the next run writes to a new
 //! file, first a `torn_tail` record naming the file and offset, and `verify` accepts a torn line
 //! only when such a record acknowledges it. Truncation after a checkpoint is caught through
 //! `checkpoints.jsonl`. A retention purge removes whole old files and records an erasure naming
 //! them and the first surviving record (the new anchor).
-//! Must not: be written by two processes at once (the daemon owns it; CLI commands go through
-//! its control socket, or open it only when no daemon runs).
+//! Must not: be written by two processes at once — enforced by a `flock` on `audit.lock` (the
+//! daemon owns it; CLI commands go through its control socket, or open it only when no daemon
+//! runs, and get [`AuditError::Locked`] otherwise).
 
 mod log;
 mod report;
+mod verify;
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -35,9 +38,10 @@ pub use crate::core::audit::{Actor, Event, Head, Operation, Outcome, Record, Sub
 pub use crate::crypto::SubjectSecret;
 pub use log::log_files;
 pub use report::{report, Report};
+pub use verify::{verify, VerifyFailure, VerifyReport};
 
 use crate::core::types::{AreaId, PriorityClass};
-use crate::crypto::{SigningKey, VerifyingKey};
+use crate::crypto::SigningKey;
 
 /// Audit errors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -55,6 +59,9 @@ pub enum AuditError {
     /// The writer has stopped.
     #[error("audit log is closed")]
     Closed,
+    /// Another writer (the daemon, or another command) holds the directory's lock.
+    #[error("audit log {0} is in use by another process (the daemon?): only one writer may append to it; use the daemon's control socket or stop it first")]
+    Locked(PathBuf),
 }
 
 impl AuditError {
@@ -92,9 +99,14 @@ pub struct AuditConfig {
     pub area: AreaId,
     pub justification: Justification,
     pub checkpoint_interval: Duration,
+    /// A signed checkpoint also follows every this many records (default 1000).
+    pub checkpoint_every_records: u64,
     pub retention_days: u32,
     /// The clock records are stamped with (injectable for tests of daily rotation).
     pub clock: fn() -> DateTime<Utc>,
+    /// Failpoint for tests: while true, every append fails with EIO after writing half its
+    /// bytes (as a failing device would). Never set outside tests.
+    pub fail_appends: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AuditConfig {
@@ -110,38 +122,29 @@ impl AuditConfig {
             area,
             justification,
             checkpoint_interval,
+            checkpoint_every_records: 1000,
             retention_days,
             clock: Utc::now,
+            fail_appends: Arc::default(),
         }
     }
 }
 
-/// One referral counted for the returns (no subject key, no time of day).
+/// One referral counted for the returns, written as a chained `tally` record: counts only (no
+/// subject key, no envelope id), so the report is computed from the chain and `verify` covers it.
 #[derive(Clone, Debug)]
 pub struct TallyEntry {
+    /// Intake date (the record's own time is what the report uses; kept for callers).
     pub day: NaiveDate,
     pub from: AreaId,
     pub to: AreaId,
     pub priority: PriorityClass,
     pub category: String,
     pub incident: Option<String>,
-}
-
-impl TallyEntry {
-    fn key(&self) -> String {
-        let incident: String = self
-            .incident
-            .as_deref()
-            .unwrap_or("-")
-            .chars()
-            .filter(|c| *c != '|')
-            .take(40)
-            .collect();
-        format!(
-            "{}|{}|{}|{}|{}|{}",
-            self.day, self.from, self.to, self.priority, self.category, incident
-        )
-    }
+    /// The referral's own date (`referred_at`), for counts by referral date.
+    pub referred: Option<NaiveDate>,
+    /// Past `due_by` at intake, when the caller knows.
+    pub late: Option<bool>,
 }
 
 /// The audit log handle. Cheap to clone.
@@ -150,16 +153,19 @@ pub struct AuditLog {
     tx: Arc<Mutex<Option<log::Sender>>>,
     head: Arc<Mutex<Head>>,
     syncs: Arc<std::sync::atomic::AtomicU64>,
+    stopped: Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
 impl AuditLog {
     /// Opens the log in `cfg.dir`, continuing the chain (see the module doc for torn tails).
+    /// Fails with [`AuditError::Locked`] while another writer holds the directory.
     pub fn open(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Self, AuditError> {
-        let (tx, head, syncs) = log::start(cfg, signer)?;
+        let (tx, head, syncs, stopped) = log::start(cfg, signer)?;
         Ok(Self {
             tx: Arc::new(Mutex::new(Some(tx))),
             head,
             syncs,
+            stopped: Arc::new(Mutex::new(Some(stopped))),
         })
     }
 
@@ -200,282 +206,69 @@ impl AuditLog {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    /// Writes the final checkpoint and stops the writer.
+    /// Writes the final checkpoint, stops the writer and waits until it has released the files
+    /// and the directory lock.
     pub async fn close(&self) -> Result<(), AuditError> {
         let r = self.checkpoint().await.map(|_| ());
         if let Ok(mut g) = self.tx.lock() {
             g.take();
         }
+        let stopped = self.stopped.lock().ok().and_then(|mut g| g.take());
+        if let Some(rx) = stopped {
+            let _ = rx.await;
+        }
         r
     }
 }
 
-/// What `verify` found in a good log.
-#[derive(Debug)]
-pub struct VerifyReport {
-    pub records: u64,
-    pub checkpoints: u64,
-    pub files: usize,
-    pub torn_acknowledged: usize,
-}
-
-impl fmt::Display for VerifyReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} records in {} files, {} signed checkpoints",
-            self.records, self.files, self.checkpoints
-        )?;
-        if self.torn_acknowledged > 0 {
-            write!(
-                f,
-                ", {} torn record(s) from crashes, acknowledged",
-                self.torn_acknowledged
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// The first thing wrong with a log.
-#[derive(Debug)]
-pub struct VerifyFailure {
-    pub file: String,
-    pub line: usize,
-    pub seq: Option<u64>,
-    pub problem: String,
-}
-
-impl fmt::Display for VerifyFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.seq {
-            Some(s) => write!(f, "{}:{} (seq {s}): {}", self.file, self.line, self.problem),
-            None => write!(f, "{}:{}: {}", self.file, self.line, self.problem),
-        }
-    }
-}
-
-fn name_of(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Checks the whole log: chain links, sequence, checkpoint signatures, the checkpoints file,
-/// torn lines. Names the first bad record.
-pub fn verify(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
-    let fail = |file: &str, line: usize, seq: Option<u64>, problem: String| VerifyFailure {
-        file: file.into(),
-        line,
-        seq,
-        problem,
-    };
-    let files = log::log_files(dir).map_err(|e| fail("-", 0, None, e.to_string()))?;
-    let mut prev_hash: Option<String> = None;
-    let mut prev_seq: Option<u64> = None;
-    let mut prev_at: (String, usize) = ("-".into(), 0);
-    let mut first: Option<(u64, String, String, usize)> = None;
-    let mut anchors: Vec<(u64, String)> = Vec::new();
-    let mut torn: Vec<(String, u64, usize)> = Vec::new();
-    let mut acknowledged: Vec<(String, u64)> = Vec::new();
-    let mut chain_checkpoints: BTreeMap<u64, String> = BTreeMap::new();
-    let mut checkpoint_lines: Vec<String> = Vec::new();
-    let mut records = 0;
-    for path in &files {
-        let name = name_of(path);
-        let bytes = std::fs::read(path).map_err(|e| fail(&name, 0, None, e.to_string()))?;
-        let mut offset = 0usize;
-        let mut line_no = 0;
-        while offset < bytes.len() {
-            line_no += 1;
-            let end = bytes[offset..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map(|i| offset + i);
-            let Some(end) = end else {
-                // A torn last line: acceptable only if a later torn_tail record names it.
-                torn.push((name.clone(), offset as u64, line_no));
-                break;
-            };
-            let line = &bytes[offset..end];
-            let rec: Record = serde_json::from_slice(line).map_err(|_| {
-                fail(
-                    &name,
-                    line_no,
-                    None,
-                    "record does not parse (altered or damaged)".into(),
-                )
-            })?;
-            if let (Some(ps), Some(ph)) = (prev_seq, &prev_hash) {
-                if rec.seq <= ps {
-                    return Err(fail(
-                        &name,
-                        line_no,
-                        Some(rec.seq),
-                        format!("out of order: seq {} follows seq {ps} (reordered)", rec.seq),
-                    ));
-                }
-                if rec.seq != ps + 1 {
-                    return Err(fail(
-                        &name,
-                        line_no,
-                        Some(rec.seq),
-                        format!("records {}..={} are missing (removed)", ps + 1, rec.seq - 1),
-                    ));
-                }
-                if &rec.prev != ph {
-                    return Err(fail(
-                        &prev_at.0,
-                        prev_at.1,
-                        Some(ps),
-                        "record was altered: the next record's hash link does not match it".into(),
-                    ));
-                }
-            } else {
-                first = Some((rec.seq, rec.prev.clone(), name.clone(), line_no));
-            }
-            match rec.op {
-                Operation::Checkpoint => {
-                    if !crate::crypto::checkpoint::is_valid(&rec, keys) {
-                        return Err(fail(
-                            &name,
-                            line_no,
-                            Some(rec.seq),
-                            "checkpoint signature does not verify (forged or altered)".into(),
-                        ));
-                    }
-                    chain_checkpoints.insert(rec.seq, rec.prev.clone());
-                    checkpoint_lines.push(String::from_utf8_lossy(line).into_owned());
-                }
-                Operation::TornTail => {
-                    if let (Some(f), Some(o)) = (&rec.file, rec.offset) {
-                        acknowledged.push((f.clone(), o));
-                    }
-                }
-                Operation::Erasure => {
-                    if let (Some(s), Some(p)) = (rec.anchor_seq, &rec.anchor_prev) {
-                        anchors.push((s, p.clone()));
-                    }
-                }
-                _ => {}
-            }
-            prev_hash = Some(crate::core::audit::line_hash(line));
-            prev_seq = Some(rec.seq);
-            prev_at = (name.clone(), line_no);
-            records += 1;
-            offset = end + 1;
-        }
-    }
-    if let Some((seq, prev, file, line)) = &first {
-        let genesis = *seq == 1 && prev == crate::core::audit::GENESIS;
-        if !genesis && !anchors.iter().any(|(s, p)| s == seq && p == prev) {
-            return Err(fail(file, *line, Some(*seq), "the log does not start at the first record and no retention purge accounts for it (records removed)".into()));
-        }
-    }
-    for (file, offset, line) in &torn {
-        if !acknowledged.iter().any(|(f, o)| f == file && o == offset) {
-            return Err(fail(
-                file,
-                *line,
-                None,
-                "torn record not acknowledged by a later torn_tail record (truncated or damaged)"
-                    .into(),
-            ));
-        }
-    }
-    let cp_path = dir.join("checkpoints.jsonl");
-    let first_seq = first.as_ref().map(|f| f.0).unwrap_or(1);
-    let mut checkpoints = 0;
-    if let Ok(text) = std::fs::read_to_string(&cp_path) {
-        for (i, l) in text.lines().enumerate() {
-            let Ok(cp) = serde_json::from_str::<Record>(l) else {
-                // A crash while appending leaves a fragment, sealed by the next run with a
-                // newline. It is accepted only as the start of a checkpoint the chain holds
-                // whole (the chain is written first), so nothing can be added this way.
-                if !l.is_empty() && checkpoint_lines.iter().any(|c| c.starts_with(l)) {
-                    continue;
-                }
-                return Err(fail(
-                    "checkpoints.jsonl",
-                    i + 1,
-                    None,
-                    "checkpoint does not parse".into(),
-                ));
-            };
-            if cp.seq < first_seq {
+/// Calls `f` with every complete record of the log, in chain order, streaming.
+pub fn for_each_record(dir: &Path, mut f: impl FnMut(&Record, &str)) -> Result<(), AuditError> {
+    use std::io::BufRead;
+    for path in log::log_files(dir)? {
+        let file = std::fs::File::open(&path).map_err(|e| AuditError::io(&path, e))?;
+        for line in std::io::BufReader::new(file).split(b'\n') {
+            let line = line.map_err(|e| AuditError::io(&path, e))?;
+            let Ok(text) = std::str::from_utf8(&line) else {
                 continue;
-            }
-            match chain_checkpoints.get(&cp.seq) {
-                Some(head) if head == &cp.prev => checkpoints += 1,
-                Some(_) => {
-                    return Err(fail(
-                        "checkpoints.jsonl",
-                        i + 1,
-                        Some(cp.seq),
-                        "the log's checkpoint differs from the one recorded (altered)".into(),
-                    ))
-                }
-                None if prev_seq.is_some_and(|s| cp.seq > s) || prev_seq.is_none() => {
-                    return Err(fail(
-                        &prev_at.0,
-                        prev_at.1,
-                        prev_seq,
-                        format!(
-                            "log truncated: checkpoint seq {} is missing from the end of the log",
-                            cp.seq
-                        ),
-                    ));
-                }
-                None => {
-                    return Err(fail(
-                        "checkpoints.jsonl",
-                        i + 1,
-                        Some(cp.seq),
-                        "checkpoint missing from the log (removed)".into(),
-                    ))
-                }
+            };
+            if let Ok(rec) = serde_json::from_str::<Record>(text) {
+                f(&rec, text);
             }
         }
     }
-    Ok(VerifyReport {
-        records,
-        checkpoints,
-        files: files.len(),
-        torn_acknowledged: torn.len(),
-    })
+    Ok(())
 }
 
 /// The provider systems named in the log (to search for a reference without its system).
 pub fn source_systems(dir: &Path) -> Result<std::collections::BTreeSet<String>, AuditError> {
     let mut out = std::collections::BTreeSet::new();
-    for path in log::log_files(dir)? {
-        let text = std::fs::read_to_string(&path).map_err(|e| AuditError::io(&path, e))?;
-        for line in text.lines() {
-            if let Ok(Record {
-                source_system: Some(s),
-                ..
-            }) = serde_json::from_str::<Record>(line)
-            {
-                out.insert(s);
-            }
+    for_each_record(dir, |rec, _| {
+        if let Some(s) = &rec.source_system {
+            out.insert(s.clone());
         }
-    }
+    })?;
     Ok(out)
 }
 
 /// Every record carrying `key` (subject access requests).
 pub fn search(dir: &Path, key: &SubjectKey) -> Result<Vec<String>, AuditError> {
+    Ok(search_any(dir, std::slice::from_ref(key))?
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect())
+}
+
+/// Every record carrying any of `keys`, in chain order, with the index of the key it carries.
+/// One pass over the log, however many keys.
+pub fn search_any(dir: &Path, keys: &[SubjectKey]) -> Result<Vec<(usize, String)>, AuditError> {
     let mut out = Vec::new();
-    for path in log::log_files(dir)? {
-        let text = std::fs::read_to_string(&path).map_err(|e| AuditError::io(&path, e))?;
-        for line in text.lines() {
-            if let Ok(rec) = serde_json::from_str::<Record>(line) {
-                if rec.subject_key.as_deref() == Some(key.0.as_str()) {
-                    out.push(line.to_owned());
-                }
+    for_each_record(dir, |rec, line| {
+        if let Some(k) = &rec.subject_key {
+            if let Some(i) = keys.iter().position(|x| &x.0 == k) {
+                out.push((i, line.to_owned()));
             }
         }
-    }
+    })?;
     Ok(out)
 }
 

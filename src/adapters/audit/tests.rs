@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
 
+use super::verify::name_of;
 use super::*;
 use crate::core::types::EnvelopeId;
+use crate::crypto::VerifyingKey;
 
 fn config(dir: &Path) -> AuditConfig {
     AuditConfig::new(
@@ -122,7 +124,7 @@ async fn reordered_records_are_named() {
     edit_lines(&only_file(dir.path()), |l| l.swap(6, 7));
     let failure = verify(dir.path(), &keys).unwrap_err();
     assert!(
-        failure.problem.contains("missing") || failure.problem.contains("out of order"),
+        failure.problem.contains("reordered") && !failure.problem.contains("missing"),
         "{failure}"
     );
     assert_eq!(failure.line, 7, "{failure}");
@@ -276,65 +278,197 @@ async fn search_finds_every_record_of_one_subject_and_none_of_another() {
     assert!(found.iter().all(|l| l.contains(&a.0) && !l.contains(&b.0)));
 }
 
-#[tokio::test]
-async fn the_return_counts_a_known_workload() {
-    let dir = tempfile::tempdir().unwrap();
-    let (signer, _) = SigningKey::generate().unwrap();
-    let log = AuditLog::open(config(dir.path()), Arc::new(signer)).unwrap();
-    let entry = |day: u32, to: &str, p: PriorityClass, c: &str, i: Option<&str>| TallyEntry {
-        day: NaiveDate::from_ymd_opt(2026, 11, day).unwrap(),
+macro_rules! clock_at {
+    ($name:ident, $d:expr) => {
+        fn $name() -> chrono::DateTime<Utc> {
+            Utc.with_ymd_and_hms(2026, 11, $d, 12, 0, 0).unwrap()
+        }
+    };
+}
+clock_at!(nov16, 16);
+clock_at!(nov18, 18);
+clock_at!(nov23, 23);
+clock_at!(nov24, 24);
+clock_at!(nov30, 30);
+
+fn tally(referred: u32, to: &str, p: PriorityClass, c: &str, i: Option<&str>) -> TallyEntry {
+    TallyEntry {
+        day: NaiveDate::from_ymd_opt(2026, 11, referred).unwrap(),
+        referred: NaiveDate::from_ymd_opt(2026, 11, referred),
+        late: Some(referred == 20),
         from: "west-midlands".parse().unwrap(),
         to: to.parse().unwrap(),
         priority: p,
         category: c.into(),
         incident: i.map(str::to_owned),
-    };
-    // Week of 16 Nov: 3 burglaries to london (one enhanced); week of 23 Nov: 2 terrorism, incident MI-1.
-    for e in [
-        entry(16, "london", PriorityClass::Standard, "burglary", None),
-        entry(18, "london", PriorityClass::Standard, "burglary", None),
-        entry(20, "london", PriorityClass::Enhanced, "burglary", None),
-        entry(
-            23,
-            "merseyside",
-            PriorityClass::Enhanced,
-            "terrorism",
-            Some("MI-1"),
-        ),
-        entry(
-            24,
-            "merseyside",
-            PriorityClass::Enhanced,
-            "terrorism",
-            Some("MI-1"),
-        ),
-        entry(30, "london", PriorityClass::Standard, "theft", None),
-    ] {
-        log.tally(e).await.unwrap();
     }
+}
+
+/// A known workload across two weeks, each referral taken in on a chosen day (the writer's
+/// clock), plus one refusal and one referral received from a peer.
+async fn workload(dir: &Path) -> Vec<VerifyingKey> {
+    let (signer, _) = SigningKey::generate().unwrap();
+    let keys = vec![signer.public_key()];
+    let signer = Arc::new(signer);
+    let std = PriorityClass::Standard;
+    let enh = PriorityClass::Enhanced;
+    // (intake clock, entries): the referral of the 20th is taken in on the 23rd (late).
+    type Clock = fn() -> chrono::DateTime<Utc>;
+    let days: [(Clock, Vec<TallyEntry>); 5] = [
+        (nov16, vec![tally(16, "london", std, "burglary", None)]),
+        (nov18, vec![tally(18, "london", std, "burglary", None)]),
+        (
+            nov23,
+            vec![
+                tally(20, "london", enh, "burglary", None),
+                tally(23, "merseyside", enh, "terrorism", Some("MI-1")),
+            ],
+        ),
+        (
+            nov24,
+            vec![tally(24, "merseyside", enh, "terrorism", Some("MI-1"))],
+        ),
+        (nov30, vec![tally(30, "london", std, "theft", None)]),
+    ];
+    for (clock, entries) in days {
+        let mut cfg = config(dir);
+        cfg.clock = clock;
+        let log = AuditLog::open(cfg, signer.clone()).unwrap();
+        for e in entries {
+            log.tally(e).await.unwrap();
+        }
+        if std::ptr::fn_addr_eq(clock, nov18 as fn() -> _) {
+            log.record(
+                Event::new(Operation::Refusal, Actor::System, Outcome::Refused)
+                    .reason("explicit_consent_required"),
+            )
+            .await
+            .unwrap();
+            log.record(
+                Event::new(
+                    Operation::Collection,
+                    Actor::Peer("merseyside".parse().unwrap()),
+                    Outcome::Ok,
+                )
+                .route(&"merseyside".parse().unwrap(), &"london".parse().unwrap())
+                .priority(std),
+            )
+            .await
+            .unwrap();
+        }
+        log.close().await.unwrap();
+    }
+    keys
+}
+
+#[tokio::test]
+async fn the_return_counts_a_known_workload_from_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = workload(dir.path()).await;
+    verify(dir.path(), &keys).unwrap();
     let from = NaiveDate::from_ymd_opt(2026, 11, 16).unwrap();
     let to = NaiveDate::from_ymd_opt(2026, 11, 29).unwrap();
     let r = report(dir.path(), from, to, true).unwrap();
     assert_eq!(r.total(), 5, "the 30th is outside the range");
     let csv = r.to_csv();
+    for want in [
+        "sent,week of 2026-11-16,west-midlands,london,standard,burglary,-,2",
+        // Referred on the 20th, taken in on the 23rd: the next week by intake date...
+        "sent,week of 2026-11-23,west-midlands,london,enhanced,burglary,-,1",
+        "sent,week of 2026-11-23,west-midlands,merseyside,enhanced,terrorism,MI-1,2",
+        // ...but the week of the 16th by referral date.
+        "sent_by_referral_date,week of 2026-11-16,-,-,-,-,-,3",
+        "sent_by_referral_date,week of 2026-11-23,-,-,-,-,-,2",
+        "received,week of 2026-11-16,merseyside,london,standard,-,-,1",
+        "refused,-,-,-,-,explicit_consent_required,-,1",
+    ] {
+        assert!(csv.contains(want), "missing {want:?} in\n{csv}");
+    }
+    assert_eq!((r.on_time, r.late, r.late_unknown), (4, 1, 0));
+    let table = r.to_table();
     assert!(
-        csv.contains("week of 2026-11-16,west-midlands,london,standard,burglary,-,2"),
-        "{csv}"
+        table.contains("total sent: 5") && table.contains("1 late"),
+        "{table}"
     );
-    assert!(
-        csv.contains("week of 2026-11-16,west-midlands,london,enhanced,burglary,-,1"),
-        "{csv}"
-    );
-    assert!(
-        csv.contains("week of 2026-11-23,west-midlands,merseyside,enhanced,terrorism,MI-1,2"),
-        "{csv}"
-    );
-    assert!(r.to_table().contains("total: 5"));
-    let svg = r.to_svg();
-    assert!(
-        svg.starts_with("<svg") && svg.contains(">3</text>") && svg.contains(">2</text>"),
-        "{svg}"
-    );
+}
+
+/// Editing a figure is caught by `verify`; and `tally.json` (older versions) is not read.
+#[tokio::test]
+async fn figures_cannot_be_skewed_outside_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = workload(dir.path()).await;
+    let from = NaiveDate::from_ymd_opt(2026, 11, 16).unwrap();
+    let to = NaiveDate::from_ymd_opt(2026, 11, 29).unwrap();
+    let before = report(dir.path(), from, to, true).unwrap().to_csv();
+    fs::write(
+        dir.path().join("tally.json"),
+        r#"{"2026-11-17|a|b|standard|x|-":1000}"#,
+    )
+    .unwrap();
+    assert_eq!(report(dir.path(), from, to, true).unwrap().to_csv(), before);
+    // Duplicating a tally line (to inflate a count) breaks the chain.
+    let file = log::log_files(dir.path()).unwrap()[2].clone();
+    edit_lines(&file, |l| {
+        let i = l
+            .iter()
+            .position(|x| x.contains("\"op\":\"tally\""))
+            .unwrap();
+        let dup = l[i].clone();
+        l.insert(i, dup);
+    });
+    assert!(verify(dir.path(), &keys).is_err());
+}
+
+#[tokio::test]
+async fn tally_records_carry_counts_only() {
+    let dir = tempfile::tempdir().unwrap();
+    workload(dir.path()).await;
+    let mut n = 0;
+    for_each_record(dir.path(), |rec, line| {
+        if rec.op == Operation::Tally {
+            n += 1;
+            assert!(
+                rec.subject_key.is_none() && rec.envelope_id.is_none() && rec.actor.is_none(),
+                "{line}"
+            );
+        }
+    })
+    .unwrap();
+    assert_eq!(n, 6);
+}
+
+#[tokio::test]
+async fn the_svg_chart_renders_with_title_axes_and_legend() {
+    let dir = tempfile::tempdir().unwrap();
+    workload(dir.path()).await;
+    let from = NaiveDate::from_ymd_opt(2026, 11, 2).unwrap();
+    let to = NaiveDate::from_ymd_opt(2026, 11, 30).unwrap();
+    let svg = report(dir.path(), from, to, true).unwrap().to_svg();
+    for want in [
+        "<title>",
+        "week beginning",
+        "referrals",
+        "sent (by intake date)",
+        "received",
+    ] {
+        assert!(svg.contains(want), "{want}: {svg}");
+    }
+    let out = std::env::temp_dir().join("refex-audit-report-test");
+    fs::create_dir_all(&out).unwrap();
+    let (svg_path, png) = (out.join("report.svg"), out.join("report.png"));
+    fs::write(&svg_path, &svg).unwrap();
+    match std::process::Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png)
+        .arg(&svg_path)
+        .status()
+    {
+        Ok(st) => {
+            assert!(st.success(), "rsvg-convert could not render the chart");
+            assert!(fs::metadata(&png).unwrap().len() > 1000);
+        }
+        Err(e) => eprintln!("rsvg-convert not installed ({e}): PNG rendering not checked"),
+    }
 }
 
 #[tokio::test]
@@ -441,4 +575,207 @@ async fn a_torn_checkpoints_file_is_sealed_and_only_true_fragments_pass() {
         .unwrap_err()
         .problem
         .contains("does not parse"));
+}
+
+async fn count_records(log: &AuditLog, k: &SubjectKey, n: u64) {
+    for i in 0..n {
+        log.record(event(i, k)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_append_consumes_no_sequence_number_and_the_chain_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = SigningKey::generate().unwrap();
+    let keys = vec![signer.public_key()];
+    let cfg = config(dir.path());
+    let fail = cfg.fail_appends.clone();
+    let log = AuditLog::open(cfg, Arc::new(signer)).unwrap();
+    let (secret, _) = SubjectSecret::generate().unwrap();
+    let k = secret.key("s", "r");
+    count_records(&log, &k, 3).await;
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..4 {
+        let e = log.record(event(i, &k)).await.unwrap_err();
+        assert!(matches!(e, AuditError::Io { .. }), "{e}");
+    }
+    assert_eq!(
+        log.head().seq,
+        3,
+        "failed appends consume no sequence number"
+    );
+    fail.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(log.record(event(9, &k)).await.unwrap().seq, 4);
+    log.close().await.unwrap();
+    let report = verify(dir.path(), &keys).unwrap();
+    assert_eq!(report.records, 5);
+}
+
+/// A small tmpfs, unmounted on drop (tests run as root).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "mounting a tmpfs failed: the disk-full tests need root");
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_audit_volume_leaves_a_chain_that_verifies() {
+    let fs_ = Tmpfs::new("200k");
+    let dir = fs_.0.path().join("audit");
+    fs::write(fs_.0.path().join("filler"), vec![0u8; 120 * 1024]).unwrap();
+    let (signer, _) = SigningKey::generate().unwrap();
+    let keys = vec![signer.public_key()];
+    let log = AuditLog::open(config(&dir), Arc::new(signer)).unwrap();
+    let (secret, _) = SubjectSecret::generate().unwrap();
+    let k = secret.key("s", "r");
+    // Concurrent records until the volume is full, several full episodes in a row.
+    let mut full = 0;
+    let mut ok = 0u64;
+    while full < 20 {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (log, k) = (log.clone(), k.clone());
+                tokio::spawn(async move { log.record(event(i, &k)).await })
+            })
+            .collect();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(e.is_disk_full(), "{e}");
+                    full += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        log.head().seq,
+        ok,
+        "only acknowledged records hold sequence numbers"
+    );
+    verify(&dir, &keys).unwrap();
+    // Space returns: appends go on, numbered after the last acknowledged record.
+    fs::remove_file(fs_.0.path().join("filler")).unwrap();
+    count_records(&log, &k, 5).await;
+    assert_eq!(log.head().seq, ok + 5);
+    log.close().await.unwrap();
+    assert_eq!(verify(&dir, &keys).unwrap().records, ok + 6);
+}
+
+#[tokio::test]
+async fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let log = AuditLog::open(config(dir.path()), signer.clone()).unwrap();
+    let second = AuditLog::open(config(dir.path()), signer.clone());
+    match second {
+        Err(AuditError::Locked(p)) => assert_eq!(p, dir.path()),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a second writer opened the same audit directory"),
+    }
+    let msg = AuditError::Locked(dir.path().to_owned()).to_string();
+    assert!(msg.contains("in use by another process"), "{msg}");
+    log.close().await.unwrap();
+    // Released on close.
+    let again = AuditLog::open(config(dir.path()), signer).unwrap();
+    again.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn checkpoints_follow_every_n_records_and_verify_counts_the_unsigned_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = SigningKey::generate().unwrap();
+    let keys = vec![signer.public_key()];
+    let mut cfg = config(dir.path());
+    cfg.checkpoint_every_records = 4;
+    let log = AuditLog::open(cfg, Arc::new(signer)).unwrap();
+    let (secret, _) = SubjectSecret::generate().unwrap();
+    let k = secret.key("s", "r");
+    count_records(&log, &k, 10).await;
+    // Not closed (no final checkpoint): 10 records, checkpoints after the 4th and 8th.
+    let report = verify(dir.path(), &keys).unwrap();
+    assert_eq!((report.records, report.checkpoints), (12, 2), "{report}");
+    assert_eq!(report.after_last_checkpoint, 2, "{report}");
+    assert!(report
+        .to_string()
+        .contains("2 record(s) after the last checkpoint"));
+    // Deleting that tail still links, but shows as a smaller unsigned tail.
+    drop(log);
+    edit_lines(&only_file(dir.path()), |l| l.truncate(l.len() - 1));
+    assert_eq!(verify(dir.path(), &keys).unwrap().after_last_checkpoint, 1);
+}
+
+#[tokio::test]
+async fn a_checkpoint_signature_covers_its_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, ..) = sample_log(dir.path(), 6).await;
+    edit_lines(&only_file(dir.path()), |l| {
+        let i = l
+            .iter()
+            .position(|x| x.contains("\"op\":\"checkpoint\""))
+            .unwrap();
+        let rec: Record = serde_json::from_str(&l[i]).unwrap();
+        l[i] = l[i].replace(&rec.time, "2020-01-01T00:00:00.000Z");
+    });
+    let failure = verify(dir.path(), &keys).unwrap_err();
+    assert!(
+        failure.problem.contains("checkpoint signature"),
+        "{failure}"
+    );
+}
+
+#[tokio::test]
+async fn a_torn_tail_note_binds_the_fragment_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let (keys, ..) = sample_log_signed(dir.path(), 3, signer.clone()).await;
+    let file = only_file(dir.path());
+    let mut bytes = fs::read(&file).unwrap();
+    bytes.extend_from_slice(b"{\"v\":2,\"seq\":99,\"ti");
+    fs::write(&file, &bytes).unwrap();
+    let log = AuditLog::open(config(dir.path()), signer).unwrap();
+    log.close().await.unwrap();
+    verify(dir.path(), &keys).unwrap();
+    // Same offset, same length, other bytes: refused.
+    let n = bytes.len();
+    bytes[n - 3] = b'X';
+    fs::write(&file, &bytes).unwrap();
+    let failure = verify(dir.path(), &keys).unwrap_err();
+    assert!(failure.problem.contains("torn fragment"), "{failure}");
+    // Longer (a record appended behind the note): refused.
+    bytes[n - 3] = b'"';
+    bytes.extend_from_slice(b"me\":\"x\"}\n");
+    fs::write(&file, &bytes).unwrap();
+    assert!(verify(dir.path(), &keys).is_err());
+}
+
+#[tokio::test]
+async fn search_any_finds_records_under_several_keys_in_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, a, b) = sample_log(dir.path(), 10).await;
+    let (other, _) = SubjectSecret::generate().unwrap();
+    let c = other.key("sys", "C-3");
+    let found = search_any(dir.path(), &[c, b.clone(), a.clone()]).unwrap();
+    assert_eq!(found.len(), 10);
+    assert!(found
+        .iter()
+        .all(|(i, l)| *i != 0 && l.contains(if *i == 1 { &b.0 } else { &a.0 })));
 }
