@@ -52,7 +52,7 @@ fn stderr_is_stream(journal_stream: &str) -> bool {
         return false;
     };
     match rustix::fs::fstat(io::stderr()) {
-        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
         Err(_) => false,
     }
 }
