@@ -7,7 +7,6 @@
 use std::fs;
 use std::net::UdpSocket;
 use std::ops::{Deref, DerefMut};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
