@@ -2,8 +2,10 @@
 //! (quinn, rustls), `outbox_dir` (inotify and the outbox files), `inbox_dir` (inbox files),
 //! `audit` (the audit log files and its writer thread), and `durable`, the one shared
 //! write-sync-rename helper with the one disk-full classifier.
-//! Must not: import `node` or `edge`, spawn long-lived tasks of their own on the runtime (the
-//! node owns every task), or import each other — except `durable`, which all of them share.
+//! Must not: import `node` or `edge`; start a task that outlives the call that started it (the
+//! transport's connection and stream tasks run under a tracker `serve` waits for; the store's
+//! committer and the audit writer are threads joined by `close`); or import each other —
+//! except `durable`, which all of them share.
 
 pub mod audit;
 pub mod durable;

@@ -11,6 +11,9 @@
 //! - tree `idem`: SHA-256 of the intake idempotency key → envelope id.
 //! - tree `seen`: envelope id → [`SeenRecord`] (receiver side: the signed receipt and the inbox
 //!   file name), kept for the dedup retention period.
+//! - tree `referrals`: `from-area ‖ 0x00 ‖ subject key (hex)` → envelope id (16 bytes) ‖
+//!   received time (i64 BE): the receiver's end-to-end check that a referral, whatever
+//!   envelope carries it, is delivered once per sending area; kept as long as `seen`.
 //!
 //! Durability: sled's `flush()` only issues `sync_file_range`, which commits neither the device
 //! cache nor metadata. [`Store::durable`] therefore flushes and then `fdatasync`s sled's `db`
@@ -204,6 +207,7 @@ struct Inner {
     queue: sled::Tree,
     idem: sled::Tree,
     seen: sled::Tree,
+    referrals: sled::Tree,
     commit_tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
     syncs: Arc<AtomicU64>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
@@ -226,6 +230,13 @@ impl Pending {
     fn covered(&mut self, upto: u64) {
         self.ids.retain(|_, t| *t > upto);
     }
+}
+
+fn referral_key(from: &AreaId, subject: &str) -> Vec<u8> {
+    let mut k = from.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(subject.as_bytes());
+    k
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -292,6 +303,7 @@ impl Store {
             queue: db.open_tree("queue")?,
             idem: db.open_tree("idem")?,
             seen: db.open_tree("seen")?,
+            referrals: db.open_tree("referrals")?,
             _db: db.clone(),
             commit_tx: std::sync::Mutex::new(Some(commit_tx)),
             syncs,
@@ -636,6 +648,39 @@ impl Store {
         Ok(())
     }
 
+    /// The envelope that already delivered the referral `subject` from `from`, if any.
+    pub fn delivered_referral(
+        &self,
+        from: &AreaId,
+        subject: &str,
+    ) -> Result<Option<EnvelopeId>, StoreError> {
+        let Some(v) = self.inner.referrals.get(referral_key(from, subject))? else {
+            return Ok(None);
+        };
+        let id = v
+            .get(..16)
+            .and_then(|b| EnvelopeId::from_slice(b).ok())
+            .ok_or_else(|| StoreError::Corrupt("referral record".into()))?;
+        Ok(Some(id))
+    }
+
+    /// Remembers that envelope `id` delivered the referral `subject` from `from`. Written after
+    /// its `seen` record and made durable with it by the same [`Store::durable`].
+    pub fn remember_referral(
+        &self,
+        from: &AreaId,
+        subject: &str,
+        id: &EnvelopeId,
+        received_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut v = id.as_bytes().to_vec();
+        v.extend_from_slice(&received_at.timestamp().to_be_bytes());
+        self.inner
+            .referrals
+            .insert(referral_key(from, subject), v)?;
+        Ok(())
+    }
+
     /// Accepted envelopes whose inbox file was staged but maybe not yet published.
     pub fn seen_unpublished(&self) -> Result<Vec<(EnvelopeId, SeenRecord)>, StoreError> {
         let mut out = Vec::new();
@@ -661,6 +706,16 @@ impl Store {
             if rec.published && rec.received_at < cutoff.timestamp() {
                 self.inner.seen.remove(&k)?;
                 n += 1;
+            }
+        }
+        for kv in self.inner.referrals.iter() {
+            let (k, v) = kv?;
+            let at = v
+                .get(16..24)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(i64::from_be_bytes);
+            if at.is_some_and(|t| t < cutoff.timestamp()) {
+                self.inner.referrals.remove(&k)?;
             }
         }
         Ok(n)

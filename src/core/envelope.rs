@@ -173,6 +173,10 @@ impl WireEnvelope {
 pub enum ReceiptStatus {
     /// Durably written into the receiving area's inbox.
     Delivered,
+    /// The referral it carries was already delivered from the same area by another envelope
+    /// (the receiver's end-to-end check); no second inbox file was written. As final as
+    /// `Delivered` for the sender.
+    Duplicate,
 }
 
 /// The signed statement a receiver returns.

@@ -4,8 +4,9 @@
 //! Protocol (version 1): the client writes one request line
 //! `{"v":1,"cmd":"status"|"requeue"|"withdraw"|"consultation", "id"?, "user"?, "what"?, "subject"?}`
 //! and reads one response line `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
-//! Security: the socket is created mode 0600 in the state directory, so only the service user
-//! (and root) can connect; there is no network-exposed admin interface at all. Requests are
+//! Security: the socket is created mode 0660, so only the service user, members of the socket
+//! directory's group (the package makes `/run/refex` setgid `refex-operators`, so operators
+//! connect as themselves) and root can connect; there is no network-exposed admin interface. Requests are
 //! bounded to 4 KiB and handled one line per connection, each on a task of the node's tracker.
 //! Identity: the actor of every audited request is the account the kernel reports for the
 //! connecting process (`SO_PEERCRED`, uid → name from `/etc/passwd`); a client's `user` field is
@@ -56,13 +57,13 @@ pub struct Request {
     pub subject: Option<String>,
 }
 
-/// Binds the socket (replacing a stale one) with mode 0600.
+/// Binds the socket (replacing a stale one) with mode 0660 (group: the directory's, see above).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }
 

@@ -268,6 +268,20 @@ impl Intake {
                 let audit = self.node.audit.clone();
                 jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
             }
+            let late = item.class.due_by < now;
+            if late && !duplicate {
+                // Victims' Code deadline already missed before refex saw the referral.
+                warn!(file = %file, row = item.row, envelope_id = %id, due_by = %item.class.due_by.to_rfc3339(), "referral is already past its due_by at intake");
+                let ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
+                    .envelope(id)
+                    .route(self.node.me(), &item.class.to)
+                    .subject(subject.clone())
+                    .source_system(&item.referral.source_system)
+                    .priority(item.class.priority)
+                    .reason("late_at_intake");
+                let audit = self.node.audit.clone();
+                jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
+            }
             if !duplicate {
                 let entry = TallyEntry {
                     day: now.date_naive(),
@@ -279,7 +293,7 @@ impl Intake {
                     referred: chrono::DateTime::parse_from_rfc3339(&item.referral.referred_at)
                         .ok()
                         .map(|d| d.date_naive()),
-                    late: None,
+                    late: Some(late),
                 };
                 let audit = self.node.audit.clone();
                 jobs.spawn(async move { audit.tally(entry).await });

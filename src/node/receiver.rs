@@ -9,7 +9,7 @@
 //! | [`Arrived`] | the transport | nothing |
 //! | [`Verified`] | size, decode, recipient, sender = TLS peer, signature, clock window | nothing; a refusal is audited |
 //! | [`Fresh`] | claimed (one stream per id at a time) and not seen before — a re-send of an accepted id gets the ORIGINAL receipt (its file published first), never a second inbox file | nothing |
-//! | [`Opened`] | decrypted, decoded, re-validated | nothing; a refusal is audited |
+//! | [`Opened`] | decrypted, decoded, re-validated; and not a referral this sender already delivered in another envelope (same HMAC of source system + reference) — such a one is audited and answered with a signed `Duplicate` receipt, with no second inbox file | nothing; a refusal is audited |
 //! | [`Staged`] | `.NAME.tmp` written and fsynced (invisible to consumers) | a staged file with no `seen` record: discarded at start; the sender re-sends |
 //! | [`Recorded`] | `collection` and `disclosure` (to the local inbox) audited and durable (write-ahead), receipt signed over the new chain head | as above; the records describe an acceptance the re-send completes |
 //! | [`Accepted`] | `seen` record with the receipt, store synced | at start (or on re-send) the staged file is published, because the record says it was accepted |
@@ -250,14 +250,18 @@ impl Receiver {
             }
         };
         match Referral::from_cbor(&opened.payload) {
-            Ok(referral) if referral::validate(&referral).is_empty() => Ok(Opened {
-                peer,
-                header,
-                digest,
-                referral,
-                now,
-                _claim: f._claim,
-            }),
+            Ok(referral) if referral::validate(&referral).is_empty() => {
+                let o = Opened {
+                    peer,
+                    header,
+                    digest,
+                    referral,
+                    now,
+                    _claim: f._claim,
+                };
+                self.check_not_delivered(&o).await?;
+                Ok(o)
+            }
             _ => {
                 warn!(peer = %peer, envelope_id = %id, "envelope refused: payload is not a valid referral");
                 self.audit_refusal(&peer, Some(id), "payload_invalid").await;
@@ -316,7 +320,29 @@ impl Receiver {
         // Submitted together so the writer commits both with one sync; the receipt is signed
         // over the head that covers both (write-ahead: recorded before it takes effect).
         let audit = &self.node.audit;
-        let (first, second) = tokio::join!(audit.record(collection), audit.record(disclosure));
+        let late = o.header.due_by < o.now;
+        let late_record = async {
+            if !late {
+                return Ok(None);
+            }
+            warn!(peer = %o.peer, envelope_id = %o.header.id, due_by = %o.header.due_by.to_rfc3339(), "referral arrived after its due_by");
+            let ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
+                .envelope(o.header.id)
+                .route(&o.header.from, &o.header.to)
+                .subject(self.subject_of(o))
+                .source_system(&o.referral.source_system)
+                .priority(o.header.priority)
+                .reason("late_arrival");
+            audit.record(ev).await.map(Some)
+        };
+        let (first, second, third) = tokio::join!(
+            audit.record(collection),
+            audit.record(disclosure),
+            late_record
+        );
+        if let Err(e) = third {
+            return Err(self.transient(&e.to_string(), e.is_disk_full()));
+        }
         let head = match (first, second) {
             (Ok(a), Ok(b)) => {
                 if a.seq > b.seq {
@@ -329,16 +355,7 @@ impl Receiver {
                 return Err(self.transient(&e.to_string(), e.is_disk_full()))
             }
         };
-        let body = ReceiptBody {
-            v: 1,
-            envelope_id: o.header.id,
-            envelope_sha256: o.digest,
-            receiver: self.node.me().clone(),
-            received_at: o.now,
-            status: ReceiptStatus::Delivered,
-            audit_head: head.to_string(),
-        };
-        let receipt = crypto::sign_receipt(&body, &self.node.signer).to_bytes();
+        let receipt = self.sign(o, ReceiptStatus::Delivered, &head);
         Ok(Recorded { staged: s, receipt })
     }
 
@@ -353,7 +370,11 @@ impl Receiver {
             receipt: serde_bytes::ByteBuf::from(r.receipt.clone()),
         };
         let store = &self.node.store;
-        let synced = match store.put_seen(&o.header.id, &seen) {
+        let subject = self.subject_of(o).to_string();
+        let synced = match store
+            .put_seen(&o.header.id, &seen)
+            .and_then(|()| store.remember_referral(&o.peer, &subject, &o.header.id, o.now))
+        {
             Ok(()) => store.durable().await,
             Err(e) => Err(e),
         };
@@ -383,6 +404,74 @@ impl Receiver {
         Ok(Published {
             receipt: recorded.receipt,
         })
+    }
+
+    /// The end-to-end check: a *different* envelope carrying a referral this area already
+    /// delivered from the same sender (same HMAC of source system + reference) is answered with
+    /// a signed `Duplicate` receipt, audited, and writes no second inbox file.
+    async fn check_not_delivered(&self, o: &Opened<'_>) -> Step<()> {
+        let subject = self.subject_of(o);
+        let store = &self.node.store;
+        let original = match store.delivered_referral(&o.peer, &subject.to_string()) {
+            Ok(Some(orig)) if orig != o.header.id => orig,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(self.transient(&e.to_string(), e.is_disk_full())),
+        };
+        let ev = Event::new(
+            Operation::Refusal,
+            Actor::Peer(o.peer.clone()),
+            Outcome::Refused,
+        )
+        .envelope(o.header.id)
+        .route(&o.header.from, &o.header.to)
+        .digest(o.digest)
+        .subject(subject)
+        .source_system(&o.referral.source_system)
+        .reason("duplicate_referral");
+        let head = match self.node.audit.record(ev).await {
+            Ok(h) => h,
+            Err(e) => return Err(self.transient(&e.to_string(), e.is_disk_full())),
+        };
+        let receipt = self.sign(o, ReceiptStatus::Duplicate, &head);
+        let inbox_name = match store.seen(&original) {
+            Ok(Some(rec)) => rec.inbox_name,
+            _ => String::new(),
+        };
+        let seen = SeenRecord {
+            v: 1,
+            from: o.peer.clone(),
+            received_at: o.now.timestamp(),
+            inbox_name,
+            published: true,
+            receipt: serde_bytes::ByteBuf::from(receipt.clone()),
+        };
+        let synced = match store.put_seen(&o.header.id, &seen) {
+            Ok(()) => store.durable().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            return Err(self.transient(&e.to_string(), e.is_disk_full()));
+        }
+        warn!(peer = %o.peer, envelope_id = %o.header.id, original = %original, "referral already delivered by another envelope; answered as a duplicate, no second inbox file");
+        Err(Reply::Receipt(receipt))
+    }
+
+    fn sign(
+        &self,
+        o: &Opened<'_>,
+        status: ReceiptStatus,
+        head: &crate::core::audit::Head,
+    ) -> Vec<u8> {
+        let body = ReceiptBody {
+            v: 1,
+            envelope_id: o.header.id,
+            envelope_sha256: o.digest,
+            receiver: self.node.me().clone(),
+            received_at: o.now,
+            status,
+            audit_head: head.to_string(),
+        };
+        crypto::sign_receipt(&body, &self.node.signer).to_bytes()
     }
 
     fn subject_of(&self, o: &Opened<'_>) -> SubjectKey {

@@ -11,7 +11,7 @@
 //! endpoint closes, the audit log writes its final signed checkpoint, the store syncs.
 //! Everything is bounded by `grace` plus a few seconds, well inside systemd's stop timeout.
 //! Must not: hold referral content itself, or expose any network admin interface (control is a
-//! Unix socket with mode 0600 in the state directory).
+//! Unix socket with mode 0660, see `control`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,11 +1,14 @@
 //! The sending side: one worker per peer drains that peer's queue in priority order, many
 //! envelopes in flight at once, and stores each signed receipt.
 //!
-//! Per envelope: send → receipt verified against the peer's signing key, envelope id and the
-//! SHA-256 of exactly the bytes we sent → `mark_delivered` (receipt kept, payload erased) →
-//! store sync → audit `disclosure` and `receipt` (with the peer's audit head, so our log
-//! witnesses theirs). A crash anywhere before the store sync leaves the envelope queued: it is
-//! sent again and the receiver answers with the original receipt, so nothing is duplicated.
+//! Per envelope, write-ahead (each record durable before what it records takes effect):
+//! audit `disclosure` (transferred) → send → receipt verified against the peer's signing key,
+//! envelope id and the SHA-256 of exactly the bytes we sent → audit `receipt` (with the peer's
+//! audit head, so our log witnesses theirs) → audit `erasure` → `mark_delivered` (receipt kept,
+//! payload erased) → store sync. When the audit log cannot be written nothing is sent and no
+//! receipt is stored: the envelope stays queued and is retried. A crash anywhere before the
+//! store sync leaves the envelope queued: it is sent again and the receiver answers with the
+//! original receipt, so nothing is duplicated (its records may then appear twice).
 //! Failures: a transient one (peer down, timeout, peer out of disk) backs the whole peer off
 //! (capped exponential backoff with jitter) and blocks no other peer; a permanent refusal (the
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
@@ -166,9 +169,36 @@ async fn send_one(
             .mark_non_delivered(&id, "peer_not_in_directory");
         return SendOutcome::Permanent("peer is not in the directory".into());
     };
+    let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
+    let event = |op, actor| {
+        let ev = Event::new(op, actor, Outcome::Ok)
+            .envelope(id)
+            .route(ctx.node.me(), peer)
+            .digest(digest);
+        match &rec.subject_key {
+            Some(k) => ev.subject_hex(k),
+            None => ev,
+        }
+    };
+    // Write-ahead: the transfer is on the record before the bytes leave; if it cannot be
+    // written, nothing is sent (the envelope stays queued and is retried).
+    let transfer = event(Operation::Disclosure, Actor::Peer(peer.clone()))
+        .priority(rec.priority)
+        .reason("transferred");
+    let record_transfer = || async {
+        ctx.node
+            .audit
+            .record(transfer.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| SendOutcome::Transient(format!("audit unavailable, not sent: {e}")))
+    };
     let reply_bytes = if peer == ctx.node.me() {
         if !still_queued(ctx, &id) {
             return SendOutcome::Skipped;
+        }
+        if let Err(o) = record_transfer().await {
+            return o;
         }
         ctx.local
             .handle(ctx.node.me().clone(), sealed.to_vec())
@@ -187,6 +217,9 @@ async fn send_one(
         }
         if !still_queued(ctx, &id) {
             return SendOutcome::Skipped;
+        }
+        if let Err(o) = record_transfer().await {
+            return o;
         }
         match ctx.transport.request(&addr, sealed).await {
             Ok(r) => r,
@@ -212,7 +245,6 @@ async fn send_one(
     };
     match reply {
         Reply::Receipt(receipt) => {
-            let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
             let body =
                 match crypto::verify_receipt(&receipt, &entry.signing_keys, &id, &digest, peer) {
                     Ok(b) => b,
@@ -223,6 +255,19 @@ async fn send_one(
                         return SendOutcome::Transient(format!("invalid receipt: {e}"));
                     }
                 };
+            // Write-ahead: the receipt, then the erasure it allows, are on the record before
+            // the payload is erased; if they cannot be written the envelope stays queued and
+            // the re-send is answered with the original receipt.
+            let receipt_ev =
+                event(Operation::Receipt, Actor::Peer(peer.clone())).peer_head(&body.audit_head);
+            let erasure =
+                event(Operation::Erasure, Actor::System).reason("payload_erased_after_receipt");
+            for ev in [receipt_ev, erasure] {
+                if let Err(e) = ctx.node.audit.record(ev).await {
+                    error!(envelope_id = %id, "audit record of a delivery failed; receipt not stored yet: {e}");
+                    return SendOutcome::Transient(format!("audit unavailable: {e}"));
+                }
+            }
             crate::core::failpoint::hit("sender_before_receipt_stored");
             if let Err(e) =
                 ctx.node
@@ -233,44 +278,6 @@ async fn send_one(
             }
             if let Err(e) = ctx.node.store.durable().await {
                 return SendOutcome::Transient(format!("cannot sync receipt: {e}"));
-            }
-            let route = (ctx.node.me(), peer);
-            let mut disclosure = Event::new(
-                Operation::Disclosure,
-                Actor::Peer(peer.clone()),
-                Outcome::Ok,
-            )
-            .envelope(id)
-            .route(route.0, route.1)
-            .digest(digest)
-            .priority(rec.priority)
-            .reason("transferred");
-            let mut receipt_ev =
-                Event::new(Operation::Receipt, Actor::Peer(peer.clone()), Outcome::Ok)
-                    .envelope(id)
-                    .route(route.0, route.1)
-                    .digest(digest)
-                    .peer_head(&body.audit_head);
-            let mut erasure = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
-                .envelope(id)
-                .route(route.0, route.1)
-                .digest(digest)
-                .reason("payload_erased_after_receipt");
-            if let Some(k) = &rec.subject_key {
-                disclosure = disclosure.subject_hex(k);
-                receipt_ev = receipt_ev.subject_hex(k);
-                erasure = erasure.subject_hex(k);
-            }
-            // Submitted together: one group commit for the three records.
-            let mut jobs = tokio::task::JoinSet::new();
-            for ev in [disclosure, receipt_ev, erasure] {
-                let audit = ctx.node.audit.clone();
-                jobs.spawn(async move { audit.record(ev).await });
-            }
-            while let Some(joined) = jobs.join_next().await {
-                if let Ok(Err(e)) = joined {
-                    error!(envelope_id = %id, "audit record of a delivery failed: {e}");
-                }
             }
             info!(envelope_id = %id, priority = %rec.priority, "delivered; receipt stored");
             SendOutcome::Delivered

@@ -120,6 +120,14 @@ async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
         .map(|r| r["op"].as_str().unwrap_or("").to_owned())
         .collect();
     assert!(ops.contains(&"collection".to_owned()), "{ops:?}");
+    // The sample was referred on 2026-11-20: past its due_by (two working days) already.
+    let late = |dir: &Path| {
+        audit_lines(dir)
+            .iter()
+            .filter(|r| r["reason"] == "late_at_intake")
+            .count()
+    };
+    assert_eq!(late(&s.paths.audit), 1, "one late_at_intake record");
     // Taking the same bytes again (a re-read after a crash) makes no second envelope.
     std::fs::write(s.paths.outbox.join("one.json"), &bytes).unwrap();
     let mut watcher = watch(&s, Duration::from_millis(10));
@@ -132,6 +140,24 @@ async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
         .next_queued(&london, 10, &Default::default())
         .unwrap();
     assert_eq!(queued.len(), 1, "the re-read is a duplicate");
+    assert_eq!(late(&s.paths.audit), 1, "a duplicate is not late twice");
+    // A referral made just now is on time: no deadline record.
+    let mut v: serde_json::Value = serde_json::from_slice(&sample_json(LONDON)).unwrap();
+    v["source_ref"] = "ON-TIME-1".into();
+    v["referred_at"] = Utc::now()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        .into();
+    std::fs::write(
+        s.paths.outbox.join("two.json"),
+        serde_json::to_vec(&v).unwrap(),
+    )
+    .unwrap();
+    let mut watcher = watch(&s, Duration::from_millis(10));
+    let Pickup::Ready(file) = watcher.next().await else {
+        panic!("the file is ready");
+    };
+    intake.take_file(&file).await.unwrap();
+    assert_eq!(late(&s.paths.audit), 1, "on time: no late record");
     node.audit.close().await.unwrap();
 }
 
@@ -165,6 +191,53 @@ async fn the_receiver_writes_an_envelope_once_and_answers_a_resend_with_the_same
     let c = ops.iter().position(|o| o == "collection").unwrap();
     let d = ops.iter().position(|o| o == "disclosure").unwrap();
     assert!(c < d, "{ops:?}");
+    node.audit.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_different_envelope_carrying_a_delivered_referral_is_answered_as_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wm, london) = federation(dir.path(), 17_750);
+    let sender = Node::open(wm).unwrap();
+    let node = Node::open(london).unwrap();
+    let receiver = Receiver::new(node.clone());
+    let referral = sample_for(LONDON);
+    // Two envelopes (two ids), one referral: what a sender that lost its records would send.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let bytes = sealed(&sender, node.me(), &referral);
+        let id = crypto::SealedEnvelope::from_stored(bytes.clone())
+            .unwrap()
+            .id();
+        let reply = receiver
+            .receive(Arrived {
+                peer: sender.me().clone(),
+                bytes: bytes.clone(),
+                now: Utc::now(),
+            })
+            .await;
+        let Reply::Receipt(receipt) = reply else {
+            panic!("both are answered with a receipt: {reply:?}");
+        };
+        // Each receipt is valid for its own envelope, so the sender can finish with it.
+        let keys = sender.directory().signing_keys(node.me()).unwrap();
+        let digest = crate::core::digest::sha256(&bytes);
+        let body = crypto::verify_receipt(&receipt, &keys, &id, &digest, node.me()).unwrap();
+        statuses.push(body.status);
+    }
+    use crate::core::envelope::ReceiptStatus;
+    assert_eq!(
+        statuses,
+        vec![ReceiptStatus::Delivered, ReceiptStatus::Duplicate]
+    );
+    let files = crate::edge::harness::inbox_files(&node.settings.paths.inbox);
+    assert_eq!(files.len(), 1, "one inbox file: {files:?}");
+    let duplicates: Vec<_> = audit_lines(&node.settings.paths.audit)
+        .into_iter()
+        .filter(|r| r["reason"] == "duplicate_referral")
+        .collect();
+    assert_eq!(duplicates.len(), 1, "the duplicate is on the record");
+    assert!(duplicates[0]["subject_key"].is_string());
     node.audit.close().await.unwrap();
 }
 

@@ -13,6 +13,6 @@ mod intake;
 mod layers;
 mod lazyfs;
 mod outage;
-mod powercut;
 mod package;
+mod powercut;
 mod torture;

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::core::types::AreaId;
@@ -382,6 +383,9 @@ impl Transport {
         let total = Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize));
         let mut summary = tokio::time::interval(SUMMARY_INTERVAL);
         let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+        // Every connection and stream task runs under this tracker, and `serve` returns only
+        // once they have all ended: the node's own tracker, waiting on `serve`, waits for them.
+        let tasks = TaskTracker::new();
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -417,17 +421,20 @@ impl Transport {
                 incoming.refuse();
                 continue;
             };
-            let (this, handler, shutdown, total) = (
+            let (this, handler, shutdown, total, streams) = (
                 self.clone(),
                 handler.clone(),
                 shutdown.clone(),
                 total.clone(),
+                tasks.clone(),
             );
-            tokio::spawn(async move {
-                this.serve_connection(incoming, permit, total, handler, shutdown)
+            tasks.spawn(async move {
+                this.serve_connection(incoming, permit, total, handler, streams, shutdown)
                     .await;
             });
         }
+        tasks.close();
+        tasks.wait().await;
     }
 
     async fn serve_connection<H, F>(
@@ -436,6 +443,7 @@ impl Transport {
         handshake: tokio::sync::OwnedSemaphorePermit,
         total: Arc<tokio::sync::Semaphore>,
         handler: H,
+        streams: TaskTracker,
         shutdown: CancellationToken,
     ) where
         H: Fn(AreaId, Vec<u8>) -> F + Clone + Send + Sync + 'static,
@@ -527,7 +535,7 @@ impl Transport {
                     self.shared.limits.max_frame_bytes,
                     self.shared.limits.request_timeout,
                 );
-                tokio::spawn(
+                streams.spawn(
                     async move {
                         let request =
                             match tokio::time::timeout(timeout, read_frame(&mut recv, max, &peer))
