@@ -33,6 +33,9 @@ pub enum Operation {
     Refusal,
     Consultation,
     Erasure,
+    /// A Victims' Code deadline event about an envelope (`late_at_intake`, `late_arrival`,
+    /// `deadline_missed`): not an s.62 operation, recorded so the returns can count lateness.
+    Deadline,
     /// A signed checkpoint of the chain (not an s.62 operation).
     Checkpoint,
     /// A note that the previous run ended with a torn (half-written) line.

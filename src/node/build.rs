@@ -161,17 +161,16 @@ pub fn open_audit(
     settings: &Settings,
     signer: Arc<SigningKey>,
 ) -> Result<AuditLog, crate::adapters::audit::AuditError> {
-    AuditLog::open(
-        AuditConfig::new(
-            settings.paths.audit.clone(),
-            settings.area.clone(),
-            Justification {
-                lawful_basis: settings.audit.lawful_basis.clone(),
-                purpose: settings.audit.purpose.clone(),
-            },
-            settings.audit.checkpoint_interval,
-            settings.audit.retention_days,
-        ),
-        signer,
-    )
+    let mut cfg = AuditConfig::new(
+        settings.paths.audit.clone(),
+        settings.area.clone(),
+        Justification {
+            lawful_basis: settings.audit.lawful_basis.clone(),
+            purpose: settings.audit.purpose.clone(),
+        },
+        settings.audit.checkpoint_interval,
+        settings.audit.retention_days,
+    );
+    cfg.checkpoint_every_records = settings.audit.checkpoint_every_records;
+    AuditLog::open(cfg, signer)
 }

@@ -1,6 +1,7 @@
 //! Housekeeping: signed audit checkpoints at the configured interval, the non-delivery window
 //! (envelopes still queued after it are marked non-delivered, alerted at ERROR and kept for an
-//! operator), and retention purges of receipts, dedup ids and audit files — each audited.
+//! operator), and retention purges of receipts, dedup ids, refused files in `rejected/` and
+//! audit files — each audited.
 //! Must not: delete anything whose erasure is not recorded first.
 
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::adapters::audit::{Actor, Event, Operation, Outcome};
+use crate::adapters::outbox_dir;
 use crate::node::build::Node;
 
 /// Periodic work: signed audit checkpoints, the non-delivery window, retention purges.
@@ -71,8 +73,9 @@ async fn sweep_non_delivered(h: &Node) {
     let _ = h.store.durable().await;
 }
 
-async fn purge_expired(h: &Node) {
+pub(crate) async fn purge_expired(h: &Node) {
     let now = Utc::now();
+    purge_rejected(h, now).await;
     let receipts = chrono::Duration::days(i64::from(h.settings.retention.receipts_days));
     match h.store.purge_finished(now - receipts) {
         Ok(gone) => {
@@ -99,4 +102,32 @@ async fn purge_expired(h: &Node) {
         error!("audit retention purge failed: {e}");
     }
     let _ = h.store.durable().await;
+}
+
+/// Refused files in `rejected/` past `intake.rejected_retention_days`: the erasure is recorded
+/// (durably) first, then the files are deleted.
+async fn purge_rejected(h: &Node, now: chrono::DateTime<Utc>) {
+    let outbox = &h.settings.paths.outbox;
+    let cutoff: std::time::SystemTime = (now - h.settings.intake.rejected_retention).into();
+    let expired = match outbox_dir::expired_rejections(outbox, cutoff) {
+        Ok(v) if v.is_empty() => return,
+        Ok(v) => v,
+        Err(e) => {
+            error!("cannot list rejected/ for its retention purge: {e}");
+            return;
+        }
+    };
+    let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
+        .reason(&format!("retention_rejected:{}", expired.len()));
+    if let Err(e) = h.audit.record(ev).await {
+        error!("audit record of a rejected/ purge failed; nothing deleted: {e}");
+        return;
+    }
+    match outbox_dir::remove_rejections(outbox, &expired) {
+        Ok(n) => info!(
+            files = n,
+            "refused files past their retention purged from rejected/"
+        ),
+        Err(e) => error!("rejected/ retention purge failed: {e}"),
+    }
 }

@@ -272,7 +272,7 @@ impl Intake {
             if late && !duplicate {
                 // Victims' Code deadline already missed before refex saw the referral.
                 warn!(file = %file, row = item.row, envelope_id = %id, due_by = %item.class.due_by.to_rfc3339(), "referral is already past its due_by at intake");
-                let ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
+                let ev = Event::new(Operation::Deadline, Actor::System, Outcome::Failed)
                     .envelope(id)
                     .route(self.node.me(), &item.class.to)
                     .subject(subject.clone())

@@ -298,24 +298,16 @@ impl Receiver {
 
     async fn record<'a>(&self, s: Staged<'a>) -> Step<Recorded<'a>> {
         let o = &s.opened;
-        let subject = self.subject_of(o);
-        let collection = Event::new(
-            Operation::Collection,
-            Actor::Peer(o.peer.clone()),
-            Outcome::Ok,
-        )
-        .envelope(o.header.id)
-        .route(&o.header.from, &o.header.to)
-        .digest(o.digest)
-        .subject(subject.clone())
-        .source_system(&o.referral.source_system)
-        .priority(o.header.priority);
-        let disclosure = Event::new(Operation::Disclosure, Actor::System, Outcome::Ok)
-            .envelope(o.header.id)
-            .route(&o.header.from, &o.header.to)
-            .digest(o.digest)
-            .subject(subject)
-            .source_system(&o.referral.source_system)
+        let collection = self
+            .event(
+                o,
+                Operation::Collection,
+                Actor::Peer(o.peer.clone()),
+                Outcome::Ok,
+            )
+            .priority(o.header.priority);
+        let disclosure = self
+            .event(o, Operation::Disclosure, Actor::System, Outcome::Ok)
             .reason("written_to_inbox");
         // Submitted together so the writer commits both with one sync; the receipt is signed
         // over the head that covers both (write-ahead: recorded before it takes effect).
@@ -326,11 +318,8 @@ impl Receiver {
                 return Ok(None);
             }
             warn!(peer = %o.peer, envelope_id = %o.header.id, due_by = %o.header.due_by.to_rfc3339(), "referral arrived after its due_by");
-            let ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
-                .envelope(o.header.id)
-                .route(&o.header.from, &o.header.to)
-                .subject(self.subject_of(o))
-                .source_system(&o.referral.source_system)
+            let ev = self
+                .event(o, Operation::Deadline, Actor::System, Outcome::Failed)
                 .priority(o.header.priority)
                 .reason("late_arrival");
             audit.record(ev).await.map(Some)
@@ -417,17 +406,14 @@ impl Receiver {
             Ok(_) => return Ok(()),
             Err(e) => return Err(self.transient(&e.to_string(), e.is_disk_full())),
         };
-        let ev = Event::new(
-            Operation::Refusal,
-            Actor::Peer(o.peer.clone()),
-            Outcome::Refused,
-        )
-        .envelope(o.header.id)
-        .route(&o.header.from, &o.header.to)
-        .digest(o.digest)
-        .subject(subject)
-        .source_system(&o.referral.source_system)
-        .reason("duplicate_referral");
+        let ev = self
+            .event(
+                o,
+                Operation::Refusal,
+                Actor::Peer(o.peer.clone()),
+                Outcome::Refused,
+            )
+            .reason("duplicate_referral");
         let head = match self.node.audit.record(ev).await {
             Ok(h) => h,
             Err(e) => return Err(self.transient(&e.to_string(), e.is_disk_full())),
@@ -472,6 +458,16 @@ impl Receiver {
             audit_head: head.to_string(),
         };
         crypto::sign_receipt(&body, &self.node.signer).to_bytes()
+    }
+
+    /// An audit event about an opened envelope: its id, route, digest, subject and source.
+    fn event(&self, o: &Opened<'_>, op: Operation, actor: Actor, outcome: Outcome) -> Event {
+        Event::new(op, actor, outcome)
+            .envelope(o.header.id)
+            .route(&o.header.from, &o.header.to)
+            .digest(o.digest)
+            .subject(self.subject_of(o))
+            .source_system(&o.referral.source_system)
     }
 
     fn subject_of(&self, o: &Opened<'_>) -> SubjectKey {

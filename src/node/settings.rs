@@ -74,6 +74,8 @@ pub struct Intake {
     pub max_file_bytes: u64,
     pub max_csv_rows: usize,
     pub max_field_bytes: usize,
+    /// Refused files in `rejected/` (personal data) are purged after this long.
+    pub rejected_retention: chrono::Duration,
 }
 
 /// Sending side settings.
@@ -100,6 +102,8 @@ pub struct Audit {
     pub lawful_basis: String,
     pub purpose: String,
     pub checkpoint_interval: Duration,
+    /// A checkpoint also after this many records, so a deleted tail is caught soon.
+    pub checkpoint_every_records: u64,
     pub retention_days: u32,
 }
 
@@ -231,6 +235,12 @@ impl Settings {
             max_file_bytes: r.number("intake.max_file_bytes", 16 << 20, 1, 1 << 30),
             max_csv_rows: r.number("intake.max_csv_rows", 50_000, 1, 1_000_000) as usize,
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
+            rejected_retention: chrono::Duration::days(r.number(
+                "intake.rejected_retention_days",
+                30,
+                0,
+                3_650,
+            ) as i64),
         };
         let delivery = Delivery {
             max_in_flight_per_peer: NonZeroU32::new(r.number(
@@ -297,6 +307,7 @@ impl Settings {
             lawful_basis: r.string("audit.lawful_basis", "UK GDPR Art. 6(1)(e) public task; DPA 2018 s.35 (law enforcement)"),
             purpose: r.string("audit.purpose", "referral of victims of crime to the victim service of their area of residence (Victims' Code)"),
             checkpoint_interval: Duration::from_secs(r.number("audit.checkpoint_interval_secs", 300, 1, 86_400)),
+            checkpoint_every_records: r.number("audit.checkpoint_every_records", 1000, 1, 1_000_000),
             retention_days: r.number("audit.retention_days", 2_557, 1, 36_500) as u32,
         };
         let retention = Retention {

@@ -348,3 +348,103 @@ async fn a_file_written_in_place_is_taken_only_after_the_settle_window() {
     assert_eq!(file.name, "slow.json");
     assert!(start.elapsed() >= settle);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_down_peer_is_retried_on_the_backoff_schedule_not_in_a_tight_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on london's port: every attempt ends at the handshake timeout.
+    let (mut wm, _) = federation(dir.path(), 17_760);
+    wm.listen = "127.0.0.1:0".parse().unwrap();
+    wm.delivery.retry_initial = Duration::from_millis(500);
+    wm.delivery.retry_max = Duration::from_secs(60);
+    wm.limits.transport.handshake_timeout = Duration::from_secs(5);
+    let node = Node::open(wm).unwrap();
+    let london: AreaId = LONDON.parse().unwrap();
+    let bytes = sealed(&node, &london, &sample_for(LONDON));
+    let id = crypto::SealedEnvelope::from_stored(bytes.clone())
+        .unwrap()
+        .id();
+    let new = crate::adapters::store::NewEnvelope {
+        id,
+        to: london.clone(),
+        priority: PriorityClass::Standard,
+        due_by: Utc::now() + chrono::Duration::days(2),
+        created: Utc::now(),
+        digest: crate::core::digest::sha256(&bytes),
+        sealed: bytes,
+        subject_key: None,
+    };
+    node.store.enqueue(new, &[7; 32]).unwrap();
+    node.store.durable().await.unwrap();
+
+    let s = node.settings.clone();
+    let transport =
+        Transport::bind(s.listen, &load_tls(&s).unwrap(), s.limits.transport.clone()).unwrap();
+    let worker = PeerWorker {
+        ctx: Arc::new(SenderContext {
+            node: node.clone(),
+            transport,
+            local: Arc::new(Receiver::new(node.clone())),
+        }),
+        peer: london.clone(),
+        wake: node.wake[&london].clone(),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));
+    // Ten virtual minutes. The schedule (0.5 s doubling to 60 s, half-to-full jitter, plus the
+    // 5 s handshake each time) allows between 9 and 26 attempts in that time; a retry loop
+    // without backoff would make ~120.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let rec = node.store.get(&id).unwrap().unwrap();
+    assert_eq!(rec.state, OutState::Queued, "still queued, never dropped");
+    assert!(
+        (9..=26).contains(&rec.attempts),
+        "{} attempts in ten minutes",
+        rec.attempts
+    );
+    node.audit.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_record() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wm, _) = federation(dir.path(), 17_770);
+    wm.intake.rejected_retention = chrono::Duration::zero();
+    let node = Node::open(wm).unwrap();
+    let s = node.settings.clone();
+    let path = s.paths.outbox.join("bad.json");
+    std::fs::write(&path, b"{ not json").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut watcher = watch(&s, Duration::from_millis(10));
+    let Pickup::Ready(file) = watcher.next().await else {
+        panic!("ready");
+    };
+    Intake {
+        node: node.clone(),
+        watcher,
+    }
+    .take_file(&file)
+    .await
+    .unwrap();
+    let moved = s.paths.outbox.join("rejected/bad.json");
+    let mode = std::fs::metadata(&moved).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "refused file readable by others: {mode:o}");
+
+    crate::node::housekeeping::purge_expired(&node).await;
+    assert!(!moved.exists(), "purged after a 0-day retention");
+    assert!(!s.paths.outbox.join("rejected/bad.json.error.json").exists());
+    let purges: Vec<_> = audit_lines(&s.paths.audit)
+        .into_iter()
+        .filter(|r| {
+            r["op"] == "erasure"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with("retention_rejected"))
+        })
+        .collect();
+    assert_eq!(purges.len(), 1, "the purge is on the record");
+    node.audit.close().await.unwrap();
+}

@@ -135,18 +135,8 @@ impl fmt::Display for Rec {
 /// Every record of a node's chain, in sequence order (all `audit-*.jsonl` files; torn lines
 /// are skipped — `refex audit verify` judges those).
 fn chain(audit_dir: &Path) -> Vec<Rec> {
-    let mut files: Vec<_> = fs::read_dir(audit_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy())
-                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
-        })
-        .collect();
-    files.sort();
+    // The files as the audit log itself lists them (a missing directory is an empty chain).
+    let files = refex::adapters::audit::log_files(audit_dir).unwrap_or_default();
     let mut out = Vec::new();
     for f in files {
         let bytes = fs::read(&f).unwrap_or_default();

@@ -1,7 +1,8 @@
 //! A LazyFS mount for power-cut tests: a FUSE filesystem with its own page cache, so everything
 //! not fsynced (contents, new names, renames, unlinks) can be dropped on command, as a power cut
 //! would. The binary is built by `../shared/tools/lazyfs/build` (or named by REFEX_LAZYFS_BIN).
-//! Must not: be used where /dev/fuse is missing ([`LazyFs::mount`] returns `None` and says so).
+//! Must not: be used where /dev/fuse is missing, or where neither REFEX_LAZYFS_BIN nor the
+//! shared build tool exists ([`LazyFs::mount`] returns `None` and says so, loudly).
 
 #![allow(dead_code)]
 
@@ -19,9 +20,11 @@ pub struct LazyFs {
     child: Child,
 }
 
-fn binary() -> PathBuf {
+/// The LazyFS binary: REFEX_LAZYFS_BIN, or built by the shared tool; `None` when neither is
+/// there (a checkout without `../shared` beside it).
+fn binary() -> Option<PathBuf> {
     if let Ok(b) = std::env::var("REFEX_LAZYFS_BIN") {
-        return b.into();
+        return Some(b.into());
     }
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = [
@@ -29,8 +32,7 @@ fn binary() -> PathBuf {
         PathBuf::from("/work/shared/tools/lazyfs/build"),
     ]
     .into_iter()
-    .find(|p| p.exists())
-    .expect("../shared/tools/lazyfs/build not found (set REFEX_LAZYFS_BIN)");
+    .find(|p| p.exists())?;
     let out = std::env::temp_dir().join("lazyfs-build");
     let o = Command::new(script)
         .arg(&out)
@@ -41,7 +43,7 @@ fn binary() -> PathBuf {
         "lazyfs build failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+    Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
 }
 
 impl LazyFs {
@@ -51,7 +53,13 @@ impl LazyFs {
             eprintln!("SKIPPED: /dev/fuse is missing; power-cut tests need FUSE (LazyFS)");
             return None;
         }
-        let bin = binary();
+        let Some(bin) = binary() else {
+            eprintln!(
+                "SKIPPED: LazyFS is not available (no REFEX_LAZYFS_BIN and no \
+                 ../shared/tools/lazyfs/build beside the checkout); power-cut tests need it"
+            );
+            return None;
+        };
         let (root, mnt, fifo) = (
             work.join("root"),
             work.join("mnt"),

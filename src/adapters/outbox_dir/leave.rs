@@ -1,11 +1,11 @@
 //! How a file leaves the outbox: [`remove_taken`] after its envelopes are durable, [`reject`]
 //! into `rejected/` with its error document (rules in the module doc).
 
-use std::fs::{self};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::RenameFlags;
+use rustix::fs::{Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use tracing::debug;
 
@@ -109,6 +109,9 @@ pub fn reject(
                 return Err(e);
             }
         }
+        if replacement.is_none() {
+            restrict_mode(&rejected.join(&target));
+        }
         sync_dir(&rejected)?;
         if replacement.is_none() {
             sync_dir(dir)?;
@@ -158,4 +161,63 @@ fn move_new(from: &Path, to: &Path) -> Result<bool, OutboxError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
         other => other.map_err(OutboxError::io("move", from)),
     }
+}
+
+/// Makes a moved refused file 0640 whatever mode its provider gave it: it holds personal data.
+/// Opened without following links, so a refused symlink never changes its target's mode.
+fn restrict_mode(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let opened = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    );
+    if let Ok(fd) = opened {
+        let file = File::from(fd);
+        if file.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = file.set_permissions(fs::Permissions::from_mode(0o640));
+        }
+    }
+}
+
+/// Refused files (and their error documents) in `dir/rejected/` last changed before `cutoff`:
+/// they hold personal data and are purged after the configured retention.
+pub fn expired_rejections(
+    dir: &Path,
+    cutoff: std::time::SystemTime,
+) -> Result<Vec<PathBuf>, OutboxError> {
+    let rejected = dir.join(REJECTED_DIR);
+    let entries = match fs::read_dir(&rejected) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(OutboxError::io("list", &rejected)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() && meta.modified().is_ok_and(|m| m <= cutoff) {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deletes refused files found by [`expired_rejections`] (after their erasure is recorded)
+/// and syncs `rejected/`. Returns how many were removed.
+pub fn remove_rejections(dir: &Path, paths: &[PathBuf]) -> Result<usize, OutboxError> {
+    let mut n = 0;
+    for p in paths {
+        match fs::remove_file(p) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(OutboxError::io("remove", p)(e)),
+        }
+    }
+    if n > 0 {
+        sync_dir(&dir.join(REJECTED_DIR))?;
+    }
+    Ok(n)
 }

@@ -185,9 +185,12 @@ enum Outbound {
 }
 
 /// Counts refusals per reason: the first of each is logged at once, the rest summarised.
+/// `counts` is the current summary window (reset by `summarise`); `totals` never resets (it is
+/// what a metrics endpoint or a test reads).
 #[derive(Default)]
 struct Refusals {
     counts: Mutex<BTreeMap<&'static str, u64>>,
+    totals: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Refusals {
@@ -198,6 +201,7 @@ impl Refusals {
             *n += 1;
             *n == 1
         };
+        *lock(&self.totals).entry(reason).or_insert(0) += 1;
         if first {
             warn!(%remote, "connection refused: {reason} (more are summarised every {}s)", SUMMARY_INTERVAL.as_secs());
         }
@@ -217,11 +221,6 @@ impl Refusals {
                 more.join(", ")
             );
         }
-    }
-
-    #[cfg(test)]
-    fn count(&self, reason: &str) -> u64 {
-        lock(&self.counts).get(reason).copied().unwrap_or(0)
     }
 }
 
@@ -455,6 +454,7 @@ impl Transport {
             Ok(c) => c,
             Err(e) => {
                 debug!(%remote, "incoming connection failed: {e}");
+                refusals.note("incoming connection failed", remote);
                 return;
             }
         };
