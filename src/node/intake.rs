@@ -1,10 +1,12 @@
 //! Intake: turns files dropped in the outbox into sealed, queued envelopes, or into refusals.
 //!
-//! For each ready file: parse (JSON: one referral; CSV: one per row), validate, route and
-//! classify each referral on its own, seal it (signed, encrypted to the destination area, or to
-//! ourselves for a local referral), queue it under its idempotency key (source_system +
-//! source_ref), sync the store, audit (collection; for a batch also the combination: file hash
-//! and row), and only then delete the file. Refused files or rows go to `rejected/` with an
+//! For each ready file, `core::plan` first decides everything from the bytes alone (parse, validate,
+//! route and classify each referral on its own). Intake then carries the plan out in one fixed
+//! order: audit the refusals; seal each accepted referral (signed, encrypted to the destination
+//! area, or to ourselves for a local referral), queue it under its idempotency key
+//! (source_system + source_ref), sync the store (the sender cannot see it before that sync),
+//! audit (collection; for a batch also the combination: file hash and row; a deadline record
+//! when already past `due_by`); write the refused rows; and only then delete the file. Refused files or rows go to `rejected/` with an
 //! `.error.json` naming file, row, field and rule.
 //! Crash or failure at any step before the delete leaves the file in the outbox: it is read again
 //! and the idempotency index turns every referral already queued into a logged duplicate, so the
