@@ -331,6 +331,19 @@ impl Settings {
             .optional_path("control.socket")
             .unwrap_or_else(|| paths.state.join("control.sock"));
 
+        // Dedup memory shorter than the window in which an envelope is still accepted would let
+        // a replay of a forgotten id through as new.
+        let accepted_for = limits.open.max_age + limits.open.max_skew;
+        if chrono::Duration::days(i64::from(retention.seen_ids_days)) <= accepted_for {
+            r.error(
+                "retention.seen_ids_days",
+                format!(
+                    "must be longer than limits.max_envelope_age_secs plus limits.clock_skew_secs \
+                     ({} s): an envelope replayed after its id is forgotten would be accepted again",
+                    accepted_for.num_seconds()
+                ),
+            );
+        }
         if delivery.retry_initial > delivery.retry_max {
             r.error(
                 "delivery.retry_initial_ms",
@@ -635,6 +648,16 @@ mod tests {
         assert_eq!(s.area.as_str(), "west-midlands");
         assert_eq!(s.listen.port(), 17_400);
         assert!(s.paths.inbox.ends_with("west-midlands/inbox"));
+    }
+
+    #[test]
+    fn a_dedup_memory_shorter_than_the_envelope_age_window_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_minimal(dir.path(), "\n[retention]\nseen_ids_days = 10\n");
+        let err = Settings::load_with(&path, no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retention.seen_ids_days"), "{err}");
     }
 
     #[test]

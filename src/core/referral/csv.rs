@@ -279,7 +279,8 @@ pub fn parse_csv(bytes: &[u8], limits: &CsvLimits) -> Result<CsvBatch, Vec<Field
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let row = i as u64 + 1;
-        if rows.len() >= limits.max_rows {
+        // Blank rows count too: 60,000 empty lines are as much work as 60,000 referrals.
+        if i >= limits.max_rows {
             return Err(file_err(
                 "too_many_rows",
                 format!("more than {} rows; split the batch", limits.max_rows),
@@ -306,10 +307,26 @@ pub fn parse_csv(bytes: &[u8], limits: &CsvLimits) -> Result<CsvBatch, Vec<Field
         };
         rows.push(CsvRow { row, raw, parsed });
     }
+    if rows.is_empty() {
+        return Err(file_err(
+            "empty_batch",
+            "the batch has a header but no referral rows".into(),
+        ));
+    }
     Ok(CsvBatch { header, rows })
 }
 
-/// Writes rows back as CSV with the batch's header (for `rejected/`).
+/// A cell as it may be written back for a person to open in a spreadsheet: one that a
+/// spreadsheet would run as a formula (`= + - @`, tab or CR first) gets a leading `'`
+/// (OWASP, "CSV injection").
+pub fn formula_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
+        _ => cell.into(),
+    }
+}
+
+/// Writes rows back as CSV with the batch's header (for `rejected/`), formula-safe.
 pub fn write_rows(header: &[String], rows: &[&CsvRow]) -> Vec<u8> {
     let mut w = ::csv::WriterBuilder::new()
         .flexible(true)
@@ -317,7 +334,7 @@ pub fn write_rows(header: &[String], rows: &[&CsvRow]) -> Vec<u8> {
         .from_writer(Vec::new());
     let _ = w.write_record(header);
     for r in rows {
-        let _ = w.write_record(&r.raw);
+        let _ = w.write_record(r.raw.iter().map(|c| formula_safe(c).into_owned()));
     }
     w.into_inner().unwrap_or_default()
 }

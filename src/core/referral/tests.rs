@@ -475,3 +475,30 @@ fn the_json_schema_file_matches_the_model() {
     assert_eq!(top.len(), known.len());
     assert!(top.iter().all(|k| known.contains(k)));
 }
+
+#[test]
+fn a_batch_of_only_blank_rows_is_refused_as_empty_and_blank_rows_count_toward_the_limit() {
+    let limits = CsvLimits {
+        max_rows: 3,
+        max_field_bytes: 1024,
+    };
+    let sample = include_str!("../../../config/samples/daily-2026-11-20.csv");
+    let header = format!("{}\r\n", sample.lines().next().unwrap());
+    let blank_row = format!("{}\r\n", ",".repeat(header.matches(',').count()));
+    let blank = format!("{header}{blank_row}{blank_row}");
+    let errs = parse_csv(blank.as_bytes(), &limits).unwrap_err();
+    assert_eq!(errs[0].rule, "empty_batch", "{errs:?}");
+    let many = format!("{header}{}", blank_row.repeat(4));
+    let errs = parse_csv(many.as_bytes(), &limits).unwrap_err();
+    assert_eq!(errs[0].rule, "too_many_rows", "{errs:?}");
+}
+
+#[test]
+fn cells_written_back_cannot_run_as_spreadsheet_formulas() {
+    use crate::core::referral::csv::formula_safe;
+    for bad in ["=HYPERLINK(\"x\")", "@SUM(A1)", "+1", "-1", "\tx", "\rx"] {
+        assert!(formula_safe(bad).starts_with('\''), "{bad:?}");
+    }
+    assert_eq!(formula_safe("Testtown"), "Testtown");
+    assert_eq!(formula_safe(""), "");
+}
