@@ -46,6 +46,12 @@ fn sample_for(area: &str) -> Referral {
     parse_json(&sample_json(area)).unwrap()
 }
 
+/// West Midlands (the sender) and London (the receiving node) of one federation.
+fn sender_and_receiver(dir: &Path, port: u16) -> (Arc<Node>, Arc<Node>) {
+    let (wm, london) = federation(dir, port);
+    (Node::open(wm).unwrap(), Node::open(london).unwrap())
+}
+
 /// An envelope from `from` to `to` carrying `r`, sealed as intake would.
 fn sealed(from: &Node, to: &AreaId, r: &Referral) -> Vec<u8> {
     let payload = r.to_cbor();
@@ -90,6 +96,21 @@ fn watch(s: &Settings, settle: Duration) -> OutboxWatcher {
     .unwrap()
 }
 
+/// Runs intake on the one file waiting in `node`'s outbox, as the daemon would.
+async fn take_waiting_file(node: &Arc<Node>) {
+    let mut watcher = watch(&node.settings, Duration::from_millis(10));
+    let Pickup::Ready(file) = watcher.next().await else {
+        panic!("the file is ready");
+    };
+    Intake {
+        node: node.clone(),
+        watcher,
+    }
+    .take_file(&file)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,15 +119,7 @@ async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
     let s = node.settings.clone();
     let bytes = sample_json(LONDON);
     std::fs::write(s.paths.outbox.join("one.json"), &bytes).unwrap();
-    let mut watcher = watch(&s, Duration::from_millis(10));
-    let Pickup::Ready(file) = watcher.next().await else {
-        panic!("the file is ready");
-    };
-    let intake = Intake {
-        node: node.clone(),
-        watcher,
-    };
-    intake.take_file(&file).await.unwrap();
+    take_waiting_file(&node).await;
 
     assert!(!s.paths.outbox.join("one.json").exists(), "file removed");
     let london: AreaId = LONDON.parse().unwrap();
@@ -130,11 +143,7 @@ async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
     assert_eq!(late(&s.paths.audit), 1, "one late_at_intake record");
     // Taking the same bytes again (a re-read after a crash) makes no second envelope.
     std::fs::write(s.paths.outbox.join("one.json"), &bytes).unwrap();
-    let mut watcher = watch(&s, Duration::from_millis(10));
-    let Pickup::Ready(file) = watcher.next().await else {
-        panic!("the file is ready");
-    };
-    intake.take_file(&file).await.unwrap();
+    take_waiting_file(&node).await;
     let queued = node
         .store
         .next_queued(&london, 10, &Default::default())
@@ -152,11 +161,7 @@ async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
         serde_json::to_vec(&v).unwrap(),
     )
     .unwrap();
-    let mut watcher = watch(&s, Duration::from_millis(10));
-    let Pickup::Ready(file) = watcher.next().await else {
-        panic!("the file is ready");
-    };
-    intake.take_file(&file).await.unwrap();
+    take_waiting_file(&node).await;
     assert_eq!(late(&s.paths.audit), 1, "on time: no late record");
     node.audit.close().await.unwrap();
 }
@@ -164,9 +169,7 @@ async fn intake_queues_a_dropped_file_for_its_area_audits_it_and_removes_it() {
 #[tokio::test]
 async fn the_receiver_writes_an_envelope_once_and_answers_a_resend_with_the_same_receipt() {
     let dir = tempfile::tempdir().unwrap();
-    let (wm, london) = federation(dir.path(), 17_710);
-    let sender = Node::open(wm).unwrap();
-    let node = Node::open(london).unwrap();
+    let (sender, node) = sender_and_receiver(dir.path(), 17_710);
     let receiver = Receiver::new(node.clone());
     let bytes = sealed(&sender, node.me(), &sample_for(LONDON));
     let arrive = || Arrived {
@@ -197,9 +200,7 @@ async fn the_receiver_writes_an_envelope_once_and_answers_a_resend_with_the_same
 #[tokio::test]
 async fn a_different_envelope_carrying_a_delivered_referral_is_answered_as_a_duplicate() {
     let dir = tempfile::tempdir().unwrap();
-    let (wm, london) = federation(dir.path(), 17_750);
-    let sender = Node::open(wm).unwrap();
-    let node = Node::open(london).unwrap();
+    let (sender, node) = sender_and_receiver(dir.path(), 17_750);
     let receiver = Receiver::new(node.clone());
     let referral = sample_for(LONDON);
     // Two envelopes (two ids), one referral: what a sender that lost its records would send.
@@ -244,9 +245,7 @@ async fn a_different_envelope_carrying_a_delivered_referral_is_answered_as_a_dup
 #[tokio::test]
 async fn the_receiver_refuses_an_envelope_claiming_another_sender() {
     let dir = tempfile::tempdir().unwrap();
-    let (wm, london) = federation(dir.path(), 17_720);
-    let sender = Node::open(wm).unwrap();
-    let node = Node::open(london).unwrap();
+    let (sender, node) = sender_and_receiver(dir.path(), 17_720);
     let receiver = Receiver::new(node.clone());
     let bytes = sealed(&sender, node.me(), &sample_for(LONDON));
     // The TLS peer is london itself, not the west-midlands envelope's sender.
@@ -274,17 +273,7 @@ async fn the_sender_delivers_a_local_referral_and_keeps_only_the_receipt() {
     let s = node.settings.clone();
     let bytes = sample_json(WM);
     std::fs::write(s.paths.outbox.join("local.json"), &bytes).unwrap();
-    let mut watcher = watch(&s, Duration::from_millis(10));
-    let Pickup::Ready(file) = watcher.next().await else {
-        panic!("ready");
-    };
-    Intake {
-        node: node.clone(),
-        watcher,
-    }
-    .take_file(&file)
-    .await
-    .unwrap();
+    take_waiting_file(&node).await;
 
     let transport =
         Transport::bind(s.listen, &load_tls(&s).unwrap(), s.limits.transport.clone()).unwrap();
@@ -418,17 +407,7 @@ async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_rec
     let path = s.paths.outbox.join("bad.json");
     std::fs::write(&path, b"{ not json").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut watcher = watch(&s, Duration::from_millis(10));
-    let Pickup::Ready(file) = watcher.next().await else {
-        panic!("ready");
-    };
-    Intake {
-        node: node.clone(),
-        watcher,
-    }
-    .take_file(&file)
-    .await
-    .unwrap();
+    take_waiting_file(&node).await;
     let moved = s.paths.outbox.join("rejected/bad.json");
     let mode = std::fs::metadata(&moved).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640, "refused file readable by others: {mode:o}");

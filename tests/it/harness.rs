@@ -15,6 +15,19 @@ use refex::core::types::AreaId;
 use refex::edge::harness::Daemon;
 use refex::node::settings::Settings;
 
+/// Short windows for the crash and power-cut tests: quick pickup, quick retries.
+pub const FAST_CRASH_CONFIG: &str = r#"
+[intake]
+settle_ms = 100
+rescan_ms = 500
+[delivery]
+retry_initial_ms = 50
+retry_max_ms = 500
+[limits]
+handshake_timeout_ms = 1000
+request_timeout_ms = 3000
+"#;
+
 /// Each federation takes a block of ports of its own, so tests can run in parallel.
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 const BLOCK: u16 = 8;

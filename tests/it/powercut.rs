@@ -14,17 +14,7 @@ use std::time::Duration;
 
 use crate::harness::{referral, wait_until, Federation};
 
-pub const FAST: &str = r#"
-[intake]
-settle_ms = 100
-rescan_ms = 500
-[delivery]
-retry_initial_ms = 50
-retry_max_ms = 500
-[limits]
-handshake_timeout_ms = 1000
-request_timeout_ms = 3000
-"#;
+const FAST: &str = crate::harness::FAST_CRASH_CONFIG;
 
 #[test]
 fn an_envelope_is_not_sent_before_its_queue_record_is_synced() {

@@ -8,17 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{referral, wait_until, Federation};
 
-const FAST: &str = r#"
-[intake]
-settle_ms = 100
-rescan_ms = 500
-[delivery]
-retry_initial_ms = 50
-retry_max_ms = 500
-[limits]
-handshake_timeout_ms = 1000
-request_timeout_ms = 3000
-"#;
+const FAST: &str = crate::harness::FAST_CRASH_CONFIG;
 
 /// A small deterministic generator (xorshift), seeded and printed so a failing run can be
 /// repeated with REFEX_TORTURE_SEED.
