@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::adapters::audit::{Actor, Event, Operation, Outcome, SubjectKey};
 use crate::adapters::inbox_dir::{inbox_name, InboxError};
-use crate::adapters::store::SeenRecord;
+use crate::adapters::store::{SeenRecord, StoreError};
 use crate::core::envelope::{Header, ReceiptBody, ReceiptStatus, Reply};
 use crate::core::referral::{self, Delivery, Referral};
 use crate::core::types::{AreaId, EnvelopeId};
@@ -360,16 +360,11 @@ impl Receiver {
         };
         let store = &self.node.store;
         let subject = self.subject_of(o).to_string();
-        let synced = match store
-            .put_seen(&o.header.id, &seen)
-            .and_then(|()| store.remember_referral(&o.peer, &subject, &o.header.id, o.now))
-        {
-            Ok(()) => store.durable().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = synced {
-            return Err(self.transient(&e.to_string(), e.is_disk_full()));
-        }
+        self.write_durably(|| {
+            store.put_seen(&o.header.id, &seen)?;
+            store.remember_referral(&o.peer, &subject, &o.header.id, o.now)
+        })
+        .await?;
         crate::core::failpoint::hit("receiver_after_seen");
         Ok(Accepted { recorded: r, seen })
     }
@@ -431,13 +426,8 @@ impl Receiver {
             published: true,
             receipt: serde_bytes::ByteBuf::from(receipt.clone()),
         };
-        let synced = match store.put_seen(&o.header.id, &seen) {
-            Ok(()) => store.durable().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = synced {
-            return Err(self.transient(&e.to_string(), e.is_disk_full()));
-        }
+        self.write_durably(|| store.put_seen(&o.header.id, &seen))
+            .await?;
         warn!(peer = %o.peer, envelope_id = %o.header.id, original = %original, "referral already delivered by another envelope; answered as a duplicate, no second inbox file");
         Err(Reply::Receipt(receipt))
     }
@@ -474,6 +464,15 @@ impl Receiver {
         self.node
             .subject
             .key(&o.referral.source_system, &o.referral.source_ref)
+    }
+
+    /// Writes to the store, then syncs it; a failure of either is a transient refusal.
+    async fn write_durably(&self, write: impl FnOnce() -> Result<(), StoreError>) -> Step<()> {
+        let synced = match write() {
+            Ok(()) => self.node.store.durable().await,
+            Err(e) => Err(e),
+        };
+        synced.map_err(|e| self.transient(&e.to_string(), e.is_disk_full()))
     }
 
     /// Runs a blocking inbox operation off the runtime; errors become transient refusals.
