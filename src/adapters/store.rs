@@ -21,13 +21,17 @@
 //! while a commit is running share the next one (group commit), so a burst of N envelopes costs
 //! a handful of syncs, not N. Nothing may be acknowledged (outbox file deleted, receipt sent)
 //! before `durable()` returns.
-//! Visibility: sled shows a write to readers at once, before any sync. An envelope that
-//! [`Store::enqueue`] has written is therefore kept out of [`Store::next_queued`] (so it cannot be
-//! sent) until a commit that started after the write has synced: otherwise it could be sent and
-//! accepted while its record and idempotency key were only in memory, a crash or power cut would
-//! lose both, intake would read the outbox file again under a new envelope id, and the receiver
-//! (dedup by envelope id) would deliver the referral twice. The pending set lives in memory only:
-//! after a restart everything in sled came from the device.
+//! Visibility (write-ahead audit): [`Store::enqueue`] writes an envelope in state `Held`, outside
+//! every queue. Intake syncs it, writes its audit records (collection first), and only then
+//! [`Store::release`]s it into its peer's queue. So the sender can never take an envelope whose
+//! collection is not on record. A crash while it is held leaves the outbox file in place (intake
+//! deletes the file only after the release is synced): the file is read again, the idempotency
+//! key finds the held envelope ([`Enqueued::Resumed`], same envelope id), its records are written
+//! again and it is released. Released envelopes are also kept out of [`Store::next_queued`] until
+//! a sync that started after the release has finished: otherwise it could be sent, delivered and
+//! erased while the release was only in memory, a crash would put it back to `Held`, and intake
+//! would record a collection after the erasure. The pending set lives in memory only: after a
+//! restart everything in sled came from the device.
 //! Crash safety: every multi-tree change is one sled transaction, so after a crash a record is
 //! either fully queued (envelope + queue key + idempotency key) or absent.
 //! Must not: know about files, the network, or how envelopes are made.
@@ -109,6 +113,8 @@ impl From<TransactionError<StoreError>> for StoreError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutState {
+    /// Stored by intake, not yet released: its audit records may not be durable yet.
+    Held,
     /// Waiting in its peer's queue.
     Queued,
     /// Undelivered past the non-delivery window, or refused by the peer: kept for an operator.
@@ -137,6 +143,9 @@ pub struct OutRecord {
     pub receipt: Option<serde_bytes::ByteBuf>,
     pub peer_audit_head: Option<String>,
     pub finished_at: Option<i64>,
+    /// Set once the crossing of `due_by` while queued has been recorded (`deadline_missed`).
+    #[serde(default)]
+    pub deadline_reported: bool,
 }
 
 impl OutRecord {
@@ -165,11 +174,22 @@ pub struct NewEnvelope {
     pub subject_key: Option<String>,
 }
 
-/// The result of queueing: new, or a duplicate of an envelope queued earlier.
+/// The result of queueing: new, a duplicate of an envelope queued earlier, or a duplicate of
+/// one still held (a crash came between its enqueue and its release: record it and release it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Enqueued {
     New(EnvelopeId),
     Duplicate(EnvelopeId),
+    Resumed(EnvelopeId),
+}
+
+impl Enqueued {
+    /// The envelope id, whichever case.
+    pub fn id(&self) -> EnvelopeId {
+        match self {
+            Self::New(id) | Self::Duplicate(id) | Self::Resumed(id) => *id,
+        }
+    }
 }
 
 /// What the receiver keeps about an accepted envelope.
@@ -264,6 +284,13 @@ fn queue_key(to: &AreaId, priority: PriorityClass, due_by: i64, id: &EnvelopeId)
     k
 }
 
+/// The `due_by` a queue key carries (the 8 bytes before the id).
+fn due_from_queue_key(k: &[u8]) -> Option<i64> {
+    let at = k.len().checked_sub(24)?;
+    let b: [u8; 8] = k.get(at..at + 8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+}
+
 fn queue_prefix(to: &AreaId) -> Vec<u8> {
     let mut k = to.as_str().as_bytes().to_vec();
     k.push(0);
@@ -338,9 +365,9 @@ impl Store {
         self.inner.syncs.load(Ordering::Relaxed)
     }
 
-    /// Queues a sealed envelope unless `idem_key` was seen before. Not yet durable: call
-    /// [`Store::durable`] before acknowledging. Not sendable either: [`Store::next_queued`]
-    /// skips it until a sync that covers it has finished.
+    /// Stores a sealed envelope as `Held` unless `idem_key` was seen before. Not yet durable
+    /// (call [`Store::durable`]) and not sendable: [`Store::release`] queues it once its audit
+    /// records are durable.
     pub fn enqueue(&self, env: NewEnvelope, idem_key: &[u8; 32]) -> Result<Enqueued, StoreError> {
         let i = &self.inner;
         let rec = OutRecord {
@@ -349,7 +376,7 @@ impl Store {
             priority: env.priority,
             due_by: env.due_by.timestamp(),
             created: env.created.timestamp(),
-            state: OutState::Queued,
+            state: OutState::Held,
             attempts: 0,
             last_error: None,
             digest: env.digest.to_vec(),
@@ -358,46 +385,73 @@ impl Store {
             receipt: None,
             peer_audit_head: None,
             finished_at: None,
+            deadline_reported: false,
         };
         let value = encode(&rec);
-        let qk = queue_key(&env.to, env.priority, rec.due_by, &env.id);
         let id = env.id;
-        // Marked before the write can be seen, so no scan finds it unmarked.
-        self.pending_lock()?.ids.insert(id, WRITING);
-        let out = (&i.envelopes, &i.queue, &i.idem).transaction(|(envelopes, queue, idem)| {
+        let out = (&i.envelopes, &i.idem).transaction(|(envelopes, idem)| {
             if let Some(existing) = idem.get(idem_key)? {
                 let existing = EnvelopeId::from_slice(&existing).map_err(|_| {
                     ConflictableTransactionError::Abort(StoreError::Corrupt(
                         "idempotency index".into(),
                     ))
                 })?;
-                return Ok(Enqueued::Duplicate(existing));
+                let held = match envelopes.get(existing.as_bytes())? {
+                    Some(v) => {
+                        decode::<OutRecord>(existing, &v)
+                            .map_err(ConflictableTransactionError::Abort)?
+                            .state
+                            == OutState::Held
+                    }
+                    None => false,
+                };
+                return Ok(if held {
+                    Enqueued::Resumed(existing)
+                } else {
+                    Enqueued::Duplicate(existing)
+                });
             }
             idem.insert(&idem_key[..], &id.as_bytes()[..])?;
             envelopes.insert(&id.as_bytes()[..], value.clone())?;
-            queue.insert(qk.clone(), &[][..])?;
             Ok(Enqueued::New(id))
-        });
-        let mut pending = self.pending_lock()?;
-        match out {
-            Ok(Enqueued::New(_)) => {
-                // The write is complete: any commit that starts from here on covers it.
-                pending.issued += 1;
-                let ticket = pending.issued;
-                pending.ids.insert(id, ticket);
-            }
-            _ => {
-                pending.ids.remove(&id);
+        })?;
+        Ok(out)
+    }
+
+    /// Moves held envelopes into their peers' queues (intake, once their records are durable).
+    /// Idempotent. They become sendable once a sync that starts after this call has finished.
+    pub fn release(&self, ids: &[EnvelopeId]) -> Result<(), StoreError> {
+        for id in ids {
+            // Marked before the write can be seen, so no scan finds it unmarked.
+            self.pending_lock()?.ids.insert(*id, WRITING);
+            let out = self.update(id, |r| {
+                if r.state == OutState::Held {
+                    r.state = OutState::Queued;
+                }
+                Ok(())
+            });
+            let mut pending = self.pending_lock()?;
+            match out {
+                Ok(()) => {
+                    // The write is complete: any commit that starts from here on covers it.
+                    pending.issued += 1;
+                    let ticket = pending.issued;
+                    pending.ids.insert(*id, ticket);
+                }
+                Err(e) => {
+                    pending.ids.remove(id);
+                    return Err(e);
+                }
             }
         }
-        Ok(out?)
+        Ok(())
     }
 
     fn pending_lock(&self) -> Result<std::sync::MutexGuard<'_, Pending>, StoreError> {
         self.inner.pending.lock().map_err(|_| StoreError::Closed)
     }
 
-    /// True while `id` was enqueued but no sync covering it has finished.
+    /// True while `id` was released but no sync covering the release has finished.
     pub fn is_pending(&self, id: &EnvelopeId) -> bool {
         self.pending_lock()
             .map(|p| p.ids.contains_key(id))
@@ -413,7 +467,7 @@ impl Store {
     }
 
     /// Up to `limit` queued envelopes for `to`, in delivery order, skipping `skip` (in flight)
-    /// and any envelope whose enqueue is not yet synced.
+    /// and any envelope whose release is not yet synced.
     /// Reads lazily: never more than `limit + skip.len()` plus unsynced queue keys.
     pub fn next_queued(
         &self,
@@ -614,9 +668,50 @@ impl Store {
         Ok(out)
     }
 
-    /// Forgets finished (delivered or withdrawn) envelopes older than `cutoff`; returns their ids.
-    pub fn purge_finished(&self, cutoff: DateTime<Utc>) -> Result<Vec<EnvelopeId>, StoreError> {
-        let mut gone = Vec::new();
+    /// Queued envelopes past their `due_by` at `now` whose crossing is not yet recorded, at
+    /// most `limit`. Reads a record only when its queue key (which holds `due_by`) is past due.
+    pub fn newly_past_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.queue.iter() {
+            let (k, _) = kv?;
+            let Some(id) = id_from_queue_key(&k) else {
+                continue;
+            };
+            if due_from_queue_key(&k).is_some_and(|due| due >= now.timestamp()) {
+                continue;
+            }
+            if let Some(rec) = self.get(&id)? {
+                if rec.state == OutState::Queued && !rec.deadline_reported {
+                    out.push((id, rec));
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Notes that the envelope's missed deadline is on record (it is reported once).
+    pub fn mark_deadline_reported(&self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.update(id, |r| {
+            r.deadline_reported = true;
+            Ok(())
+        })
+    }
+
+    /// Finished (delivered or withdrawn) envelopes older than `cutoff`, at most `limit`: the
+    /// candidates of the receipt-retention purge, recorded before [`Store::forget`] deletes them.
+    pub fn finished_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<EnvelopeId>, StoreError> {
+        let mut out = Vec::new();
         for kv in self.inner.envelopes.iter() {
             let (k, v) = kv?;
             let Ok(id) = EnvelopeId::from_slice(&k) else {
@@ -625,11 +720,28 @@ impl Store {
             let rec: OutRecord = decode(id, &v)?;
             let finished = matches!(rec.state, OutState::Delivered | OutState::Withdrawn);
             if finished && rec.finished_at.is_some_and(|t| t < cutoff.timestamp()) {
-                self.inner.envelopes.remove(&k)?;
-                gone.push(id);
+                out.push(id);
+                if out.len() >= limit {
+                    break;
+                }
             }
         }
-        Ok(gone)
+        Ok(out)
+    }
+
+    /// Deletes finished envelopes (their erasure is already on record). Queued or held ones are
+    /// never deleted here.
+    pub fn forget(&self, ids: &[EnvelopeId]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for id in ids {
+            if let Some(rec) = self.get(id)? {
+                if matches!(rec.state, OutState::Delivered | OutState::Withdrawn) {
+                    self.inner.envelopes.remove(id.as_bytes())?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     // --- receiver side ---
@@ -697,16 +809,31 @@ impl Store {
         Ok(out)
     }
 
-    /// Forgets accepted ids older than `cutoff` (end of the dedup window).
+    /// How many accepted ids the dedup-retention purge would forget at `cutoff` (it is recorded
+    /// before [`Store::purge_seen`] deletes them).
+    pub fn count_seen_before(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.sweep_seen(cutoff, false)
+    }
+
+    /// Forgets published accepted ids (and the referral index) received before `cutoff`.
     pub fn purge_seen(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.sweep_seen(cutoff, true)
+    }
+
+    fn sweep_seen(&self, cutoff: DateTime<Utc>, delete: bool) -> Result<usize, StoreError> {
         let mut n = 0;
         for kv in self.inner.seen.iter() {
             let (k, v) = kv?;
             let rec: SeenRecord = decode("seen id", &v)?;
             if rec.published && rec.received_at < cutoff.timestamp() {
-                self.inner.seen.remove(&k)?;
+                if delete {
+                    self.inner.seen.remove(&k)?;
+                }
                 n += 1;
             }
+        }
+        if !delete {
+            return Ok(n);
         }
         for kv in self.inner.referrals.iter() {
             let (k, v) = kv?;
@@ -818,6 +945,13 @@ mod tests {
         }
     }
 
+    /// Enqueues and releases at once, as intake does once the records are durable.
+    fn queue(store: &Store, e: NewEnvelope, key: &[u8; 32]) -> Enqueued {
+        let out = store.enqueue(e, key).unwrap();
+        store.release(&[out.id()]).unwrap();
+        out
+    }
+
     #[tokio::test]
     async fn the_queue_yields_priority_first_then_oldest_due() {
         let dir = tempfile::tempdir().unwrap();
@@ -831,7 +965,7 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            store.enqueue(e, &[i as u8; 32]).unwrap();
+            queue(&store, e, &[i as u8; 32]);
         }
         store.durable().await.unwrap();
         let got: Vec<_> = store
@@ -849,10 +983,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let first = env("london", PriorityClass::Standard, 1);
         let first_id = first.id;
-        assert_eq!(
-            store.enqueue(first, &[9; 32]).unwrap(),
-            Enqueued::New(first_id)
-        );
+        assert_eq!(queue(&store, first, &[9; 32]), Enqueued::New(first_id));
         let again = env("london", PriorityClass::Standard, 1);
         assert_eq!(
             store.enqueue(again, &[9; 32]).unwrap(),
@@ -899,8 +1030,8 @@ mod tests {
             env("london", PriorityClass::Standard, 2),
         );
         let (ida, idb) = (a.id, b.id);
-        store.enqueue(a, &[1; 32]).unwrap();
-        store.enqueue(b, &[2; 32]).unwrap();
+        queue(&store, a, &[1; 32]);
+        queue(&store, b, &[2; 32]);
         store.durable().await.unwrap();
         store.mark_non_delivered(&ida, "window passed").unwrap();
         store.mark_non_delivered(&idb, "window passed").unwrap();
@@ -926,7 +1057,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let e = env("london", PriorityClass::Standard, 1);
             let id = e.id;
-            store.enqueue(e, &[1; 32]).unwrap();
+            queue(&store, e, &[1; 32]);
             store.close().await.unwrap();
             id
         };
@@ -941,58 +1072,88 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_envelope_is_not_sendable_until_its_enqueue_is_synced() {
+    async fn an_envelope_is_not_sendable_until_released_and_the_release_synced() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let london = area("london");
         let e = env("london", PriorityClass::Standard, 1);
         let id = e.id;
-        store.enqueue(e, &[1; 32]).unwrap();
+        assert_eq!(store.enqueue(e, &[1; 32]).unwrap(), Enqueued::New(id));
+        store.durable().await.unwrap();
+        assert!(
+            store
+                .next_queued(&london, 10, &HashSet::new())
+                .unwrap()
+                .is_empty(),
+            "a held envelope (records not yet durable) must not be offered to the sender"
+        );
+        assert_eq!(store.get(&id).unwrap().unwrap().state, OutState::Held);
+        assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 0);
+        store.release(&[id]).unwrap();
         assert!(store.is_pending(&id));
         assert!(
             store
                 .next_queued(&london, 10, &HashSet::new())
                 .unwrap()
                 .is_empty(),
-            "an unsynced envelope must not be offered to the sender"
+            "an unsynced release must not be offered to the sender"
         );
-        // It is stored (a re-read of its outbox file sees the idempotency key) and counted.
-        assert!(store.get(&id).unwrap().is_some());
         assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 1);
         store.durable().await.unwrap();
         assert!(!store.is_pending(&id));
         let got = store.next_queued(&london, 10, &HashSet::new()).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, id);
+        // Releasing again changes nothing.
+        store.release(&[id]).unwrap();
+        store.durable().await.unwrap();
+        assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 1);
     }
 
     #[tokio::test]
-    async fn a_sync_covers_only_enqueues_finished_before_it_started() {
+    async fn a_held_envelope_found_again_after_a_crash_is_resumed_not_duplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = Store::open(dir.path()).unwrap();
+            let e = env("london", PriorityClass::Standard, 1);
+            let id = e.id;
+            store.enqueue(e, &[4; 32]).unwrap();
+            store.close().await.unwrap();
+            id
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let again = env("london", PriorityClass::Standard, 1);
+        assert_eq!(
+            store.enqueue(again, &[4; 32]).unwrap(),
+            Enqueued::Resumed(id)
+        );
+        store.release(&[id]).unwrap();
+        let again = env("london", PriorityClass::Standard, 1);
+        assert_eq!(
+            store.enqueue(again, &[4; 32]).unwrap(),
+            Enqueued::Duplicate(id)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sync_covers_only_releases_finished_before_it_started() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let london = area("london");
         let a = env("london", PriorityClass::Standard, 1);
         let ida = a.id;
-        store.enqueue(a, &[1; 32]).unwrap();
+        queue(&store, a, &[1; 32]);
         store.durable().await.unwrap();
         let b = env("london", PriorityClass::Standard, 2);
         let idb = b.id;
-        store.enqueue(b, &[2; 32]).unwrap();
+        queue(&store, b, &[2; 32]);
         let ids: Vec<_> = store
             .next_queued(&london, 10, &HashSet::new())
             .unwrap()
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        assert_eq!(ids, [ida], "b was written after the last sync");
-        // A duplicate enqueue leaves nothing pending behind.
-        let c = env("london", PriorityClass::Standard, 3);
-        let idc = c.id;
-        assert_eq!(
-            store.enqueue(c, &[1; 32]).unwrap(),
-            Enqueued::Duplicate(ida)
-        );
-        assert!(!store.is_pending(&idc));
+        assert_eq!(ids, [ida], "b was released after the last sync");
         store.durable().await.unwrap();
         assert_eq!(
             store
@@ -1002,6 +1163,58 @@ mod tests {
             2
         );
         assert!(!store.is_pending(&idb));
+    }
+
+    #[tokio::test]
+    async fn a_past_due_envelope_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now();
+        let late = env("london", PriorityClass::Standard, now.timestamp() - 60);
+        let on_time = env("london", PriorityClass::Enhanced, now.timestamp() + 3600);
+        let held = env("kent", PriorityClass::Standard, now.timestamp() - 60);
+        let late_id = late.id;
+        queue(&store, late, &[1; 32]);
+        queue(&store, on_time, &[2; 32]);
+        store.enqueue(held, &[3; 32]).unwrap();
+        let due: Vec<_> = store
+            .newly_past_due(now, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(due, [late_id], "only the queued, past-due one");
+        store.mark_deadline_reported(&late_id).unwrap();
+        assert!(store.newly_past_due(now, 10).unwrap().is_empty());
+        assert_eq!(store.queue_stats(&area("london"), now).unwrap().past_due, 1);
+    }
+
+    #[tokio::test]
+    async fn the_receipt_purge_lists_then_forgets_only_finished_envelopes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now();
+        let (a, b) = (
+            env("london", PriorityClass::Standard, 1),
+            env("london", PriorityClass::Standard, 2),
+        );
+        let (ida, idb) = (a.id, b.id);
+        queue(&store, a, &[1; 32]);
+        queue(&store, b, &[2; 32]);
+        store
+            .mark_delivered(&ida, b"r", "head", now - chrono::Duration::days(2))
+            .unwrap();
+        let old = store
+            .finished_before(now - chrono::Duration::days(1), 10)
+            .unwrap();
+        assert_eq!(old, [ida]);
+        assert_eq!(
+            store.forget(&[ida, idb]).unwrap(),
+            1,
+            "the queued one stays"
+        );
+        assert!(store.get(&ida).unwrap().is_none());
+        assert!(store.get(&idb).unwrap().is_some());
     }
 
     #[tokio::test]
@@ -1016,7 +1229,7 @@ mod tests {
                 e.sealed = i.to_be_bytes().to_vec();
                 let mut key = [0; 32];
                 key[..4].copy_from_slice(&i.to_be_bytes());
-                store.enqueue(e, &key).unwrap();
+                queue(&store, e, &key);
                 store.durable().await.unwrap();
             }));
         }

@@ -172,5 +172,7 @@ pub fn open_audit(
         settings.audit.retention_days,
     );
     cfg.checkpoint_every_records = settings.audit.checkpoint_every_records;
+    // Test failpoint only (see AuditConfig::fail_appends_while); unset in production.
+    cfg.fail_appends_while = std::env::var_os("REFEX_AUDIT_EIO_WHILE").map(Into::into);
     AuditLog::open(cfg, signer)
 }

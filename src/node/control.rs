@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::adapters::audit::{Actor, Event, Operation, Outcome};
+use crate::adapters::store::OutState;
 use crate::core::types::EnvelopeId;
 use crate::node::build::Node;
 
@@ -177,35 +178,55 @@ fn status(h: &Node) -> Value {
     })
 }
 
+/// Requeue or withdraw, write-ahead: the operator's action is recorded durably before the state
+/// changes. If the change then fails (the envelope was delivered meanwhile), a second record says
+/// so. If the record cannot be written, nothing changes.
 async fn operator_action(h: &Node, cmd: &str, id: EnvelopeId, user: &str) -> Value {
     let now = Utc::now();
-    let result = if cmd == "requeue" {
-        h.store.requeue(&id)
-    } else {
-        h.store.withdraw(&id, now)
-    };
-    let rec = match result {
-        Ok(r) => r,
+    let rec = match h.store.get(&id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return json!({"ok": false, "error": format!("no envelope {id} in the store")}),
         Err(e) => return json!({"ok": false, "error": e.to_string()}),
     };
-    if let Err(e) = h.store.durable().await {
-        return json!({"ok": false, "error": e.to_string()});
+    if !matches!(rec.state, OutState::NonDelivered | OutState::Queued) {
+        return json!({"ok": false, "error": format!("envelope {id} is {:?}; {cmd} is not possible", rec.state)});
     }
     let (op, reason) = if cmd == "requeue" {
         (Operation::Disclosure, "operator_requeue")
     } else {
         (Operation::Erasure, "operator_withdraw")
     };
-    let mut ev = Event::new(op, Actor::User(user.to_owned()), Outcome::Ok)
-        .envelope(id)
-        .route(&h.settings.area, &rec.to)
-        .reason(reason);
-    if let Some(k) = &rec.subject_key {
-        ev = ev.subject_hex(k);
+    let event = |outcome| {
+        let mut ev = Event::new(op, Actor::User(user.to_owned()), outcome)
+            .envelope(id)
+            .route(&h.settings.area, &rec.to)
+            .reason(reason);
+        if let Some(k) = &rec.subject_key {
+            ev = ev.subject_hex(k);
+        }
+        ev
+    };
+    if let Err(e) = h.audit.record(event(Outcome::Ok)).await {
+        return json!({"ok": false, "error": format!("not done: the audit record failed: {e}")});
     }
-    if let Err(e) = h.audit.record(ev).await {
-        return json!({"ok": false, "error": format!("done, but the audit record failed: {e}")});
-    }
+    let result = if cmd == "requeue" {
+        h.store.requeue(&id)
+    } else {
+        h.store.withdraw(&id, now)
+    };
+    let result = match result {
+        Ok(r) => h.store.durable().await.map(|_| r),
+        Err(e) => Err(e),
+    };
+    let rec = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if let Err(a) = h.audit.record(event(Outcome::Failed)).await {
+                warn!("audit record of a failed operator action failed: {a}");
+            }
+            return json!({"ok": false, "error": e.to_string()});
+        }
+    };
     h.wake(&rec.to);
     info!(envelope_id = %id, user = %user, action = cmd, "operator action");
     json!({"ok": true, "id": id.to_string(), "state": rec.state})

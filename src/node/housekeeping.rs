@@ -1,7 +1,11 @@
-//! Housekeeping: signed audit checkpoints at the configured interval, the non-delivery window
-//! (envelopes still queued after it are marked non-delivered, alerted at ERROR and kept for an
-//! operator), and retention purges of receipts, dedup ids, refused files in `rejected/` and
-//! audit files — each audited.
+//! Housekeeping: signed audit checkpoints at the configured interval, Victims' Code deadlines
+//! crossed while queued (one WARN and one `deadline_missed` record per envelope), the
+//! non-delivery window (envelopes still queued after it are marked non-delivered, alerted at
+//! ERROR and kept for an operator), and retention purges of receipts, dedup ids, refused files in
+//! `rejected/` and audit files.
+//! Write-ahead: every change here is recorded durably first, then made. If the record cannot be
+//! written, nothing changes and the next sweep tries again; a crash between the record and the
+//! change repeats the record on the next sweep (a second record, never a missing one).
 //! Must not: delete anything whose erasure is not recorded first.
 
 use std::sync::Arc;
@@ -9,7 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::adapters::audit::{Actor, Event, Operation, Outcome};
 use crate::adapters::outbox_dir;
@@ -32,10 +36,44 @@ pub async fn run(h: Arc<Node>, shutdown: CancellationToken) {
                     error!("audit checkpoint failed: {e}");
                 }
             }
-            _ = sweep.tick() => sweep_non_delivered(&h).await,
+            _ = sweep.tick() => {
+                sweep_deadlines(&h).await;
+                sweep_non_delivered(&h).await;
+            }
             _ = purge.tick() => purge_expired(&h).await,
         }
     }
+}
+
+/// Queued envelopes that crossed their `due_by` while waiting: one WARN and one record each.
+pub(crate) async fn sweep_deadlines(h: &Node) {
+    let now = Utc::now();
+    let due = match h.store.newly_past_due(now, 1000) {
+        Ok(v) => v,
+        Err(e) => {
+            error!("deadline sweep failed: {e}");
+            return;
+        }
+    };
+    for (id, rec) in due {
+        let mut ev = Event::new(Operation::Deadline, Actor::System, Outcome::Failed)
+            .envelope(id)
+            .route(&h.settings.area, &rec.to)
+            .priority(rec.priority)
+            .reason("deadline_missed");
+        if let Some(k) = &rec.subject_key {
+            ev = ev.subject_hex(k);
+        }
+        if let Err(e) = h.audit.record(ev).await {
+            error!("audit record of a missed deadline failed; will retry: {e}");
+            return;
+        }
+        warn!(envelope_id = %id, peer = %rec.to, priority = ?rec.priority, due_by = %rec.due_at().to_rfc3339(), attempts = rec.attempts, "referral still queued past its Victims' Code due_by");
+        if let Err(e) = h.store.mark_deadline_reported(&id) {
+            error!("cannot note a reported deadline: {e}");
+        }
+    }
+    let _ = h.store.durable().await;
 }
 
 async fn sweep_non_delivered(h: &Node) {
@@ -51,14 +89,6 @@ async fn sweep_non_delivered(h: &Node) {
         let Ok(Some(rec)) = h.store.get(&id) else {
             continue;
         };
-        if h.store
-            .mark_non_delivered(&id, "non_delivery_window_passed")
-            .is_err()
-        {
-            continue;
-        }
-        crate::node::counters::count_non_delivered();
-        error!(envelope_id = %id, peer = %rec.to, attempts = rec.attempts, "envelope NOT DELIVERED within the non-delivery window; kept for an operator (refex outbox requeue|withdraw)");
         let mut ev = Event::new(Operation::Disclosure, Actor::System, Outcome::Failed)
             .envelope(id)
             .route(&h.settings.area, &rec.to)
@@ -67,8 +97,17 @@ async fn sweep_non_delivered(h: &Node) {
             ev = ev.subject_hex(k);
         }
         if let Err(e) = h.audit.record(ev).await {
-            error!("audit record of a non-delivery failed: {e}");
+            error!("audit record of a non-delivery failed; envelope left queued: {e}");
+            return;
         }
+        if h.store
+            .mark_non_delivered(&id, "non_delivery_window_passed")
+            .is_err()
+        {
+            continue;
+        }
+        crate::node::counters::count_non_delivered();
+        error!(envelope_id = %id, peer = %rec.to, attempts = rec.attempts, "envelope NOT DELIVERED within the non-delivery window; kept for an operator (refex outbox requeue|withdraw)");
     }
     let _ = h.store.durable().await;
 }
@@ -77,23 +116,41 @@ pub(crate) async fn purge_expired(h: &Node) {
     let now = Utc::now();
     purge_rejected(h, now).await;
     let receipts = chrono::Duration::days(i64::from(h.settings.retention.receipts_days));
-    match h.store.purge_finished(now - receipts) {
-        Ok(gone) => {
-            for id in gone {
+    match h.store.finished_before(now - receipts, 10_000) {
+        Ok(ids) => {
+            let mut recorded = Vec::with_capacity(ids.len());
+            for id in ids {
                 let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
                     .envelope(id)
                     .reason("retention_receipt");
-                let _ = h.audit.record(ev).await;
+                match h.audit.record(ev).await {
+                    Ok(_) => recorded.push(id),
+                    Err(e) => {
+                        error!("audit record of a receipt purge failed; kept: {e}");
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = h.store.forget(&recorded) {
+                error!("receipt retention purge failed: {e}");
             }
         }
         Err(e) => error!("receipt retention purge failed: {e}"),
     }
     let seen = chrono::Duration::days(i64::from(h.settings.retention.seen_ids_days));
-    match h.store.purge_seen(now - seen) {
+    let cutoff = now - seen;
+    match h.store.count_seen_before(cutoff) {
         Ok(n) if n > 0 => {
             let ev = Event::new(Operation::Erasure, Actor::System, Outcome::Ok)
                 .reason(&format!("retention_seen_ids:{n}"));
-            let _ = h.audit.record(ev).await;
+            match h.audit.record(ev).await {
+                Ok(_) => {
+                    if let Err(e) = h.store.purge_seen(cutoff) {
+                        error!("dedup id retention purge failed: {e}");
+                    }
+                }
+                Err(e) => error!("audit record of a dedup id purge failed; kept: {e}"),
+            }
         }
         Ok(_) => {}
         Err(e) => error!("dedup id retention purge failed: {e}"),

@@ -1,17 +1,25 @@
 //! Intake: turns files dropped in the outbox into sealed, queued envelopes, or into refusals.
 //!
 //! For each ready file, `core::plan` first decides everything from the bytes alone (parse, validate,
-//! route and classify each referral on its own). Intake then carries the plan out in one fixed
-//! order: audit the refusals; seal each accepted referral (signed, encrypted to the destination
-//! area, or to ourselves for a local referral), queue it under its idempotency key
-//! (source_system + source_ref), sync the store (the sender cannot see it before that sync),
-//! audit (collection; for a batch also the combination: file hash and row; a deadline record
-//! when already past `due_by`); write the refused rows; and only then delete the file. Refused files or rows go to `rejected/` with an
-//! `.error.json` naming file, row, field and rule.
+//! route and classify each referral on its own). Intake then carries the plan out in one fixed,
+//! write-ahead order:
+//! 1. audit the refusals;
+//! 2. seal each accepted referral (signed, encrypted to the destination area, or to ourselves for
+//!    a local referral) and store it *held* under its idempotency key (source_system +
+//!    source_ref); sync the store;
+//! 3. audit: collection; for a batch also the combination (file hash and row); a deadline record
+//!    when already past `due_by`; the tally — all durable before the next step;
+//! 4. release the envelopes into their peers' queues and sync: only now can the sender take them,
+//!    so no envelope leaves without its collection on record;
+//! 5. write the refused rows to `rejected/` (with an `.error.json` naming file, row, field and
+//!    rule), and only then delete the file.
+//!
 //! Crash or failure at any step before the delete leaves the file in the outbox: it is read again
 //! and the idempotency index turns every referral already queued into a logged duplicate, so the
-//! file makes each envelope exactly once. Disk full (store, audit or rejected/): the file is
-//! left alone, the error logged once, and intake pauses and retries until space returns.
+//! file makes each envelope exactly once. An envelope found still held (a crash between steps 2
+//! and 4) keeps its id; its records are written unless the log already names it, then it is
+//! released. Audit or store unwritable (full, I/O error, read-only): the file is left alone, the
+//! error logged once, and intake pauses and retries until it can write again.
 //! Must not: send half a file's content, block on one bad file, or write personal data to logs.
 
 use std::sync::Arc;
@@ -46,10 +54,12 @@ pub enum IntakeError {
 }
 
 impl IntakeError {
-    fn is_disk_full(&self) -> bool {
+    /// True when the failure is the node's, not the file's: the audit log or the store cannot be
+    /// written (full, I/O error, read-only), or a volume for refused files is full. Intake then
+    /// pauses, says so once, and resumes by itself when a file goes through again.
+    fn pauses_intake(&self) -> bool {
         match self {
-            Self::Store(e) => e.is_disk_full(),
-            Self::Audit(e) => e.is_disk_full(),
+            Self::Store(_) | Self::Audit(_) => true,
             Self::Outbox(e) => e.is_disk_full(),
             Self::Seal(..) => false,
         }
@@ -65,7 +75,7 @@ pub struct Intake {
 impl Intake {
     /// Takes files until `shutdown`; the file in hand is finished first.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut disk_full_reported = false;
+        let mut paused = false;
         loop {
             let pickup = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -94,18 +104,16 @@ impl Intake {
             };
             match result {
                 Ok(()) => {
-                    if disk_full_reported {
-                        info!("intake resumed: space is available again");
-                        disk_full_reported = false;
+                    if paused {
+                        info!("intake resumed: the audit log and the store can be written again");
+                        paused = false;
                     }
                 }
                 Err(e) => {
-                    if e.is_disk_full() {
-                        if !disk_full_reported {
-                            error!(
-                                "intake paused: a volume is full ({e}); files stay in the outbox"
-                            );
-                            disk_full_reported = true;
+                    if e.pauses_intake() {
+                        if !paused {
+                            error!("intake paused: cannot write ({e}); files stay in the outbox");
+                            paused = true;
                         }
                     } else {
                         error!("intake failed for a file, will retry: {e}");
@@ -239,13 +247,22 @@ impl Intake {
         crate::core::failpoint::hit("intake_after_store");
 
         // The records of a whole file are submitted together so the audit writer commits them
-        // with a few syncs (group commit), and all are durable before the file is deleted.
+        // with a few syncs (group commit), and all are durable before any envelope is released.
         let mut jobs = tokio::task::JoinSet::new();
+        let mut release = Vec::new();
         for (item, (result, digest, subject)) in items.iter().zip(&queued) {
-            let (id, duplicate) = match result {
-                Enqueued::New(id) => (*id, false),
-                Enqueued::Duplicate(id) => (*id, true),
+            let id = result.id();
+            let duplicate = match result {
+                Enqueued::New(_) => false,
+                Enqueued::Duplicate(_) => true,
+                Enqueued::Resumed(_) => {
+                    release.push(id);
+                    self.already_recorded(&id, now)
+                }
             };
+            if matches!(result, Enqueued::New(_)) {
+                release.push(id);
+            }
             let mut ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
                 .envelope(id)
                 .route(self.node.me(), &item.class.to)
@@ -311,15 +328,40 @@ impl Intake {
         if let Some(e) = first_error {
             return Err(e.into());
         }
+        crate::core::failpoint::hit("intake_before_release");
+        self.node.store.release(&release)?;
+        self.node.store.durable().await?;
         let new = queued
             .iter()
-            .filter(|(r, ..)| matches!(r, Enqueued::New(_)))
+            .filter(|(r, ..)| !matches!(r, Enqueued::Duplicate(_)))
             .count();
         info!(file = %file, queued = new, duplicates = queued.len() - new, "file taken");
         for item in &items {
             self.node.wake(&item.class.to);
         }
         Ok(())
+    }
+
+    /// For an envelope stored but never released: whether the log already holds its records
+    /// (a crash after step 3). When the log cannot be read, it is recorded again: a second
+    /// record is better than a missing one.
+    fn already_recorded(&self, id: &EnvelopeId, now: DateTime<Utc>) -> bool {
+        let since = self
+            .node
+            .store
+            .get(id)
+            .ok()
+            .flatten()
+            .map(|r| r.created_at())
+            .unwrap_or(now);
+        let found = crate::adapters::audit::mentions_envelope(
+            &self.node.settings.paths.audit,
+            id,
+            since.into(),
+        )
+        .unwrap_or(false);
+        info!(envelope_id = %id, already_recorded = found, "resuming an envelope stored before a crash but not yet released");
+        found
     }
 
     /// Audits one refusal (a whole file or a row), with its rules and, where the source fields

@@ -163,6 +163,13 @@ async fn send_one(
         return SendOutcome::Permanent("queued envelope has no payload".into());
     };
     let Some(entry) = ctx.node.directory().get(peer) else {
+        let ev = Event::new(Operation::Disclosure, Actor::System, Outcome::Failed)
+            .envelope(id)
+            .route(ctx.node.me(), peer)
+            .reason("peer_not_in_directory");
+        if let Err(e) = ctx.node.audit.record(ev).await {
+            return SendOutcome::Transient(format!("audit unavailable: {e}"));
+        }
         let _ = ctx
             .node
             .store
@@ -288,9 +295,8 @@ async fn send_one(
             permanent,
         } => {
             if permanent {
-                let _ = ctx.node.store.mark_non_delivered(&id, &code);
-                let _ = ctx.node.store.durable().await;
-                let ev = Event::new(
+                // Write-ahead: the refusal is on record before the envelope leaves its queue.
+                let mut ev = Event::new(
                     Operation::Refusal,
                     Actor::Peer(peer.clone()),
                     Outcome::Refused,
@@ -298,9 +304,15 @@ async fn send_one(
                 .envelope(id)
                 .route(ctx.node.me(), peer)
                 .reason(&code);
-                if let Err(e) = ctx.node.audit.record(ev).await {
-                    error!(envelope_id = %id, "audit record of a refusal failed: {e}");
+                if let Some(k) = &rec.subject_key {
+                    ev = ev.subject_hex(k);
                 }
+                if let Err(e) = ctx.node.audit.record(ev).await {
+                    error!(envelope_id = %id, "audit record of a refusal failed; kept queued: {e}");
+                    return SendOutcome::Transient(format!("audit unavailable: {e}"));
+                }
+                let _ = ctx.node.store.mark_non_delivered(&id, &code);
+                let _ = ctx.node.store.durable().await;
                 SendOutcome::Permanent(format!("{code}: {message}"))
             } else {
                 let _ = ctx.node.store.note_attempt(&id, &code);

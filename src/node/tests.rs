@@ -364,6 +364,7 @@ async fn a_down_peer_is_retried_on_the_backoff_schedule_not_in_a_tight_loop() {
         subject_key: None,
     };
     node.store.enqueue(new, &[7; 32]).unwrap();
+    node.store.release(&[id]).unwrap();
     node.store.durable().await.unwrap();
 
     let s = node.settings.clone();

@@ -104,7 +104,8 @@ async fn bench_store() {
     let start = Instant::now();
     for i in 0..n {
         let (e, k) = env(i);
-        store.enqueue(e, &k).unwrap();
+        let id = store.enqueue(e, &k).unwrap().id();
+        store.release(&[id]).unwrap();
         store.durable().await.unwrap();
     }
     let one_by_one = n as f64 / start.elapsed().as_secs_f64();
@@ -118,7 +119,8 @@ async fn bench_store() {
         let store = store.clone();
         let (e, k) = env(i);
         tasks.push(tokio::spawn(async move {
-            store.enqueue(e, &k).unwrap();
+            let id = store.enqueue(e, &k).unwrap().id();
+            store.release(&[id]).unwrap();
             store.durable().await.unwrap();
         }));
     }
@@ -217,7 +219,8 @@ async fn bench_startup(n: u32) {
                 sealed: sealed.to_bytes(),
                 subject_key: None,
             };
-            store.enqueue(e, &key).unwrap();
+            let id = store.enqueue(e, &key).unwrap().id();
+            store.release(&[id]).unwrap();
         }
         store.close().await.unwrap();
         let queued = store.next_queued(&to, 10, &HashSet::new()).unwrap().len();

@@ -552,11 +552,12 @@ pub(super) async fn submit(
     rx.await.map_err(|_| AuditError::Closed)?
 }
 
-/// The failpoint of [`AuditConfig::fail_appends`]: an I/O error (EIO) while it is set.
+/// The failpoints of [`AuditConfig::fail_appends`] and [`AuditConfig::fail_appends_while`]: an
+/// I/O error (EIO) while either is set.
 fn fail_injected(cfg: &AuditConfig) -> Option<std::io::Error> {
-    cfg.fail_appends
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .then(|| std::io::Error::from_raw_os_error(5))
+    let on = cfg.fail_appends.load(std::sync::atomic::Ordering::Relaxed)
+        || cfg.fail_appends_while.as_ref().is_some_and(|p| p.exists());
+    on.then(|| std::io::Error::from_raw_os_error(5))
 }
 
 /// What a caller asks of the writer.

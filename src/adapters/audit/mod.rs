@@ -107,6 +107,9 @@ pub struct AuditConfig {
     /// Failpoint for tests: while true, every append fails with EIO after writing half its
     /// bytes (as a failing device would). Never set outside tests.
     pub fail_appends: Arc<std::sync::atomic::AtomicBool>,
+    /// The same failpoint for tests of a whole process: appends fail with EIO while this file
+    /// exists (`REFEX_AUDIT_EIO_WHILE=<path>`, read by `node::build`). `None` in production.
+    pub fail_appends_while: Option<PathBuf>,
 }
 
 impl AuditConfig {
@@ -126,6 +129,7 @@ impl AuditConfig {
             retention_days,
             clock: Utc::now,
             fail_appends: Arc::default(),
+            fail_appends_while: None,
         }
     }
 }
@@ -237,6 +241,35 @@ pub fn for_each_record(dir: &Path, mut f: impl FnMut(&Record, &str)) -> Result<(
         }
     }
     Ok(())
+}
+
+/// True when a record of the log names envelope `id`, looking only at day files modified at or
+/// after `since` (the envelope's creation). Intake uses it when it finds an envelope it stored
+/// but never released (a crash in between) to tell whether its records were already written.
+pub fn mentions_envelope(
+    dir: &Path,
+    id: &crate::core::types::EnvelopeId,
+    since: std::time::SystemTime,
+) -> Result<bool, AuditError> {
+    use std::io::BufRead;
+    let needle = format!("\"envelope_id\":\"{id}\"");
+    for path in log::log_files(dir)? {
+        let fresh = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(|t| t >= since)
+            .unwrap_or(true);
+        if !fresh {
+            continue;
+        }
+        let file = std::fs::File::open(&path).map_err(|e| AuditError::io(&path, e))?;
+        for line in std::io::BufReader::new(file).split(b'\n') {
+            let line = line.map_err(|e| AuditError::io(&path, e))?;
+            if line.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// The provider systems named in the log (to search for a reference without its system).
