@@ -385,7 +385,8 @@ impl Store {
             receipt: None,
             peer_audit_head: None,
             finished_at: None,
-            deadline_reported: false,
+            // Already past due when queued: intake records it as `late_at_intake` instead.
+            deadline_reported: env.due_by < env.created,
         };
         let value = encode(&rec);
         let id = env.id;

@@ -511,18 +511,20 @@ fn record_consultation(
     let signer = Arc::new(SigningKey::load(&s.keys.signing_key).map_err(|e| e.to_string())?);
     block_on(async {
         let audit = crate::node::build::open_audit(s, signer).map_err(|e| e.to_string())?;
-        audit_consultation(&audit, &local_user(), what, key.cloned()).await;
-        audit.close().await.map_err(|e| e.to_string())
+        let recorded = audit_consultation(&audit, &local_user(), what, key.cloned()).await;
+        let closed = audit.close().await.map_err(|e| e.to_string());
+        recorded.and(closed)
     })
 }
 
-/// Audit helper for CLI commands that read referral data (consultations).
+/// Audit helper for CLI commands that read referral data (consultations). Write-ahead: when the
+/// record cannot be written the command fails and shows nothing.
 async fn audit_consultation(
     audit: &crate::adapters::audit::AuditLog,
     user: &str,
     what: &str,
     subject: Option<crate::adapters::audit::SubjectKey>,
-) {
+) -> Result<(), String> {
     let mut ev = crate::adapters::audit::Event::new(
         crate::adapters::audit::Operation::Consultation,
         crate::adapters::audit::Actor::User(user.to_owned()),
@@ -532,7 +534,9 @@ async fn audit_consultation(
     if let Some(k) = subject {
         ev = ev.subject(k);
     }
-    if let Err(e) = audit.record(ev).await {
-        tracing::error!("audit record of a consultation failed: {e}");
-    }
+    audit
+        .record(ev)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("not shown: the audit record of this consultation failed: {e}"))
 }

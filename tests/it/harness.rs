@@ -7,6 +7,7 @@
 use std::fs;
 use std::net::UdpSocket;
 use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -259,4 +260,42 @@ pub fn referral_with(source_ref: &str, area: &str, category: &str, enhanced: boo
         "notes": "Fake note for tests."
     })
     .to_string()
+}
+
+/// A small tmpfs, unmounted on drop. Needs root (CI runs as root).
+pub struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "mounting a tmpfs failed: the disk-full tests need root (CI runs as root)"
+        );
+        Self(dir)
+    }
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+    /// Fills the filesystem; returns the filler file.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.path().join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k"])
+            .arg(format!("of={}", filler.display()))
+            .output();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
 }

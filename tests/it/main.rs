@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod audit_trail;
 mod corpus;
 mod durability;
 mod exchange;

@@ -1,11 +1,10 @@
 //! Peer outages, the non-delivery window, full disks and graceful shutdown, with real daemons.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{referral, referral_with, wait_until, Federation};
+use crate::harness::{referral, referral_with, wait_until, Federation, Tmpfs};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -161,44 +160,6 @@ fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
         reasons.iter().any(|r| r == "operator_withdraw"),
         "{reasons:?}"
     );
-}
-
-/// A small tmpfs, unmounted on drop. Needs root (CI runs as root).
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn new(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            ok,
-            "mounting a tmpfs failed: the disk-full tests need root (CI runs as root)"
-        );
-        Self(dir)
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    /// Fills the filesystem; returns the filler file.
-    fn fill(&self) -> PathBuf {
-        let filler = self.path().join("filler");
-        let _ = Command::new("dd")
-            .args(["if=/dev/zero", "bs=4k"])
-            .arg(format!("of={}", filler.display()))
-            .output();
-        filler
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
 }
 
 #[test]

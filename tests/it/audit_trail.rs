@@ -1,0 +1,366 @@
+//! The audit trail against real daemons: write-ahead under an unwritable audit volume, identity
+//! from the kernel, and Victims' Code deadlines on the record.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::harness::{referral, wait_until, Federation, Node, Tmpfs};
+use crate::history::{self, Required};
+
+const WAIT: Duration = Duration::from_secs(90);
+const FAST: &str = "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nretry_initial_ms = 100\nretry_max_ms = 500\n";
+
+/// Every line of a node's audit files.
+fn audit_lines(dir: &Path) -> Vec<String> {
+    refex::adapters::audit::log_files(dir)
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    audit_lines(dir)
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn verify(node: &Node) {
+    let (code, out, err) = node.cli(&["audit", "verify"]);
+    assert_eq!(code, 0, "audit verify of {}: {out}{err}", node.area);
+}
+
+/// `refex audit verify` of a node whose audit directory is overridden (as it ran).
+fn verify_overridden(node: &Node) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_refex"))
+        .args(["audit", "verify", "--config"])
+        .arg(&node.config)
+        .envs(node.extra_env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit verify of {}: {}{}",
+        node.area,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Drops `refs` one file each, `pause` apart, into `node`'s outbox.
+fn drop_all(node: &Node, refs: &[String], pause: Duration) {
+    for r in refs {
+        node.drop_file(&format!("{r}.json"), referral(r, "london").as_bytes());
+        std::thread::sleep(pause);
+    }
+}
+
+/// Waits for every referral to arrive, stops both nodes, and demands every history property:
+/// no process is killed here, so nothing is excused. `sender_audit`: where the sender's audit
+/// log really is.
+fn assert_all_delivered_and_on_record(fed: &mut Federation, refs: &[String], sender_audit: &Path) {
+    wait_until(WAIT, "every referral to arrive", || {
+        fed.node("london").inbox_files().len() >= refs.len()
+    });
+    wait_until(WAIT, "the sender's outbox to empty", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
+    wait_until(WAIT, "the sender's queue to drain", || {
+        history::queue_is_empty(fed.node("west-midlands"))
+    });
+    assert!(fed.node_mut("west-midlands").stop().success());
+    assert!(fed.node_mut("london").stop().success());
+    let (wm, london) = (fed.node("west-midlands"), fed.node("london"));
+    history::check(&history::Inputs {
+        handed_over: refs,
+        sender_audit,
+        receiver_audit: &london.settings.paths.audit,
+        inbox: london.inbox(),
+        outbox: wm.outbox(),
+    })
+    .assert(&Required::all());
+    verify_overridden(wm);
+    verify(london);
+}
+
+#[test]
+fn fifty_referrals_dropped_while_the_sender_audit_volume_is_full_are_all_on_record() {
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    let disk = Tmpfs::new("1m");
+    let audit = disk.path().join("audit");
+    fs::create_dir(&audit).unwrap();
+    let wm = fed.node_mut("west-midlands");
+    wm.extra_env = vec![("REFEX__PATHS__AUDIT".into(), audit.display().to_string())];
+    wm.start();
+    fed.node_mut("london").start();
+    let refs: Vec<String> = (0..50).map(|i| format!("AUDFULL-{i:02}")).collect();
+    // Some go through first, then the volume fills while the rest are dropped.
+    drop_all(
+        fed.node("west-midlands"),
+        &refs[..10],
+        Duration::from_millis(20),
+    );
+    let filler = disk.fill();
+    drop_all(
+        fed.node("west-midlands"),
+        &refs[10..],
+        Duration::from_millis(20),
+    );
+    wait_until(WAIT, "intake to pause", || {
+        fed.node("west-midlands")
+            .log_text()
+            .contains("intake paused")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = fed.node("west-midlands").outbox_files().len();
+    assert!(
+        waiting > 0,
+        "files wait in the outbox while the audit volume is full"
+    );
+    fs::remove_file(filler).unwrap();
+    assert_all_delivered_and_on_record(&mut fed, &refs, &audit);
+    assert_eq!(fed.node("london").inbox_files().len(), 50);
+}
+
+#[test]
+fn an_io_error_on_the_sender_audit_file_loses_and_doubles_nothing() {
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    let flag = fed.dir.path().join("audit-eio");
+    let wm = fed.node_mut("west-midlands");
+    wm.extra_env = vec![("REFEX_AUDIT_EIO_WHILE".into(), flag.display().to_string())];
+    wm.start();
+    fed.node_mut("london").start();
+    let refs: Vec<String> = (0..30).map(|i| format!("AUDEIO-{i:02}")).collect();
+    drop_all(
+        fed.node("west-midlands"),
+        &refs[..5],
+        Duration::from_millis(20),
+    );
+    fs::write(&flag, b"").unwrap();
+    drop_all(
+        fed.node("west-midlands"),
+        &refs[5..],
+        Duration::from_millis(20),
+    );
+    wait_until(WAIT, "intake to pause on the I/O error", || {
+        fed.node("west-midlands")
+            .log_text()
+            .contains("intake paused")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let before = fed.node("london").inbox_files().len();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        fed.node("london").inbox_files().len(),
+        before,
+        "nothing leaves while its records cannot be written"
+    );
+    assert_eq!(
+        fed.node("west-midlands")
+            .log_text()
+            .matches("intake paused")
+            .count(),
+        1,
+        "the pause is logged once"
+    );
+    fs::remove_file(&flag).unwrap();
+    let audit = fed.node("west-midlands").settings.paths.audit.clone();
+    assert_all_delivered_and_on_record(&mut fed, &refs, &audit);
+    assert_eq!(fed.node("london").inbox_files().len(), 30);
+    assert!(fed
+        .node("west-midlands")
+        .log_text()
+        .contains("intake resumed"));
+}
+
+/// One request line over the control socket, as any local client could send it.
+fn control(node: &Node, line: &str) -> serde_json::Value {
+    let mut s = UnixStream::connect(&node.settings.control_socket).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut resp = String::new();
+    BufReader::new(s).read_line(&mut resp).unwrap();
+    serde_json::from_str(&resp).unwrap()
+}
+
+fn real_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_actor_is_the_kernel_account_whatever_the_environment_or_the_client_says() {
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    fed.start_all();
+    let wm = fed.node("west-midlands");
+    wm.drop_file("who.json", referral("WHO-1", "london").as_bytes());
+    wait_until(WAIT, "delivery", || {
+        fed.node("london").inbox_files().len() == 1
+    });
+    let spoof = |node: &Node| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_refex"))
+            .args(["audit", "search", "--source-ref", "WHO-1", "--config"])
+            .arg(&node.config)
+            .env("USER", "chief.constable")
+            .env("LOGNAME", "chief.constable")
+            .env("SUDO_USER", "chief.constable")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Through the daemon's socket (SO_PEERCRED) ...
+    spoof(wm);
+    // ... and a raw client that names another user and sends free text.
+    let subject = "ab".repeat(32);
+    let bad = control(
+        wm,
+        &serde_json::json!({"v": 1, "cmd": "consultation", "user": "chief.constable",
+            "what": "Jane Fakename 07700 900123", "subject": subject})
+        .to_string(),
+    );
+    assert_eq!(bad["ok"], false, "free text is refused: {bad}");
+    let good = control(
+        wm,
+        &serde_json::json!({"v": 1, "cmd": "consultation", "user": "chief.constable",
+            "what": "dpo_review", "subject": subject})
+        .to_string(),
+    );
+    assert_eq!(good["ok"], true, "{good}");
+    let not_hex = control(
+        wm,
+        &serde_json::json!({"v": 1, "cmd": "consultation", "what": "dpo_review",
+            "subject": "Jane Fakename"})
+        .to_string(),
+    );
+    assert_eq!(not_hex["ok"], false, "subject keys must be hex: {not_hex}");
+    // ... and the CLI's own fallback when no daemon answers (the real uid).
+    assert!(fed.node_mut("west-midlands").stop().success());
+    spoof(fed.node("west-midlands"));
+
+    let dir = &fed.node("west-midlands").settings.paths.audit;
+    let text = audit_lines(dir).join("\n");
+    for leaked in ["chief.constable", "Jane Fakename", "07700 900123"] {
+        assert!(!text.contains(leaked), "'{leaked}' reached the audit log");
+    }
+    let actors: Vec<String> = records(dir)
+        .iter()
+        .filter(|r| r["op"] == "consultation")
+        .map(|r| r["actor"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        actors.len(),
+        3,
+        "two searches and one socket request: {actors:?}"
+    );
+    let me = format!("user:{}", real_user());
+    assert!(
+        actors.iter().all(|a| *a == me),
+        "{actors:?} should all be {me}"
+    );
+    verify(fed.node("west-midlands"));
+}
+
+/// A referral whose `due_by` (referred_at + 2 working days) is `due`, if the calendar has one.
+fn referral_due_at(source_ref: &str, due: DateTime<Utc>) -> Option<String> {
+    let cal =
+        refex::core::calendar::Calendar::from_toml(include_str!("../../config/bank-holidays.toml"))
+            .unwrap();
+    let at = (2..8)
+        .map(|d| due - chrono::Duration::days(d))
+        .find(|t| cal.due_by(*t) == due)?;
+    let mut doc: serde_json::Value = serde_json::from_str(&referral(source_ref, "london")).unwrap();
+    let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    doc["referred_at"] = stamp.clone().into();
+    doc["offence"]["date"] = at.date_naive().to_string().into();
+    doc["consent"]["explicit"]["recorded_at"] = stamp.into();
+    Some(doc.to_string())
+}
+
+fn deadline_records(dir: &Path, reason: &str) -> usize {
+    records(dir)
+        .iter()
+        .filter(|r| r["op"] == "deadline" && r["reason"] == reason)
+        .count()
+}
+
+#[test]
+fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
+    let now = Utc::now();
+    let due_soon = now + chrono::Duration::seconds(8);
+    let due_soon = DateTime::from_timestamp(due_soon.timestamp(), 0).unwrap();
+    let Some(crossing) = referral_due_at("DUE-SOON", due_soon) else {
+        eprintln!(
+            "SKIPPED: {due_soon} is not a working day, so no referral can fall due within seconds"
+        );
+        return;
+    };
+    let fresh = referral_due_at("DUE-LATER", now + chrono::Duration::days(3))
+        .or_else(|| referral_due_at("DUE-LATER", now + chrono::Duration::days(5)));
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    // london stays down: everything waits in the queue.
+    fed.node_mut("west-midlands").start();
+    let wm = fed.node("west-midlands");
+    // The harness's standard referral was made in November: late at intake.
+    wm.drop_file("late.json", referral("DUE-PAST", "london").as_bytes());
+    wm.drop_file("soon.json", crossing.as_bytes());
+    if let Some(f) = &fresh {
+        wm.drop_file("later.json", f.as_bytes());
+    }
+    let dir = wm.settings.paths.audit.clone();
+    wait_until(WAIT, "the late referral's record", || {
+        deadline_records(&dir, "late_at_intake") == 1
+    });
+    wait_until(WAIT, "the crossing's record", || {
+        deadline_records(&dir, "deadline_missed") >= 1
+    });
+    // Two sweeps later, still one record per envelope.
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(deadline_records(&dir, "late_at_intake"), 1);
+    assert_eq!(
+        deadline_records(&dir, "deadline_missed"),
+        1,
+        "the one that crossed its due_by while queued, once (the late one has its own record)"
+    );
+    let log = wm.log_text();
+    assert_eq!(log.matches("already past its due_by at intake").count(), 1);
+    assert_eq!(
+        log.matches("still queued past its Victims' Code due_by")
+            .count(),
+        1
+    );
+    let (code, out, _) = wm.cli(&["status"]);
+    let status: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("status --json (exit {code}) did not parse: {e}: {out}"));
+    assert_eq!(status["peers"]["london"]["past_due"], 2, "{status}");
+    let queued = if fresh.is_some() { 3 } else { 2 };
+    assert_eq!(status["peers"]["london"]["queued"], queued, "{status}");
+    // The receiver records the late arrivals when its peer comes back.
+    fed.node_mut("london").start();
+    let rdir = fed.node("london").settings.paths.audit.clone();
+    wait_until(WAIT, "delivery", || {
+        fed.node("london").inbox_files().len() == queued
+    });
+    wait_until(WAIT, "late arrivals on record", || {
+        deadline_records(&rdir, "late_arrival") == 2
+    });
+    verify(fed.node("west-midlands"));
+}
