@@ -94,6 +94,7 @@ impl Intake {
             };
             match result {
                 Ok(()) => {
+                    crate::node::metrics::intake_paused(false);
                     if disk_full_reported {
                         info!("intake resumed: space is available again");
                         disk_full_reported = false;
@@ -101,6 +102,7 @@ impl Intake {
                 }
                 Err(e) => {
                     if e.is_disk_full() {
+                        crate::node::metrics::intake_paused(true);
                         if !disk_full_reported {
                             error!(
                                 "intake paused: a volume is full ({e}); files stay in the outbox"
@@ -328,6 +330,7 @@ impl Intake {
         let mut rules: Vec<&str> = r.errors.iter().map(|e| e.rule.as_str()).collect();
         rules.sort_unstable();
         rules.dedup();
+        crate::node::metrics::refused(&rules);
         let mut ev = Event::new(Operation::Refusal, Actor::System, Outcome::Refused)
             .reason(&rules.join(","))
             .source(file_hash, r.row);

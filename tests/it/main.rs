@@ -12,6 +12,7 @@ mod history;
 mod intake;
 mod layers;
 mod lazyfs;
+mod metrics;
 mod outage;
 mod package;
 mod powercut;
