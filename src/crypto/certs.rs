@@ -106,6 +106,13 @@ fn ders(text: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
+/// The `not_after` of the first certificate in `pem` (the leaf of a chain file), if it parses.
+pub fn first_not_after(pem: &[u8]) -> Option<DateTime<Utc>> {
+    let ders = ders(pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(ders.first()?).ok()?;
+    Some(time(cert.validity().not_after))
+}
+
 fn parse_all<'a>(
     what: &'static str,
     ders: &'a [Vec<u8>],

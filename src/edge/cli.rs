@@ -1,7 +1,8 @@
 //! The command-line interface. The subcommands `run`, `check-config`, `federation init`,
 //! `demo`, `status` and `audit verify` are a contract ops scripts and tests rely on.
 //!
-//! Exit codes: 0 success; 1 a check failed (`audit verify`) or a command failed; 78
+//! Exit codes: 0 success; 1 a check failed (`audit verify`) or a command failed (`status`: the
+//! daemon does not answer); 2 `status` found the node degraded (each problem is listed); 78
 //! (EX_CONFIG) the configuration is invalid — every problem is printed, one per line; `check-config`
 //! and `run` run the same checks (`node::check`), so a node that passes one starts under the other.
 //! Must not: print referral content, except `audit search`, which prints audit records (no
@@ -59,10 +60,14 @@ enum Cmd {
         #[arg(long, default_value_t = 17_401)]
         base_port: u16,
     },
-    /// Queues per peer, oldest item, past-due and non-delivered envelopes.
+    /// Health, queues per peer, last errors, past-due and non-delivered envelopes. Exits 0
+    /// healthy, 2 degraded (each problem listed), 1 when the daemon does not answer.
     Status {
         #[arg(long)]
         config: PathBuf,
+        /// One JSON object instead of the table (for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// The audit log.
     Audit {
@@ -186,23 +191,40 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("demo failed: {e:#}")),
         },
-        Cmd::Status { config } => with_settings(&config, |s| {
-            let resp = block_on(control::call(
-                &s.control_socket,
+        Cmd::Status { config, json } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let resp = match block_on(control::call(
+                &settings.control_socket,
                 &request("status", None, None, None),
-            ))
-            .map_err(|e| {
-                format!(
-                    "cannot reach the daemon at {}: {e}",
-                    s.control_socket.display()
-                )
-            })?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&resp).unwrap_or_default()
-            );
-            ok_field(&resp)
-        }),
+            )) {
+                Ok(r) => r,
+                Err(e) => {
+                    return fail(&format!(
+                        "the daemon does not answer at {}: {e}",
+                        settings.control_socket.display()
+                    ))
+                }
+            };
+            if let Err(e) = ok_field(&resp) {
+                return fail(&e);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&resp).unwrap_or_default()
+                );
+            } else {
+                print!("{}", crate::edge::status::table(&resp));
+            }
+            if resp["healthy"].as_bool() == Some(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EX_DEGRADED)
+            }
+        }
         Cmd::Outbox { cmd } => {
             let (config, id, action) = match cmd {
                 OutboxCmd::Requeue { config, id } => (config, id, "requeue"),
@@ -226,6 +248,9 @@ pub fn main() -> ExitCode {
         Cmd::Audit { cmd } => audit(cmd),
     }
 }
+
+/// `status`: the daemon answered and lists problems.
+const EX_DEGRADED: u8 = 2;
 
 fn fail(msg: &str) -> ExitCode {
     eprintln!("refex: {msg}");

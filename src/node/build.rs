@@ -41,6 +41,8 @@ pub enum StartError {
     Inbox(String),
     #[error("outbox: {0}")]
     Outbox(String),
+    #[error("metrics listener {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
 }

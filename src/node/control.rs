@@ -147,19 +147,11 @@ async fn dispatch(req: Request, user: &str, h: &Node) -> Value {
     }
 }
 
+/// `ok` is true when the daemon answered; `healthy` is false when `problems` lists anything
+/// (see `metrics::health`), and the CLI then exits 2.
 fn status(h: &Node) -> Value {
     let now = Utc::now();
-    let mut peers = serde_json::Map::new();
-    for entry in h.settings.directory.areas() {
-        match h.store.queue_stats(&entry.id, now) {
-            Ok(s) => {
-                peers.insert(entry.id.to_string(), json!(s));
-            }
-            Err(e) => {
-                peers.insert(entry.id.to_string(), json!({"error": e.to_string()}));
-            }
-        }
-    }
+    let (problems, peers) = crate::node::metrics::health(h, now);
     let non_delivered: Vec<Value> = h
         .store
         .non_delivered(100)
@@ -167,14 +159,25 @@ fn status(h: &Node) -> Value {
         .into_iter()
         .map(|(id, r)| json!({"id": id.to_string(), "to": r.to, "priority": r.priority, "attempts": r.attempts, "reason": r.last_error}))
         .collect();
+    let started = crate::adapters::metrics_http::ProcessStats::read().start_time_seconds;
+    let uptime = (now.timestamp() as f64 - started).max(0.0) as u64;
+    let certificates: serde_json::Map<String, Value> = crate::node::metrics::certificates(h)
+        .into_iter()
+        .map(|(name, t)| (name.to_owned(), json!(t)))
+        .collect();
     json!({
         "ok": true,
+        "healthy": problems.is_empty(),
+        "problems": problems,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": uptime,
         "area": h.settings.area,
         "now": now,
         "peers": peers,
         "non_delivered": non_delivered,
         "audit_head": h.audit.head().to_string(),
-        "counters": crate::node::counters::snapshot(),
+        "audit_writable": h.audit.writable(),
+        "certificates": certificates,
     })
 }
 

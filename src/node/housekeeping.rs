@@ -106,7 +106,7 @@ async fn sweep_non_delivered(h: &Node) {
         {
             continue;
         }
-        crate::node::counters::count_non_delivered();
+        crate::node::metrics::count_non_delivered();
         error!(envelope_id = %id, peer = %rec.to, attempts = rec.attempts, "envelope NOT DELIVERED within the non-delivery window; kept for an operator (refex outbox requeue|withdraw)");
     }
     let _ = h.store.durable().await;

@@ -104,6 +104,7 @@ impl Intake {
             };
             match result {
                 Ok(()) => {
+                    crate::node::metrics::intake_paused(false);
                     if paused {
                         info!("intake resumed: the audit log and the store can be written again");
                         paused = false;
@@ -111,6 +112,7 @@ impl Intake {
                 }
                 Err(e) => {
                     if e.pauses_intake() {
+                        crate::node::metrics::intake_paused(true);
                         if !paused {
                             error!("intake paused: cannot write ({e}); files stay in the outbox");
                             paused = true;
@@ -370,6 +372,7 @@ impl Intake {
         let mut rules: Vec<&str> = r.errors.iter().map(|e| e.rule.as_str()).collect();
         rules.sort_unstable();
         rules.dedup();
+        crate::node::metrics::refused(&rules);
         let mut ev = Event::new(Operation::Refusal, Actor::System, Outcome::Refused)
             .reason(&rules.join(","))
             .source(file_hash, r.row);

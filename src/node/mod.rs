@@ -8,9 +8,9 @@
 pub mod build;
 pub mod check;
 pub mod control;
-pub mod counters;
 pub mod housekeeping;
 pub mod intake;
+pub mod metrics;
 pub mod receiver;
 pub mod run;
 pub mod sender;

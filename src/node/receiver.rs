@@ -150,6 +150,7 @@ impl Receiver {
     /// Handles one envelope from `peer` (the TLS-authenticated area, or this area for local
     /// delivery) and returns the encoded reply.
     pub async fn handle(&self, peer: AreaId, bytes: Vec<u8>) -> Vec<u8> {
+        crate::node::metrics::received(&peer);
         let arrived = Arrived {
             peer,
             bytes,
@@ -528,6 +529,7 @@ impl Receiver {
     }
 
     async fn audit_refusal(&self, peer: &AreaId, id: Option<EnvelopeId>, code: &str) {
+        crate::node::metrics::refused(&[code]);
         let mut ev = Event::new(
             Operation::Refusal,
             Actor::Peer(peer.clone()),

@@ -3,7 +3,7 @@
 //!
 //! Start order: [`Node::open`] (directories, keys, store, audit log, inbox) → inbox recovery
 //! (finish what a crash interrupted) → transport bound → tasks spawned (receiving side, one
-//! sender per area, intake, housekeeping, control socket and its connections, SIGHUP, watchdog)
+//! sender per area, intake, housekeeping, metrics listener when configured, control socket and its connections, SIGHUP, watchdog)
 //! → `READY=1` to systemd.
 //! Shutdown (SIGTERM/SIGINT → `shutdown` cancelled): intake stops taking new files (the file in
 //! hand is finished), peer workers stop launching sends and give in-flight ones `grace` to end
@@ -20,12 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::adapters::metrics_http;
 use crate::adapters::outbox_dir::{OutboxWatcher, WatchConfig};
 use crate::adapters::transport::Transport;
 use crate::node::build::{load_tls, Node, StartError};
 use crate::node::control;
 use crate::node::housekeeping;
 use crate::node::intake::Intake;
+use crate::node::metrics;
 use crate::node::receiver::Receiver;
 use crate::node::sender::{PeerWorker, SenderContext};
 use crate::node::settings::Settings;
@@ -51,6 +53,14 @@ pub async fn run(
         max_file_bytes: s.intake.max_file_bytes,
     })
     .map_err(|e| StartError::Outbox(e.to_string()))?;
+    let metrics_listener = match s.telemetry.metrics_addr {
+        Some(addr) => Some(
+            metrics_http::bind(addr)
+                .await
+                .map_err(|e| StartError::Metrics(addr, e))?,
+        ),
+        None => None,
+    };
 
     let tracker = TaskTracker::new();
     // Receiving side.
@@ -88,6 +98,14 @@ pub async fn run(
     };
     tracker.spawn(intake.run(shutdown.clone()));
     tracker.spawn(housekeeping::run(node.clone(), shutdown.clone()));
+    // Bound before the control socket: once that exists (tests wait for it), both serve.
+    if let Some(listener) = metrics_listener {
+        let (node, transport) = (node.clone(), transport.clone());
+        let render: metrics_http::Render =
+            Arc::new(move || metrics::render(&node, &transport.refusal_totals()));
+        info!(addr = ?listener.local_addr().ok(), "metrics served at GET /metrics");
+        tracker.spawn(metrics_http::serve(listener, render, shutdown.clone()));
+    }
     match control::bind(&s.control_socket) {
         Ok(listener) => {
             tracker.spawn(control::serve(

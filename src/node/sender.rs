@@ -110,6 +110,7 @@ impl PeerWorker {
                     in_flight.remove(&id);
                     match outcome {
                         SendOutcome::Delivered => {
+                            crate::node::metrics::delivered(&self.peer);
                             if failures > 0 {
                                 info!(after_failures = failures, "peer reachable again");
                             }
@@ -117,6 +118,7 @@ impl PeerWorker {
                             backoff_until = None;
                         }
                         SendOutcome::Transient(why) => {
+                            crate::node::metrics::failed(&self.peer, &why);
                             let delay = self.ctx.node.backoff().delay(failures, unit_random());
                             if failures == 0 {
                                 warn!(envelope_id = %id, retry_in_ms = delay.as_millis() as u64, "delivery failed, will retry: {why}");

@@ -123,10 +123,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logging.
+/// Logging, metrics and health thresholds.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
     pub log_format: LogFormat,
+    /// Where `GET /metrics` is served (`telemetry.metrics_addr`); off when `None`. Loopback
+    /// only unless `telemetry.metrics_allow_remote = true`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// A peer unreachable for longer than this makes `status` degraded.
+    pub peer_down_warn: Duration,
 }
 
 /// The whole, validated node configuration.
@@ -314,6 +319,17 @@ impl Settings {
             seen_ids_days: r.number("retention.seen_ids_days", 400, 1, 36_500) as u32,
             receipts_days: r.number("retention.receipts_days", 400, 1, 36_500) as u32,
         };
+        let allow_remote = match r.string("telemetry.metrics_allow_remote", "false").as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                r.error(
+                    "telemetry.metrics_allow_remote",
+                    format!("'{other}' is not true or false"),
+                );
+                false
+            }
+        };
         let telemetry = Telemetry {
             log_format: match r.string("telemetry.log_format", "human").as_str() {
                 "human" => LogFormat::Human,
@@ -326,6 +342,20 @@ impl Settings {
                     LogFormat::Human
                 }
             },
+            metrics_addr: r.text("telemetry.metrics_addr").and_then(|a| {
+                match parse_addr(&a) {
+                    Ok(addr) if addr.ip().is_loopback() || allow_remote => Some(addr),
+                    Ok(addr) => {
+                        r.error("telemetry.metrics_addr", format!("{addr} is not a loopback address; set telemetry.metrics_allow_remote = true to serve metrics beyond this host"));
+                        None
+                    }
+                    Err(e) => {
+                        r.error("telemetry.metrics_addr", e);
+                        None
+                    }
+                }
+            }),
+            peer_down_warn: Duration::from_secs(r.number("telemetry.peer_down_warn_secs", 900, 1, 30 * 86_400)),
         };
         let control_socket = r
             .optional_path("control.socket")

@@ -437,8 +437,8 @@ pub fn check_nodes(handed_over: &[String], sender: &Node, receiver: &Node) -> Re
 
 /// True when `refex status` on a running node reports no envelope queued to any peer.
 pub fn queue_is_empty(node: &Node) -> bool {
-    let (code, out, _) = node.cli(&["status"]);
-    if code != 0 {
+    let (code, out, _) = node.cli(&["status", "--json"]);
+    if code != 0 && code != 2 {
         return false;
     }
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {

@@ -13,6 +13,7 @@ mod history;
 mod intake;
 mod layers;
 mod lazyfs;
+mod metrics;
 mod outage;
 mod package;
 mod powercut;

@@ -105,8 +105,8 @@ fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     wm.drop_file("a.json", referral("ND-1", "london").as_bytes());
     wm.drop_file("b.json", referral("ND-2", "london").as_bytes());
     let status = |fed: &Federation| -> serde_json::Value {
-        let (code, out, err) = fed.node("west-midlands").cli(&["status"]);
-        assert_eq!(code, 0, "{err}");
+        let (code, out, err) = fed.node("west-midlands").cli(&["status", "--json"]);
+        assert!(code == 0 || code == 2, "the daemon answers: {err}");
         serde_json::from_str(&out).unwrap()
     };
     wait_until(WAIT, "both to be marked non-delivered", || {

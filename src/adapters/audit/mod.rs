@@ -157,6 +157,8 @@ pub struct AuditLog {
     tx: Arc<Mutex<Option<log::Sender>>>,
     head: Arc<Mutex<Head>>,
     syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// False from a failed write until the next one succeeds.
+    writable: Arc<std::sync::atomic::AtomicBool>,
     stopped: Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
@@ -169,13 +171,26 @@ impl AuditLog {
             tx: Arc::new(Mutex::new(Some(tx))),
             head,
             syncs,
+            writable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             stopped: Arc::new(Mutex::new(Some(stopped))),
         })
     }
 
     /// Appends `ev`; returns once it is on the device, with the new chain head.
     pub async fn record(&self, ev: Event) -> Result<Head, AuditError> {
-        log::submit(&self.tx, log::JobKind::Event(ev)).await
+        self.submit(log::JobKind::Event(ev)).await
+    }
+
+    /// Submits one job and notes whether the writer could write it.
+    async fn submit(&self, kind: log::JobKind) -> Result<Head, AuditError> {
+        let r = log::submit(&self.tx, kind).await;
+        self.writable.store(r.is_ok(), Ordering::Relaxed);
+        r
+    }
+
+    /// False once a write failed (disk full, I/O error, writer stopped), until one succeeds.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
     }
 
     /// The last durable record.
@@ -188,21 +203,17 @@ impl AuditLog {
 
     /// Writes a signed checkpoint.
     pub async fn checkpoint(&self) -> Result<Head, AuditError> {
-        log::submit(&self.tx, log::JobKind::Checkpoint).await
+        self.submit(log::JobKind::Checkpoint).await
     }
 
     /// Counts one referral in the aggregate tally (durable on return).
     pub async fn tally(&self, t: TallyEntry) -> Result<(), AuditError> {
-        log::submit(&self.tx, log::JobKind::Tally(t))
-            .await
-            .map(|_| ())
+        self.submit(log::JobKind::Tally(t)).await.map(|_| ())
     }
 
     /// Removes audit files past retention, recording the erasure.
     pub async fn purge_expired(&self, now: DateTime<Utc>) -> Result<(), AuditError> {
-        log::submit(&self.tx, log::JobKind::Purge(now))
-            .await
-            .map(|_| ())
+        self.submit(log::JobKind::Purge(now)).await.map(|_| ())
     }
 
     /// How many write+sync rounds the writer has made (group commit evidence for tests).

@@ -713,6 +713,11 @@ impl Transport {
         result
     }
 
+    /// Inbound connections refused since start, per reason (never reset; read by metrics).
+    pub fn refusal_totals(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.shared.refusals.totals).clone()
+    }
+
     /// How many outgoing connections are cached (tests: connection reuse).
     pub async fn cached_connections(&self) -> usize {
         lock(&self.shared.outbound)
