@@ -25,6 +25,8 @@ use crate::harness::{referral, wait_until, Federation};
 const HONEST: Duration = Duration::from_secs(30);
 /// The victim's resident set stays under this throughout (README "Hostile network").
 const RSS_BOUND_KIB: u64 = 200 * 1024;
+/// What one hostile peer at its worst may add to the victim's resident set (README).
+const PEER_GROWTH_BOUND_KIB: u64 = 100 * 1024;
 /// Stream reset codes of the transport (`adapters::transport`).
 const CODE_LIMIT: u64 = 3;
 const CODE_PROTOCOL: u64 = 5;
@@ -421,9 +423,14 @@ async fn full_frames_on_every_stream_stay_under_the_memory_bound() {
     for w in writers {
         let _ = w.await;
     }
+    let grew = during.saturating_sub(before);
     eprintln!(
-        "memory attack: 4 connections x 64 streams x 1 MiB claimed; victim RSS grew {} KiB",
-        during.saturating_sub(before)
+        "memory attack: 4 connections x 64 streams x 1 MiB claimed; victim RSS grew {grew} KiB"
+    );
+    // Uncapped, 256 streams x 1 MiB would be 256 MiB; the cap allows 4 x 2 x 4 MiB + overhead.
+    assert!(
+        grew < PEER_GROWTH_BOUND_KIB,
+        "one hostile peer grew the victim by {grew} KiB"
     );
 }
 
@@ -542,4 +549,138 @@ async fn flood_case(secs: u64) {
         "a known peer was refused a handshake slot"
     );
     victim_rss_ok(&fed, "after the handshake flood");
+}
+
+const CA_NAME: &str = "refex development federation CA";
+
+fn serial_of(cert_pem: &str) -> Vec<u8> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+    pem.parse_x509().unwrap().raw_serial().to_vec()
+}
+
+fn reloads(fed: &Federation, area: &str) -> usize {
+    fed.node(area)
+        .log_text()
+        .matches("TLS certificate and key reloaded")
+        .count()
+}
+
+/// SIGHUP and wait for the reload to be logged.
+fn hangup(fed: &Federation, area: &str) {
+    let before = reloads(fed, area);
+    fed.node(area).hangup();
+    wait_until(HONEST, &format!("{area} to reload"), || {
+        reloads(fed, area) > before
+    });
+}
+
+/// Whether a client with `config` is refused by the victim: the handshake fails, or the
+/// connection is closed by the victim before it can be used.
+async fn refused_with(a: &Attacker, config: quinn::ClientConfig) -> bool {
+    match a
+        .endpoint
+        .connect_with(config, a.addr, &a.name)
+        .unwrap()
+        .await
+    {
+        Err(_) => true,
+        Ok(c) => tokio::time::timeout(Duration::from_secs(5), c.closed())
+            .await
+            .is_ok(),
+    }
+}
+
+/// A revoked peer is cut off on its live connection (CRL + SIGHUP, code 6), and a certificate
+/// rotated by SIGHUP is used for outgoing connections while the old one is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_and_rotation_by_sighup_take_effect_on_live_connections() {
+    let mut fed = Federation::with_config(
+        &[HONEST_AREA, VICTIM, ATTACKER],
+        &format!("{CONFIG}\n[keys]\ntls_crl = \"crl.pem\"\n"),
+    );
+    let ca_dir = fed
+        .node(VICTIM)
+        .settings
+        .keys
+        .tls_ca
+        .parent()
+        .unwrap()
+        .to_owned();
+    let ca_key = fs::read_to_string(ca_dir.join("ca.key")).unwrap();
+    let ca = refex::crypto::pki::DevCa::from_key_pem(CA_NAME, &ca_key, 30).unwrap();
+    for n in &fed.nodes {
+        fs::write(
+            n.settings.keys.tls_crl.as_ref().unwrap(),
+            ca.crl_pem(&[], 1).unwrap(),
+        )
+        .unwrap();
+    }
+    fed.node_mut(VICTIM).start();
+    fed.node_mut(HONEST_AREA).start();
+    honest_delivery(&fed, "HONEST-BEFORE", 1);
+
+    // The attacker delivers on a live connection, then london revokes it.
+    let a = Attacker::new(&fed, ATTACKER);
+    let conn = a.connect().await;
+    let good = framed(&seal(
+        &fed,
+        ATTACKER,
+        VICTIM,
+        &signer(&fed, ATTACKER),
+        Utc::now(),
+    ));
+    assert!(
+        matches!(send_raw(&conn, &good, true).await, Outcome::Reply(b) if matches!(Reply::decode(&b), Ok(Reply::Receipt(_))))
+    );
+    let gm_pem = fs::read_to_string(&fed.node(ATTACKER).settings.keys.tls_cert).unwrap();
+    let gm_serial = serial_of(&gm_pem);
+
+    // Meanwhile west-midlands rotates: new certificate and key, SIGHUP.
+    let wm = &fed.node(HONEST_AREA).settings.keys;
+    let old_cert = fs::read_to_string(&wm.tls_cert).unwrap();
+    let old_key = fs::read_to_string(&wm.tls_key).unwrap();
+    let new = ca.issue_node(&HONEST_AREA.parse().unwrap(), 30).unwrap();
+    fs::write(&wm.tls_cert, &new.cert_pem).unwrap();
+    fs::remove_file(&wm.tls_key).unwrap();
+    refex::crypto::write_secret_file(&wm.tls_key, new.key_pem.as_bytes()).unwrap();
+    hangup(&fed, HONEST_AREA);
+
+    // london's new CRL revokes the attacker and west-midlands' old certificate.
+    let old_serial = serial_of(&old_cert);
+    let crl = ca.crl_pem(&[&gm_serial, &old_serial], 2).unwrap();
+    fs::write(
+        fed.node(VICTIM).settings.keys.tls_crl.as_ref().unwrap(),
+        crl,
+    )
+    .unwrap();
+    hangup(&fed, VICTIM);
+
+    let closed = tokio::time::timeout(HONEST, conn.closed())
+        .await
+        .expect("live connection closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code.into_inner(), 6, "revoked: {c:?}")
+        }
+        other => panic!("revoked peer's connection ended otherwise: {other:?}"),
+    }
+    assert!(fed
+        .node(VICTIM)
+        .log_text()
+        .contains("closing live connection: certificate revoked"));
+    assert!(
+        refused_with(&a, a.config.clone()).await,
+        "a revoked peer reconnected"
+    );
+
+    // The rotated certificate is used outbound: honest delivery still arrives.
+    honest_delivery(&fed, "HONEST-ROTATED", 3);
+    // The old west-midlands certificate is refused.
+    let ca_pem = fs::read_to_string(&fed.node(VICTIM).settings.keys.tls_ca).unwrap();
+    let old = TlsIdentity::from_pem(&ca_pem, &old_cert, &old_key).unwrap();
+    assert!(
+        refused_with(&a, old.client_config(&Limits::default()).unwrap()).await,
+        "the old certificate was accepted after rotation"
+    );
+    victim_rss_ok(&fed, "after revocation and rotation");
 }
