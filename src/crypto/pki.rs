@@ -62,6 +62,21 @@ fn validity(params: &mut CertificateParams, days: u32) {
 
 impl DevCa {
     pub fn generate(name: &str, valid_days: u32) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let cert = Self::params(name, valid_days)?.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA that `generate(name, …)` made with the key `key_pem`: what it signs (certificates,
+    /// CRLs) chains to the original CA certificate (same name, key and key identifier). For
+    /// tests that revoke or rotate a federation's certificates on disk.
+    pub fn from_key_pem(name: &str, key_pem: &str, valid_days: u32) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert = Self::params(name, valid_days)?.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    fn params(name: &str, valid_days: u32) -> Result<CertificateParams, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -71,9 +86,7 @@ impl DevCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         validity(&mut params, valid_days);
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        Ok(Self { cert, key })
+        Ok(params)
     }
 
     pub fn cert_pem(&self) -> String {

@@ -46,6 +46,7 @@ pub async fn run(
     let receiver = Arc::new(Receiver::new(node.clone()));
     receiver.recover().map_err(StartError::Inbox)?;
     let transport = Transport::bind(s.listen, &load_tls(&s)?, s.limits.transport.clone())?;
+    transport.know_peers(s.directory.areas().map(|e| e.address));
     let watcher = OutboxWatcher::new(WatchConfig {
         dir: s.paths.outbox.clone(),
         settle: s.intake.settle,

@@ -278,8 +278,15 @@ impl Settings {
                     as u32,
                 max_connections: r.number("limits.max_connections", 256, 1, 100_000) as u32,
                 max_handshakes: r.number("limits.max_handshakes", 64, 1, 100_000) as u32,
+                reserved_handshakes: r.number("limits.reserved_handshakes", 16, 0, 100_000) as u32,
                 retry_above_handshakes: r.number("limits.retry_above_handshakes", 16, 0, 100_000)
                     as u32,
+                max_inflight_bytes: r.number(
+                    "limits.max_inflight_bytes_per_connection",
+                    4 * u64::from(max_frame_bytes),
+                    1024,
+                    1 << 30,
+                ) as u32,
                 handshake_timeout: r.millis("limits.handshake_timeout_ms", 5_000),
                 idle_timeout: r.millis("limits.idle_timeout_ms", 30_000),
                 request_timeout: r.millis("limits.request_timeout_ms", 30_000),

@@ -10,6 +10,7 @@ mod corpus;
 mod durability;
 mod exchange;
 mod history;
+mod hostile;
 mod intake;
 mod layers;
 mod lazyfs;

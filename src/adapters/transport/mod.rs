@@ -26,6 +26,7 @@
 //! Must not: interpret frame contents (the receiver and sender do), log payload bytes, or hold
 //! a lock across an await.
 
+mod budget;
 mod frame;
 mod tls;
 
@@ -113,8 +114,13 @@ pub struct Limits {
     pub max_connections: u32,
     /// Inbound handshakes in progress (not yet authenticated), a budget of their own.
     pub max_handshakes: u32,
+    /// Handshake slots only known peer addresses may use (see `budget`).
+    pub reserved_handshakes: u32,
     /// Above this many inbound handshakes in progress, unvalidated addresses get a QUIC Retry.
     pub retry_above_handshakes: u32,
+    /// Request bytes one inbound connection may have in flight (claimed frames being read or
+    /// handled); also its QUIC receive window. Never below one frame.
+    pub max_inflight_bytes: u32,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
@@ -131,7 +137,9 @@ impl Default for Limits {
             max_connections_per_peer: 4,
             max_connections: 256,
             max_handshakes: 64,
+            reserved_handshakes: 16,
             retry_above_handshakes: 16,
+            max_inflight_bytes: 4 << 20,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
@@ -238,6 +246,7 @@ struct Shared {
     next_dial: AtomicU64,
     inbound: Mutex<HashMap<AreaId, u32>>,
     live: Mutex<HashMap<usize, quinn::Connection>>,
+    known: budget::KnownPeers,
     refusals: Refusals,
 }
 
@@ -302,6 +311,7 @@ impl Transport {
                 next_dial: AtomicU64::new(0),
                 inbound: Mutex::new(HashMap::new()),
                 live: Mutex::new(HashMap::new()),
+                known: budget::KnownPeers::default(),
                 refusals: Refusals::default(),
             }),
         })
@@ -312,6 +322,13 @@ impl Transport {
             .endpoint
             .local_addr()
             .map_err(|e| tls_err("local address", e))
+    }
+
+    /// Adds peer addresses (the directory's) to those allowed the reserved handshake slots.
+    pub fn know_peers(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        for a in addrs {
+            self.shared.known.add(a);
+        }
     }
 
     /// Replaces the TLS material for both directions (SIGHUP) without dropping the endpoint:
@@ -413,12 +430,20 @@ impl Transport {
                 }
                 continue;
             }
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                self.shared
-                    .refusals
-                    .note("max_handshakes in progress", remote);
-                incoming.refuse();
-                continue;
+            let known = self.shared.known.contains(&remote);
+            let slots = budget::handshake_slots(limits, known);
+            let permit = match handshakes.clone().try_acquire_owned() {
+                Ok(p) if in_progress < slots => p,
+                _ => {
+                    let why = if known {
+                        "max_handshakes in progress"
+                    } else {
+                        "unreserved handshake slots in use"
+                    };
+                    self.shared.refusals.note(why, remote);
+                    incoming.refuse();
+                    continue;
+                }
             };
             let (this, handler, shutdown, total, streams) = (
                 self.clone(),
@@ -503,6 +528,8 @@ impl Transport {
                 id: conn.stable_id(),
             }
         };
+        self.shared.known.add(remote);
+        let bytes = budget::connection_budget(&self.shared.limits);
         let span = tracing::info_span!("connection", peer = %peer);
         let lifetime = tokio::time::sleep(self.shared.limits.max_connection_lifetime);
         tokio::pin!(lifetime);
@@ -529,36 +556,35 @@ impl Transport {
                         }
                     },
                 };
-                let (handler, peer, max, timeout) = (
+                let (handler, peer, max, timeout, bytes) = (
                     handler.clone(),
                     peer.clone(),
                     self.shared.limits.max_frame_bytes,
                     self.shared.limits.request_timeout,
+                    bytes.clone(),
                 );
                 streams.spawn(
                     async move {
-                        let request =
-                            match tokio::time::timeout(timeout, read_frame(&mut recv, max, &peer))
-                                .await
-                            {
-                                Ok(Ok(r)) => r,
-                                Ok(Err(e @ TransportError::Protocol { .. })) => {
-                                    warn!("stream refused: {e}");
-                                    let _ = recv.stop(CODE_PROTOCOL.into());
-                                    let _ = send.reset(CODE_PROTOCOL.into());
-                                    return;
-                                }
-                                Ok(Err(e)) => {
-                                    debug!("stream failed: {e}");
-                                    return;
-                                }
-                                Err(_) => {
-                                    warn!("stream timed out before its frame arrived");
-                                    let _ = recv.stop(CODE_LIMIT.into());
-                                    let _ = send.reset(CODE_LIMIT.into());
-                                    return;
-                                }
-                            };
+                        let read = budget::read_frame_budgeted(&mut recv, max, &bytes, &peer);
+                        let (request, _held) = match tokio::time::timeout(timeout, read).await {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(e @ TransportError::Protocol { .. })) => {
+                                warn!("stream refused: {e}");
+                                let _ = recv.stop(CODE_PROTOCOL.into());
+                                let _ = send.reset(CODE_PROTOCOL.into());
+                                return;
+                            }
+                            Ok(Err(e)) => {
+                                debug!("stream failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                warn!("stream timed out before its frame arrived");
+                                let _ = recv.stop(CODE_LIMIT.into());
+                                let _ = send.reset(CODE_LIMIT.into());
+                                return;
+                            }
+                        };
                         let reply = handler(peer.clone(), request).await;
                         if let Err(e) = write_frame(&mut send, &reply, &peer).await {
                             debug!("reply not delivered: {e}");
@@ -578,6 +604,7 @@ impl Transport {
     async fn connection(&self, peer: &PeerAddr) -> Result<quinn::Connection, TransportError> {
         // Rotate outgoing connections a little before the peer's server would close them.
         let max_age = self.shared.limits.max_connection_lifetime.mul_f64(0.9);
+        self.shared.known.add(peer.addr);
         let mut done = {
             let mut m = lock(&self.shared.outbound);
             match m.get(&peer.area) {

@@ -539,3 +539,85 @@ async fn failed_handshakes_are_counted_apart_from_connections_and_retry_still_ad
     let honest = client(&identity(&ca, "west-midlands"));
     assert_eq!(honest.request(&peer, b"hi").await.unwrap(), b"hi");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_beyond_the_in_flight_cap_waits_until_bytes_are_released() {
+    let ca = DevCa::generate("test ca", 30).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let id = identity(&ca, "london");
+    // A cap of one whole frame: a second stream must wait for the first to be answered.
+    let mut l = limits();
+    l.max_inflight_bytes = 0;
+    l.request_timeout = Duration::from_secs(30);
+    assert_eq!(budget::inflight_cap(&l), l.max_frame_bytes + 4);
+    let srv = Transport::bind("127.0.0.1:0".parse().unwrap(), &id, l).unwrap();
+    // The handler holds a 4000-byte request (and so its bytes) until the gate opens.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (t2, tok, c2, g2) = (
+        srv.clone(),
+        CancellationToken::new(),
+        calls.clone(),
+        gate.clone(),
+    );
+    let _stop = tok.clone().drop_guard();
+    tokio::spawn(async move {
+        t2.serve(
+            move |peer: AreaId, req: Vec<u8>| {
+                let (calls, gate) = (c2.clone(), g2.clone());
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    if req.len() == 4000 {
+                        let _ = gate.acquire().await;
+                    }
+                    format!("{peer}:{}", req.len()).into_bytes()
+                }
+            },
+            tok,
+        )
+        .await
+    });
+    let client = client(&identity(&ca, "west-midlands"));
+    let peer = addr_of(&srv, "london");
+    let conn = client.connection(&peer).await.unwrap();
+    let (mut a_send, mut a_recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut a_send, &[1u8; 4000], &peer.area)
+        .await
+        .unwrap();
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A is being handled and holds 4004 of 4100 bytes: B (1004) must wait for it.
+    let (mut b_send, mut b_recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut b_send, &[2u8; 1000], &peer.area)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "B was read past the cap");
+    gate.add_permits(1);
+    let a = read_frame(&mut a_recv, 64, &peer.area).await.unwrap();
+    assert_eq!(a, b"west-midlands:4000");
+    let b = read_frame(&mut b_recv, 64, &peer.area).await.unwrap();
+    assert_eq!(b, b"west-midlands:1000");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn unknown_addresses_get_only_the_unreserved_handshake_slots() {
+    let l = Limits {
+        max_handshakes: 64,
+        reserved_handshakes: 16,
+        ..Limits::default()
+    };
+    assert_eq!(budget::handshake_slots(&l, true), 64);
+    assert_eq!(budget::handshake_slots(&l, false), 48);
+    let all_reserved = Limits {
+        reserved_handshakes: 100,
+        ..l
+    };
+    assert_eq!(budget::handshake_slots(&all_reserved, false), 0);
+    let known = budget::KnownPeers::default();
+    let addr: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+    assert!(!known.contains(&addr));
+    known.add(addr);
+    assert!(known.contains(&addr));
+}

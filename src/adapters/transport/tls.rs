@@ -175,6 +175,12 @@ impl TlsIdentity {
         Ok((server, client))
     }
 
+    /// A plain QUIC client configuration with this identity, as `Transport` itself dials with
+    /// (tests drive hostile peers with it).
+    pub fn client_config(&self, limits: &Limits) -> Result<quinn::ClientConfig, TransportError> {
+        self.quic_configs(limits).map(|(_, c)| c)
+    }
+
     /// The connection-id hash key: stable across restarts, secret (derived from the TLS key).
     pub(super) fn cid_key(&self) -> u64 {
         let seed =
@@ -194,6 +200,10 @@ fn transport_config(limits: &Limits) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // Bytes a peer may send before they are read: one frame per stream, the in-flight cap per
+    // connection (see `budget`).
+    t.stream_receive_window(limits.max_frame_bytes.saturating_add(4).into());
+    t.receive_window(super::budget::inflight_cap(limits).into());
     t.max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
     // Frequent enough that a peer which crashed and restarted answers with a stateless reset
     // within seconds (a waiting request sends nothing of its own).

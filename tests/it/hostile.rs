@@ -1,0 +1,686 @@
+//! The hostile-peer matrix against a real `refex run`: the attacker is a real quinn client in
+//! this process holding greater-manchester's federation certificate (or none), the victim is
+//! london's daemon, and west-midlands' daemon delivers honest referrals to london meanwhile.
+//! Each case asserts what the attacker reads back (a stream reset code or a refusal reply), what
+//! the victim recorded (audit file or log line), that honest traffic still arrives within
+//! `HONEST`, and that the victim's resident memory stays under `RSS_BOUND_KIB` (README).
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use refex::adapters::transport::{Limits, TlsIdentity};
+use refex::core::envelope::{Header, Reply, CONTENT_TYPE_REFERRAL_V1};
+use refex::core::referral::parse_json;
+use refex::core::types::{EnvelopeId, PriorityClass};
+use refex::crypto::{self, KemPublicKey, SigningKey};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::harness::{referral, wait_until, Federation};
+
+/// Honest traffic must arrive within this while an attack runs (generous: a shared CI box).
+const HONEST: Duration = Duration::from_secs(30);
+/// The victim's resident set stays under this throughout (README "Hostile network").
+const RSS_BOUND_KIB: u64 = 200 * 1024;
+/// What one hostile peer at its worst may add to the victim's resident set (README).
+const PEER_GROWTH_BOUND_KIB: u64 = 100 * 1024;
+/// Stream reset codes of the transport (`adapters::transport`).
+const CODE_LIMIT: u64 = 3;
+const CODE_PROTOCOL: u64 = 5;
+
+const VICTIM: &str = "london";
+const HONEST_AREA: &str = "west-midlands";
+const ATTACKER: &str = "greater-manchester";
+
+/// Short request timeout so held and slow streams are cut within the test.
+const CONFIG: &str = r#"
+[intake]
+settle_ms = 100
+rescan_ms = 500
+[delivery]
+retry_initial_ms = 50
+retry_max_ms = 500
+[limits]
+request_timeout_ms = 3000
+handshake_timeout_ms = 2000
+"#;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Every audit record of a node, as JSON text lines.
+fn audit_lines(dir: &Path) -> Vec<String> {
+    refex::adapters::audit::log_files(dir)
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// True when the victim has audited a refusal of `peer` with `code`.
+fn audited_refusal(fed: &Federation, peer: &str, code: &str) -> bool {
+    audit_lines(&fed.node(VICTIM).settings.paths.audit)
+        .iter()
+        .any(|l| l.contains(&format!("\"{code}\"")) && l.contains(peer))
+}
+
+/// What the attacker read back on one stream.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Reply(Vec<u8>),
+    Reset(u64),
+    Other(String),
+}
+
+impl Outcome {
+    fn refusal_code(&self) -> String {
+        match self {
+            Outcome::Reply(b) => match Reply::decode(b) {
+                Ok(Reply::Refused { code, .. }) => code,
+                other => panic!("expected a refusal, got {other:?}"),
+            },
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+}
+
+struct Attacker {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    name: String,
+}
+
+impl Attacker {
+    fn new(fed: &Federation, area: &str) -> Self {
+        let k = &fed.node(area).settings.keys;
+        let tls = TlsIdentity::load(&k.tls_ca, &k.tls_cert, &k.tls_key, None).expect("tls");
+        let config = tls
+            .client_config(&Limits::default())
+            .expect("client config");
+        let e = fed
+            .node(VICTIM)
+            .settings
+            .directory
+            .get(&VICTIM.parse().unwrap())
+            .unwrap()
+            .clone();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+        Self {
+            endpoint,
+            config,
+            addr: e.address,
+            name: e.server_name,
+        }
+    }
+
+    async fn connect(&self) -> quinn::Connection {
+        self.endpoint
+            .connect_with(self.config.clone(), self.addr, &self.name)
+            .expect("connect")
+            .await
+            .expect("handshake with a federation certificate")
+    }
+}
+
+/// Writes `bytes` on a new stream (finishing it if `finish`) and reads what comes back.
+async fn send_raw(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> Outcome {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
+    if let Err(e) = send.write_all(bytes).await {
+        return Outcome::Other(e.to_string());
+    }
+    if finish {
+        let _ = send.finish();
+    }
+    match recv.read_to_end(64 * 1024).await {
+        Ok(b) if b.len() >= 4 => Outcome::Reply(b[4..].to_vec()),
+        Ok(b) => Outcome::Other(format!("short reply of {} bytes", b.len())),
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            Outcome::Reset(code.into_inner())
+        }
+        Err(e) => Outcome::Other(e.to_string()),
+    }
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// Seals a referral as `from` for `to`, signed by `signer`, created at `created`.
+fn seal(
+    fed: &Federation,
+    from: &str,
+    to: &str,
+    signer: &SigningKey,
+    created: chrono::DateTime<Utc>,
+) -> Vec<u8> {
+    let r = parse_json(referral(&format!("H-{}", EnvelopeId::generate()), to).as_bytes()).unwrap();
+    let payload = r.to_cbor();
+    let header = Header {
+        v: 1,
+        id: EnvelopeId::generate(),
+        from: from.parse().unwrap(),
+        to: to.parse().unwrap(),
+        created,
+        priority: PriorityClass::Standard,
+        due_by: Utc::now(),
+        content_type: CONTENT_TYPE_REFERRAL_V1.into(),
+        payload_len: payload.len() as u64,
+    };
+    let recipient: KemPublicKey = fed
+        .node(to)
+        .settings
+        .directory
+        .get(&to.parse().unwrap())
+        .unwrap()
+        .encryption_key;
+    crypto::seal(header, &payload, signer, &recipient)
+        .expect("seal")
+        .to_bytes()
+}
+
+fn signer(fed: &Federation, area: &str) -> SigningKey {
+    SigningKey::load(&fed.node(area).settings.keys.signing_key).unwrap()
+}
+
+/// Drops an honest referral at west-midlands and waits for london's inbox to reach `want`.
+fn honest_delivery(fed: &Federation, tag: &str, want: usize) {
+    fed.node(HONEST_AREA)
+        .drop_file(&format!("{tag}.json"), referral(tag, VICTIM).as_bytes());
+    wait_until(
+        HONEST,
+        &format!("honest referral {tag} during the attack"),
+        || fed.node(VICTIM).inbox_files().len() >= want,
+    );
+}
+
+fn victim_rss_ok(fed: &Federation, when: &str) -> u64 {
+    let rss = rss_kib(fed.node(VICTIM).pid());
+    assert!(rss < RSS_BOUND_KIB, "victim RSS {rss} KiB {when}");
+    eprintln!("victim RSS {when}: {rss} KiB");
+    rss
+}
+
+fn federation() -> Federation {
+    let mut fed = Federation::with_config(&[HONEST_AREA, VICTIM, ATTACKER], CONFIG);
+    fed.node_mut(VICTIM).start();
+    fed.node_mut(HONEST_AREA).start();
+    fed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_frames_are_reset_and_honest_traffic_flows() {
+    let fed = federation();
+    let a = Attacker::new(&fed, ATTACKER);
+    let conn = a.connect().await;
+    victim_rss_ok(&fed, "at start");
+    let good = framed(&seal(
+        &fed,
+        ATTACKER,
+        VICTIM,
+        &signer(&fed, ATTACKER),
+        Utc::now(),
+    ));
+
+    // Oversize length prefix: refused before anything is read or reserved.
+    let oversize = send_raw(&conn, &u32::MAX.to_be_bytes(), true).await;
+    assert_eq!(oversize, Outcome::Reset(CODE_PROTOCOL));
+    // Truncation: the stream ends inside the frame.
+    let truncated = send_raw(&conn, &good[..good.len() / 2], true).await;
+    assert_eq!(truncated, Outcome::Reset(CODE_PROTOCOL));
+    // Trailing bytes after a whole frame.
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(b"tail");
+    assert_eq!(
+        send_raw(&conn, &trailing, true).await,
+        Outcome::Reset(CODE_PROTOCOL)
+    );
+    // Garbage inside a well-formed frame reaches the receiver, which refuses and audits it.
+    let garbage = send_raw(&conn, &framed(b"\xff\x00 not an envelope at all"), true).await;
+    assert_eq!(garbage.refusal_code(), "decode");
+    wait_until(HONEST, "the audit record of the garbage", || {
+        audited_refusal(&fed, ATTACKER, "decode")
+    });
+    let log = fed.node(VICTIM).log_text();
+    assert!(log.contains("exceeds"), "oversize not logged");
+    assert!(log.contains("bytes after the end of the frame"));
+    assert!(log.contains("stream ended after"));
+    assert!(
+        !audited_refusal(&fed, ATTACKER, "trailing"),
+        "framing is refused by the transport, not audited per frame"
+    );
+
+    // Held-open streams and a 1 byte/s stream, all at once, while honest traffic flows.
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&good[..100]).await.unwrap();
+        held.push((send, recv));
+    }
+    let slow = {
+        let conn = conn.clone();
+        let good = good.clone();
+        tokio::spawn(async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let reader = tokio::spawn(async move { recv.read_to_end(64 * 1024).await });
+            for b in good.iter() {
+                if send.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            reader.await.unwrap()
+        })
+    };
+    honest_delivery(&fed, "HONEST-FRAMES", 1);
+    for (_send, mut recv) in held {
+        match recv.read_to_end(1024).await {
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) => {
+                assert_eq!(c.into_inner(), CODE_LIMIT, "held stream")
+            }
+            other => panic!("a held-open stream was not cut: {other:?}"),
+        }
+    }
+    match slow.await.unwrap() {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) => {
+            assert_eq!(c.into_inner(), CODE_LIMIT, "1 byte/s stream")
+        }
+        other => panic!("the 1 byte/s stream was not cut: {other:?}"),
+    }
+    assert!(fed
+        .node(VICTIM)
+        .log_text()
+        .contains("stream timed out before its frame arrived"));
+    // The connection itself still serves a well-formed request.
+    let ok = send_raw(&conn, &good, true).await;
+    assert!(
+        matches!(ok, Outcome::Reply(ref b) if matches!(Reply::decode(b), Ok(Reply::Receipt(_))))
+    );
+    victim_rss_ok(&fed, "after frame attacks");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_stale_and_replayed_envelopes_are_refused_and_audited() {
+    let fed = federation();
+    let a = Attacker::new(&fed, ATTACKER);
+    let conn = a.connect().await;
+    let me = signer(&fed, ATTACKER);
+    let now = Utc::now();
+    let cases = [
+        // Addressed to another area (sealed for west-midlands, sent to london).
+        (
+            seal(&fed, ATTACKER, HONEST_AREA, &me, now),
+            "wrong_recipient",
+        ),
+        // Claims to be from west-midlands while the TLS peer is greater-manchester.
+        (seal(&fed, HONEST_AREA, VICTIM, &me, now), "sender_mismatch"),
+        (
+            seal(
+                &fed,
+                ATTACKER,
+                VICTIM,
+                &me,
+                now - chrono::Duration::days(40),
+            ),
+            "stale",
+        ),
+        (
+            seal(&fed, ATTACKER, VICTIM, &me, now + chrono::Duration::days(1)),
+            "from_future",
+        ),
+    ];
+    for (envelope, code) in &cases {
+        let got = send_raw(&conn, &framed(envelope), true).await;
+        assert_eq!(&got.refusal_code(), code);
+        wait_until(HONEST, &format!("the audit record of {code}"), || {
+            audited_refusal(&fed, ATTACKER, code)
+        });
+    }
+    assert!(fed.node(VICTIM).inbox_files().is_empty());
+
+    // Replay: the same envelope twice gets the original receipt and one inbox file.
+    let envelope = framed(&seal(&fed, ATTACKER, VICTIM, &me, now));
+    let first = send_raw(&conn, &envelope, true).await;
+    let second = send_raw(&conn, &envelope, true).await;
+    assert!(
+        matches!(&first, Outcome::Reply(b) if matches!(Reply::decode(b), Ok(Reply::Receipt(_))))
+    );
+    assert_eq!(first, second, "a replay must get the original receipt");
+    assert_eq!(fed.node(VICTIM).inbox_files().len(), 1);
+
+    // Replay from another sender: west-midlands' delivered envelope, re-sent by the attacker.
+    let honest = framed(&seal(
+        &fed,
+        HONEST_AREA,
+        VICTIM,
+        &signer(&fed, HONEST_AREA),
+        now,
+    ));
+    let wm = Attacker::new(&fed, HONEST_AREA).connect().await;
+    assert!(
+        matches!(send_raw(&wm, &honest, true).await, Outcome::Reply(b) if matches!(Reply::decode(&b), Ok(Reply::Receipt(_))))
+    );
+    assert_eq!(
+        send_raw(&conn, &honest, true).await.refusal_code(),
+        "sender_mismatch"
+    );
+    assert_eq!(fed.node(VICTIM).inbox_files().len(), 2);
+    honest_delivery(&fed, "HONEST-ENVELOPES", 3);
+    victim_rss_ok(&fed, "after envelope attacks");
+}
+
+/// Every stream of every connection the attacker may open claims a whole frame and sends it
+/// without finishing: the in-flight cap and the receive windows bound what the victim holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_frames_on_every_stream_stay_under_the_memory_bound() {
+    let fed = federation();
+    let before = victim_rss_ok(&fed, "before the memory attack");
+    let mut conns = Vec::new();
+    let mut writers = Vec::new();
+    let frame = framed(&vec![0x5a; (1 << 20) - 4][..]);
+    let frame = Arc::new(frame);
+    // max_connections_per_peer (4), each from its own endpoint, 64 streams each.
+    for _ in 0..4 {
+        let conn = Attacker::new(&fed, ATTACKER).connect().await;
+        for _ in 0..64 {
+            let (conn, frame) = (conn.clone(), frame.clone());
+            writers.push(tokio::spawn(async move {
+                let Ok((mut send, recv)) = conn.open_bi().await else {
+                    return;
+                };
+                // Never finished: the frame is whole but the stream stays open.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    send.write_all(&frame[..frame.len() - 1]),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                drop((send, recv));
+            }));
+        }
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = victim_rss_ok(&fed, "during the memory attack");
+    honest_delivery(&fed, "HONEST-MEMORY", 1);
+    for w in writers {
+        let _ = w.await;
+    }
+    let grew = during.saturating_sub(before);
+    eprintln!(
+        "memory attack: 4 connections x 64 streams x 1 MiB claimed; victim RSS grew {grew} KiB"
+    );
+    // Uncapped, 256 streams x 1 MiB would be 256 MiB; the cap allows 4 x 2 x 4 MiB + overhead.
+    assert!(
+        grew < PEER_GROWTH_BOUND_KIB,
+        "one hostile peer grew the victim by {grew} KiB"
+    );
+}
+
+/// A certificate-less client configuration that trusts the federation CA (so only the
+/// victim refuses the handshake).
+fn certless_config(fed: &Federation) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&fed.node(VICTIM).settings.keys.tls_ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![refex::adapters::transport::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(quic))
+}
+
+/// ~200 certificate-less handshakes/s (20 every 100 ms, each from a fresh port, so from an
+/// unknown address) for `secs`; returns (attempts, refused).
+async fn flood(
+    config: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    name: String,
+    secs: u64,
+) -> (u64, u64) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let (mut attempts, mut refused) = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while tokio::time::Instant::now() < end {
+        tick.tick().await;
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let c = ep.connect_with(config.clone(), addr, &name).unwrap();
+            batch.push(tokio::spawn(async move {
+                // TLS 1.3: the client may finish its side before the server has checked (and
+                // refused) the missing certificate; refused means the connection is closed.
+                let refused = match tokio::time::timeout(Duration::from_secs(3), c).await {
+                    Ok(Err(_)) => true,
+                    Ok(Ok(conn)) => tokio::time::timeout(Duration::from_secs(3), conn.closed())
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                };
+                drop(ep);
+                refused
+            }));
+        }
+        for b in batch {
+            attempts += 1;
+            if b.await.unwrap_or(false) {
+                refused += 1;
+            }
+        }
+    }
+    (attempts, refused)
+}
+
+/// Certificate-less handshakes from unknown addresses fill at most the unreserved slots; the
+/// directory peer west-midlands still connects and delivers. The long form is `#[ignore]`d.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_flood_refuses_no_directory_peer() {
+    flood_case(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "30 s flood; run with --ignored"]
+async fn a_thirty_second_handshake_flood_refuses_no_directory_peer() {
+    flood_case(30).await;
+}
+
+/// Few handshake slots, so the flood reaches the bound: 2 for unknown addresses, 4 reserved.
+const FLOOD_CONFIG: &str = r#"
+[intake]
+settle_ms = 100
+rescan_ms = 500
+[delivery]
+retry_initial_ms = 50
+retry_max_ms = 500
+[limits]
+max_handshakes = 6
+reserved_handshakes = 4
+retry_above_handshakes = 1000
+handshake_timeout_ms = 2000
+"#;
+
+async fn flood_case(secs: u64) {
+    let mut fed = Federation::with_config(&[HONEST_AREA, VICTIM, ATTACKER], FLOOD_CONFIG);
+    fed.node_mut(VICTIM).start();
+    let a = Attacker::new(&fed, ATTACKER);
+    let flooding = tokio::spawn(flood(certless_config(&fed), a.addr, a.name.clone(), secs));
+    // The directory peer starts while the flood runs: its first handshake meets the flood.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| {
+        fed.node_mut(HONEST_AREA).start();
+        honest_delivery(&fed, "HONEST-FLOOD", 1);
+    });
+    let (attempts, refused) = flooding.await.unwrap();
+    eprintln!(
+        "handshake flood: {attempts} certificate-less handshakes in {secs}s, {refused} refused"
+    );
+    assert!(attempts >= 100 * secs, "the flood ran ({attempts})");
+    assert_eq!(refused, attempts, "a certificate-less handshake succeeded");
+    let log = fed.node(VICTIM).log_text();
+    assert!(log.contains("TLS handshake failed"), "flood not seen");
+    assert!(
+        log.contains("unreserved handshake slots in use"),
+        "the flood never reached the unreserved bound"
+    );
+    assert!(
+        !log.contains("max_handshakes in progress"),
+        "a known peer was refused a handshake slot"
+    );
+    victim_rss_ok(&fed, "after the handshake flood");
+}
+
+const CA_NAME: &str = "refex development federation CA";
+
+fn serial_of(cert_pem: &str) -> Vec<u8> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+    pem.parse_x509().unwrap().raw_serial().to_vec()
+}
+
+fn reloads(fed: &Federation, area: &str) -> usize {
+    fed.node(area)
+        .log_text()
+        .matches("TLS certificate and key reloaded")
+        .count()
+}
+
+/// SIGHUP and wait for the reload to be logged.
+fn hangup(fed: &Federation, area: &str) {
+    let before = reloads(fed, area);
+    fed.node(area).hangup();
+    wait_until(HONEST, &format!("{area} to reload"), || {
+        reloads(fed, area) > before
+    });
+}
+
+/// Whether a client with `config` is refused by the victim: the handshake fails, or the
+/// connection is closed by the victim before it can be used.
+async fn refused_with(a: &Attacker, config: quinn::ClientConfig) -> bool {
+    match a
+        .endpoint
+        .connect_with(config, a.addr, &a.name)
+        .unwrap()
+        .await
+    {
+        Err(_) => true,
+        Ok(c) => tokio::time::timeout(Duration::from_secs(5), c.closed())
+            .await
+            .is_ok(),
+    }
+}
+
+/// A revoked peer is cut off on its live connection (CRL + SIGHUP, code 6), and a certificate
+/// rotated by SIGHUP is used for outgoing connections while the old one is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_and_rotation_by_sighup_take_effect_on_live_connections() {
+    let mut fed = Federation::with_config(
+        &[HONEST_AREA, VICTIM, ATTACKER],
+        &format!("{CONFIG}\n[keys]\ntls_crl = \"crl.pem\"\n"),
+    );
+    let ca_dir = fed
+        .node(VICTIM)
+        .settings
+        .keys
+        .tls_ca
+        .parent()
+        .unwrap()
+        .to_owned();
+    let ca_key = fs::read_to_string(ca_dir.join("ca.key")).unwrap();
+    let ca = refex::crypto::pki::DevCa::from_key_pem(CA_NAME, &ca_key, 30).unwrap();
+    for n in &fed.nodes {
+        fs::write(
+            n.settings.keys.tls_crl.as_ref().unwrap(),
+            ca.crl_pem(&[], 1).unwrap(),
+        )
+        .unwrap();
+    }
+    fed.node_mut(VICTIM).start();
+    fed.node_mut(HONEST_AREA).start();
+    honest_delivery(&fed, "HONEST-BEFORE", 1);
+
+    // The attacker delivers on a live connection, then london revokes it.
+    let a = Attacker::new(&fed, ATTACKER);
+    let conn = a.connect().await;
+    let good = framed(&seal(
+        &fed,
+        ATTACKER,
+        VICTIM,
+        &signer(&fed, ATTACKER),
+        Utc::now(),
+    ));
+    assert!(
+        matches!(send_raw(&conn, &good, true).await, Outcome::Reply(b) if matches!(Reply::decode(&b), Ok(Reply::Receipt(_))))
+    );
+    let gm_pem = fs::read_to_string(&fed.node(ATTACKER).settings.keys.tls_cert).unwrap();
+    let gm_serial = serial_of(&gm_pem);
+
+    // Meanwhile west-midlands rotates: new certificate and key, SIGHUP.
+    let wm = &fed.node(HONEST_AREA).settings.keys;
+    let old_cert = fs::read_to_string(&wm.tls_cert).unwrap();
+    let old_key = fs::read_to_string(&wm.tls_key).unwrap();
+    let new = ca.issue_node(&HONEST_AREA.parse().unwrap(), 30).unwrap();
+    fs::write(&wm.tls_cert, &new.cert_pem).unwrap();
+    fs::remove_file(&wm.tls_key).unwrap();
+    refex::crypto::write_secret_file(&wm.tls_key, new.key_pem.as_bytes()).unwrap();
+    hangup(&fed, HONEST_AREA);
+
+    // london's new CRL revokes the attacker and west-midlands' old certificate.
+    let old_serial = serial_of(&old_cert);
+    let crl = ca.crl_pem(&[&gm_serial, &old_serial], 2).unwrap();
+    fs::write(
+        fed.node(VICTIM).settings.keys.tls_crl.as_ref().unwrap(),
+        crl,
+    )
+    .unwrap();
+    hangup(&fed, VICTIM);
+
+    let closed = tokio::time::timeout(HONEST, conn.closed())
+        .await
+        .expect("live connection closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code.into_inner(), 6, "revoked: {c:?}")
+        }
+        other => panic!("revoked peer's connection ended otherwise: {other:?}"),
+    }
+    assert!(fed
+        .node(VICTIM)
+        .log_text()
+        .contains("closing live connection: certificate revoked"));
+    assert!(
+        refused_with(&a, a.config.clone()).await,
+        "a revoked peer reconnected"
+    );
+
+    // The rotated certificate is used outbound: honest delivery still arrives.
+    honest_delivery(&fed, "HONEST-ROTATED", 3);
+    // The old west-midlands certificate is refused.
+    let ca_pem = fs::read_to_string(&fed.node(VICTIM).settings.keys.tls_ca).unwrap();
+    let old = TlsIdentity::from_pem(&ca_pem, &old_cert, &old_key).unwrap();
+    assert!(
+        refused_with(&a, old.client_config(&Limits::default()).unwrap()).await,
+        "the old certificate was accepted after rotation"
+    );
+    victim_rss_ok(&fed, "after revocation and rotation");
+}
