@@ -8,7 +8,9 @@
 //! except `durable`, which all of them share.
 
 pub mod audit;
+pub mod backup;
 pub mod durable;
+pub mod format;
 pub mod inbox_dir;
 pub mod outbox_dir;
 pub mod store;

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod federation;
 pub mod harness;
 pub mod logging;
+pub mod state;

@@ -6,6 +6,7 @@
 mod harness;
 
 mod corpus;
+mod day2;
 mod durability;
 mod exchange;
 mod history;
