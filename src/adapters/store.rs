@@ -43,6 +43,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
+mod export;
 use tokio::sync::oneshot;
 
 use crate::core::types::{AreaId, EnvelopeId, PriorityClass};
@@ -277,16 +278,6 @@ fn id_from_queue_key(k: &[u8]) -> Option<EnvelopeId> {
 }
 
 impl Store {
-    /// Copies every tree into a fresh store at `dest` (sled export/import) and syncs it, for
-    /// `state backup`. Each tree is copied as it stands when it is reached.
-    pub fn export_to(&self, dest: &Path) -> Result<(), StoreError> {
-        let copy = sled::Config::new().path(dest).open()?;
-        copy.import(self.inner._db.export());
-        copy.flush()?;
-        drop(copy);
-        sync_files(dest)
-    }
-
     /// Opens (or creates) the store in `dir` and starts its committer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
