@@ -9,7 +9,9 @@
 //! except `durable`, which all of them share.
 
 pub mod audit;
+pub mod backup;
 pub mod durable;
+pub mod format;
 pub mod inbox_dir;
 pub mod metrics_http;
 pub mod outbox_dir;

@@ -74,6 +74,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Backup and restore of the node's state (store and audit log).
+    State {
+        #[command(subcommand)]
+        cmd: StateCmd,
+    },
     /// Operator actions on undelivered envelopes (both audited).
     Outbox {
         #[command(subcommand)]
@@ -132,6 +137,28 @@ enum AuditCmd {
         /// Also write an SVG bar chart to this file.
         #[arg(long)]
         svg: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCmd {
+    /// A consistent copy of the store and the audit log into DIR (new or empty), through the
+    /// daemon when it runs, directly when it is stopped. Keys are NOT copied unless --with-keys.
+    Backup {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// Also copy the signing, encryption and subject key files (keep the backup as safe as the keys).
+        #[arg(long)]
+        with_keys: bool,
+    },
+    /// Install a backup (the daemon must be stopped); the current state is moved aside.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
     },
 }
 
@@ -246,6 +273,19 @@ pub fn main() -> ExitCode {
             })
         }
         Cmd::Audit { cmd } => audit(cmd),
+        Cmd::State {
+            cmd:
+                StateCmd::Backup {
+                    config,
+                    to,
+                    with_keys,
+                },
+        } => with_settings(&config, |s| {
+            block_on(crate::edge::state::backup(s, &to, with_keys, &local_user()))
+        }),
+        Cmd::State {
+            cmd: StateCmd::Restore { config, from },
+        } => with_settings(&config, |s| crate::edge::state::restore(s, &from)),
     }
 }
 
@@ -342,6 +382,8 @@ fn request(
         user: None,
         what,
         subject,
+        to: None,
+        with_keys: false,
     }
 }
 
@@ -374,7 +416,6 @@ fn run(config: &Path) -> ExitCode {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = int.recv() => tracing::info!("SIGINT received"),
             }
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             signals.cancel();
         });
         let ready = || {
@@ -384,7 +425,12 @@ fn run(config: &Path) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("refex could not start: {e}");
-                ExitCode::FAILURE
+                if e.is_config() {
+                    eprint_error(&format!("refex could not start: {e}"));
+                    ExitCode::from(EX_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
     })

@@ -7,4 +7,5 @@ pub mod demo;
 pub mod federation;
 pub mod harness;
 pub mod logging;
+pub mod state;
 pub mod status;

@@ -45,6 +45,16 @@ pub enum StartError {
     Metrics(std::net::SocketAddr, std::io::Error),
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// A state or audit directory in a format this binary does not support.
+    #[error(transparent)]
+    Format(#[from] crate::adapters::format::FormatError),
+}
+
+impl StartError {
+    /// True for problems an operator fixes in configuration or on disk (exit 78, no restart).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Format(_))
+    }
 }
 
 /// One wake-up signal per area's queue: intake and operators notify, the peer worker waits.
@@ -60,6 +70,8 @@ pub struct Node {
     pub audit: AuditLog,
     pub inbox: Arc<InboxDir>,
     pub wake: Wake,
+    /// Progress of the long-running loops, for the watchdog.
+    pub heartbeats: crate::node::heartbeat::Heartbeats,
 }
 
 impl Node {
@@ -74,6 +86,9 @@ impl Node {
         ] {
             std::fs::create_dir_all(d).map_err(|e| StartError::Dir(d.clone(), e))?;
         }
+        use crate::adapters::format::{check_or_write, AUDIT_FORMAT, STATE_FORMAT};
+        check_or_write(&s.paths.state, STATE_FORMAT)?;
+        check_or_write(&s.paths.audit, AUDIT_FORMAT)?;
         let signer = Arc::new(SigningKey::load(&s.keys.signing_key)?);
         let kem = KemSecretKey::load(&s.keys.encryption_key)?;
         let subject = SubjectSecret::load(&s.keys.subject_secret).map_err(StartError::Subject)?;
@@ -101,6 +116,7 @@ impl Node {
             audit,
             inbox,
             wake,
+            heartbeats: Default::default(),
         }))
     }
 

@@ -1,8 +1,9 @@
-//! The local control socket: `status`, `requeue`, `withdraw`, and recording consultations made
-//! by CLI commands, as one JSON object per line over a Unix socket.
+//! The local control socket: `status`, `requeue`, `withdraw`, `backup` (see `node::backup`), and
+//! recording consultations made by CLI commands, as one JSON object per line over a Unix socket.
 //!
 //! Protocol (version 1): the client writes one request line
-//! `{"v":1,"cmd":"status"|"requeue"|"withdraw"|"consultation", "id"?, "user"?, "what"?, "subject"?}`
+//! `{"v":1,"cmd":"status"|"requeue"|"withdraw"|"consultation"|"backup", "id"?, "user"?, "what"?,
+//! "subject"?, "to"?, "with_keys"?}`
 //! and reads one response line `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 //! Security: the socket is created mode 0660, so only the service user, members of the socket
 //! directory's group (the package makes `/run/refex` setgid `refex-operators`, so operators
@@ -56,6 +57,12 @@ pub struct Request {
     pub what: Option<String>,
     #[serde(default)]
     pub subject: Option<String>,
+    /// `backup`: the directory to write (absolute; new or empty; the daemon writes it).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// `backup`: also copy the key files.
+    #[serde(default)]
+    pub with_keys: bool,
 }
 
 /// Binds the socket (replacing a stale one) with mode 0660 (group: the directory's, see above).
@@ -141,6 +148,18 @@ async fn dispatch(req: Request, user: &str, h: &Node) -> Value {
             match h.audit.record(ev).await {
                 Ok(_) => json!({"ok": true}),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        "backup" => {
+            let Some(to) = req.to.as_deref().map(Path::new).filter(|p| p.is_absolute()) else {
+                return json!({"ok": false, "error": "backup needs 'to', an absolute directory"});
+            };
+            match crate::node::backup::backup(h, to, user, req.with_keys).await {
+                Ok(done) => {
+                    info!(dir = %done.dir.display(), head = done.manifest.audit_head_seq, "state backup written");
+                    json!({"ok": true, "dir": done.dir, "audit_head_seq": done.manifest.audit_head_seq, "files": done.manifest.files.len(), "keys_included": done.manifest.keys_included})
+                }
+                Err(e) => json!({"ok": false, "error": e}),
             }
         }
         other => json!({"ok": false, "error": format!("unknown command '{other}'")}),

@@ -76,10 +76,14 @@ impl Intake {
     /// Takes files until `shutdown`; the file in hand is finished first.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut paused = false;
+        let beat = self.node.heartbeats.register("intake");
         loop {
+            beat.beat();
             let pickup = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = self.watcher.next() => p,
+                // `next` is cancel-safe: an idle intake still beats.
+                _ = tokio::time::sleep(crate::node::heartbeat::BEAT_EVERY) => continue,
             };
             let result = match pickup {
                 Pickup::Refused { name, reason } => {

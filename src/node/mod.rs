@@ -5,9 +5,11 @@
 //! Must not: import `edge` (except tests, which use the development federation as a fixture);
 //! touch sled, quinn, inotify or the audit files except through `adapters`.
 
+pub mod backup;
 pub mod build;
 pub mod check;
 pub mod control;
+pub mod heartbeat;
 pub mod housekeeping;
 pub mod intake;
 pub mod metrics;

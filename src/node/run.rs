@@ -3,8 +3,10 @@
 //!
 //! Start order: [`Node::open`] (directories, keys, store, audit log, inbox) → inbox recovery
 //! (finish what a crash interrupted) → transport bound → tasks spawned (receiving side, one
-//! sender per area, intake, housekeeping, metrics listener when configured, control socket and its connections, SIGHUP, watchdog)
-//! → `READY=1` to systemd.
+//! sender per area, intake, housekeeping, metrics listener when configured, control socket and
+//! its connections, SIGHUP, watchdog) → `READY=1` to systemd (`RELOADING=1` + `MONOTONIC_USEC`,
+//! then `READY=1`, around each SIGHUP; `STOPPING=1` when shutdown starts; `WATCHDOG=1` only
+//! while the loops make progress).
 //! Shutdown (SIGTERM/SIGINT → `shutdown` cancelled): intake stops taking new files (the file in
 //! hand is finished), peer workers stop launching sends and give in-flight ones `grace` to end
 //! (unfinished ones simply stay queued), control connections finish their one request, the
@@ -127,12 +129,13 @@ pub async fn run(
         shutdown.clone(),
     ));
     if let Some(interval) = watchdog_interval() {
-        tracker.spawn(ping_watchdog(interval, shutdown.clone()));
+        tracker.spawn(ping_watchdog(interval, node.clone(), shutdown.clone()));
     }
     info!(area = %s.area, listen = %s.listen, "refex serving");
     ready();
 
     shutdown.cancelled().await;
+    notify(&[sd_notify::NotifyState::Stopping]);
     info!("shutting down: intake stopped, parking in-flight sends");
     // Closed only now: control connections keep being added to the tracker while serving.
     tracker.close();
@@ -168,29 +171,59 @@ async fn reload_on_hangup(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(()) = hup.recv() => match load_tls(&settings).and_then(|tls| transport.reload(&tls)) {
-                Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
-                Err(e) => error!("SIGHUP: reload failed, keeping the current certificate: {e}"),
-            },
+            Some(()) = hup.recv() => {
+                // systemd's reload protocol: RELOADING=1 with the monotonic time, then READY=1.
+                let mut states = vec![sd_notify::NotifyState::Reloading];
+                states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+                notify(&states);
+                match load_tls(&settings).and_then(|tls| transport.reload(&tls)) {
+                    Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
+                    Err(e) => error!("SIGHUP: reload failed, keeping the current certificate: {e}"),
+                }
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
         }
     }
 }
 
-/// Half the systemd watchdog interval, when the unit asks for a watchdog.
-fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0)
-        .then(|| Duration::from_micros(usec / 2))
+/// Tells systemd (when `NOTIFY_SOCKET` is set; a failure to tell it is only logged).
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!("sd_notify failed: {e}");
+    }
 }
 
-/// Pings the systemd watchdog while the runtime is responsive.
-async fn ping_watchdog(interval: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
+/// The systemd watchdog interval, when the unit asks for one: `WATCHDOG_USEC`, and
+/// `WATCHDOG_PID` (when set) naming this process — libsystemd's `sd_watchdog_enabled` rule.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let for_us = match std::env::var("WATCHDOG_PID") {
+        Ok(pid) => pid.parse::<u32>().ok() == Some(std::process::id()),
+        Err(_) => true,
+    };
+    (for_us && usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Pings the systemd watchdog four times per interval, but only while intake, every sender
+/// and the audit writer have beaten within half the interval (see `heartbeat`); a stuck loop
+/// is named in the log once, and systemd then restarts the daemon.
+async fn ping_watchdog(interval: Duration, node: Arc<Node>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval / 4);
+    let mut reported = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                let stale = node
+                    .heartbeats
+                    .stale(interval / 2, &[("audit writer", node.audit.last_beat_ms())]);
+                if stale.is_empty() {
+                    reported = false;
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                } else if !reported {
+                    error!("watchdog not pinged: no progress from {}", stale.join(", "));
+                    reported = true;
+                }
             }
         }
     }

@@ -74,7 +74,13 @@ impl PeerWorker {
         let mut failures: u32 = 0;
         let mut backoff_until: Option<Instant> = None;
         let max = self.ctx.node.settings.delivery.max_in_flight_per_peer.get() as usize;
+        let beat = self
+            .ctx
+            .node
+            .heartbeats
+            .register(&format!("sender {}", self.peer));
         loop {
+            beat.beat();
             if shutdown.is_cancelled() {
                 break;
             }
@@ -99,9 +105,11 @@ impl PeerWorker {
                     }
                 }
             }
+            // Never longer than a heartbeat: an idle or backing-off worker still beats.
+            let beat_due = Instant::now() + crate::node::heartbeat::BEAT_EVERY;
             let sleep_until = match backoff_until {
-                Some(t) if t > Instant::now() => t,
-                _ => Instant::now() + Duration::from_secs(5),
+                Some(t) if t > Instant::now() => t.min(beat_due),
+                _ => beat_due,
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -7,6 +7,7 @@ mod harness;
 
 mod audit_trail;
 mod corpus;
+mod day2;
 mod durability;
 mod exchange;
 mod history;

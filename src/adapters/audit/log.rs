@@ -53,6 +53,8 @@ struct Writer {
     _lock: File,
     shared_head: Arc<Mutex<Head>>,
     syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// When the writer last went round its loop (ms since the epoch; beats even when idle).
+    beat: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Files of the log in chain order.
@@ -81,10 +83,12 @@ fn sync_dir(dir: &Path) -> Result<(), AuditError> {
     crate::adapters::durable::sync_dir(dir).map_err(|e| AuditError::io(dir, e))
 }
 
-/// What `start` hands back: the job queue, the shared head, the sync counter.
+/// What `start` hands back: the job queue, the shared head, the sync counter, the writer's
+/// heartbeat, the stop signal.
 pub(super) type Started = (
     Sender,
     Arc<Mutex<Head>>,
+    Arc<std::sync::atomic::AtomicU64>,
     Arc<std::sync::atomic::AtomicU64>,
     oneshot::Receiver<()>,
 );
@@ -210,6 +214,7 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
     seal_torn_checkpoints(&cfg.dir)?;
     let shared_head = Arc::new(Mutex::new(head.clone()));
     let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let beat = Arc::new(std::sync::atomic::AtomicU64::new(super::now_ms()));
     let (tx, rx) = mpsc::channel::<(JobKind, Reply)>();
     let mut w = Writer {
         cfg,
@@ -223,6 +228,7 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
         _lock: lock,
         shared_head: shared_head.clone(),
         syncs: syncs.clone(),
+        beat: beat.clone(),
     };
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
@@ -234,12 +240,19 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
             let _ = done_tx.send(());
         })
         .map_err(|e| AuditError::Corrupt(format!("cannot start the audit writer: {e}")))?;
-    Ok((tx, shared_head, syncs, done_rx))
+    Ok((tx, shared_head, syncs, beat, done_rx))
 }
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<(JobKind, Reply)>) {
-        while let Ok(first) = rx.recv() {
+        use std::sync::atomic::Ordering;
+        loop {
+            self.beat.store(super::now_ms(), Ordering::Relaxed);
+            let first = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut batch = vec![first];
             batch.extend(rx.try_iter());
             self.commit(batch);

@@ -25,6 +25,7 @@
 
 mod log;
 mod report;
+mod snapshot;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ pub use crate::core::audit::{Actor, Event, Head, Operation, Outcome, Record, Sub
 pub use crate::crypto::SubjectSecret;
 pub use log::log_files;
 pub use report::{report, Report};
+pub use snapshot::{copy_upto, is_locked};
 pub use verify::{verify, VerifyFailure, VerifyReport};
 
 use crate::core::types::{AreaId, PriorityClass};
@@ -159,6 +161,7 @@ pub struct AuditLog {
     syncs: Arc<std::sync::atomic::AtomicU64>,
     /// False from a failed write until the next one succeeds.
     writable: Arc<std::sync::atomic::AtomicBool>,
+    beat: Arc<std::sync::atomic::AtomicU64>,
     stopped: Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
@@ -166,12 +169,13 @@ impl AuditLog {
     /// Opens the log in `cfg.dir`, continuing the chain (see the module doc for torn tails).
     /// Fails with [`AuditError::Locked`] while another writer holds the directory.
     pub fn open(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Self, AuditError> {
-        let (tx, head, syncs, stopped) = log::start(cfg, signer)?;
+        let (tx, head, syncs, beat, stopped) = log::start(cfg, signer)?;
         Ok(Self {
             tx: Arc::new(Mutex::new(Some(tx))),
             head,
             syncs,
             writable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            beat,
             stopped: Arc::new(Mutex::new(Some(stopped))),
         })
     }
@@ -221,6 +225,12 @@ impl AuditLog {
         self.syncs.load(Ordering::Relaxed)
     }
 
+    /// When the writer thread last went round its loop (ms since the epoch). It beats at least
+    /// once a second while idle, so an old value means it is stuck (e.g. in a sync on a dead disk).
+    pub fn last_beat_ms(&self) -> u64 {
+        self.beat.load(Ordering::Relaxed)
+    }
+
     /// Writes the final checkpoint, stops the writer and waits until it has released the files
     /// and the directory lock.
     pub async fn close(&self) -> Result<(), AuditError> {
@@ -234,6 +244,14 @@ impl AuditLog {
         }
         r
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the unit of heartbeats).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Calls `f` with every complete record of the log, in chain order, streaming.

@@ -1,0 +1,325 @@
+//! Unit tests of the store on a real sled database in a temp dir.
+
+use super::*;
+
+fn area(s: &str) -> AreaId {
+    s.parse().unwrap()
+}
+
+fn env(to: &str, priority: PriorityClass, due_secs: i64) -> NewEnvelope {
+    NewEnvelope {
+        id: EnvelopeId::generate(),
+        to: area(to),
+        priority,
+        due_by: Utc.timestamp_opt(due_secs, 0).unwrap(),
+        created: Utc::now(),
+        sealed: vec![1, 2, 3],
+        digest: [7; 32],
+        subject_key: None,
+    }
+}
+
+/// Enqueues and releases at once, as intake does once the records are durable.
+fn queue(store: &Store, e: NewEnvelope, key: &[u8; 32]) -> Enqueued {
+    let out = store.enqueue(e, key).unwrap();
+    store.release(&[out.id()]).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn the_queue_yields_priority_first_then_oldest_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let late_std = env("london", PriorityClass::Standard, 3_000);
+    let early_std = env("london", PriorityClass::Standard, 1_000);
+    let late_enh = env("london", PriorityClass::Enhanced, 5_000);
+    let other_peer = env("kent", PriorityClass::Enhanced, 1);
+    let ids = [late_enh.id, early_std.id, late_std.id];
+    for (i, e) in [late_std, early_std, late_enh, other_peer]
+        .into_iter()
+        .enumerate()
+    {
+        queue(&store, e, &[i as u8; 32]);
+    }
+    store.durable().await.unwrap();
+    let got: Vec<_> = store
+        .next_queued(&area("london"), 10, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got, ids);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_queues_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let first = env("london", PriorityClass::Standard, 1);
+    let first_id = first.id;
+    assert_eq!(queue(&store, first, &[9; 32]), Enqueued::New(first_id));
+    let again = env("london", PriorityClass::Standard, 1);
+    assert_eq!(
+        store.enqueue(again, &[9; 32]).unwrap(),
+        Enqueued::Duplicate(first_id)
+    );
+    store.durable().await.unwrap();
+    assert_eq!(
+        store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn delivery_erases_the_payload_and_leaves_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let e = env("london", PriorityClass::Standard, 1);
+    let id = e.id;
+    store.enqueue(e, &[1; 32]).unwrap();
+    let rec = store
+        .mark_delivered(&id, b"receipt", "head", Utc::now())
+        .unwrap();
+    assert_eq!(rec.state, OutState::Delivered);
+    assert!(rec.sealed.is_none());
+    assert!(store
+        .next_queued(&area("london"), 10, &HashSet::new())
+        .unwrap()
+        .is_empty());
+    assert!(
+        store.requeue(&id).is_err(),
+        "a delivered envelope cannot be requeued"
+    );
+}
+
+#[tokio::test]
+async fn non_delivered_envelopes_can_be_requeued_or_withdrawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b) = (
+        env("london", PriorityClass::Standard, 1),
+        env("london", PriorityClass::Standard, 2),
+    );
+    let (ida, idb) = (a.id, b.id);
+    queue(&store, a, &[1; 32]);
+    queue(&store, b, &[2; 32]);
+    store.durable().await.unwrap();
+    store.mark_non_delivered(&ida, "window passed").unwrap();
+    store.mark_non_delivered(&idb, "window passed").unwrap();
+    assert_eq!(store.non_delivered(10).unwrap().len(), 2);
+    assert!(store
+        .next_queued(&area("london"), 10, &HashSet::new())
+        .unwrap()
+        .is_empty());
+    store.requeue(&ida).unwrap();
+    store.withdraw(&idb, Utc::now()).unwrap();
+    let queued = store
+        .next_queued(&area("london"), 10, &HashSet::new())
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].0, ida);
+    assert!(store.get(&idb).unwrap().unwrap().sealed.is_none());
+}
+
+#[tokio::test]
+async fn queued_envelopes_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = Store::open(dir.path()).unwrap();
+        let e = env("london", PriorityClass::Standard, 1);
+        let id = e.id;
+        queue(&store, e, &[1; 32]);
+        store.close().await.unwrap();
+        id
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()[0]
+            .0,
+        id
+    );
+}
+
+#[tokio::test]
+async fn an_envelope_is_not_sendable_until_released_and_the_release_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let london = area("london");
+    let e = env("london", PriorityClass::Standard, 1);
+    let id = e.id;
+    assert_eq!(store.enqueue(e, &[1; 32]).unwrap(), Enqueued::New(id));
+    store.durable().await.unwrap();
+    assert!(
+        store
+            .next_queued(&london, 10, &HashSet::new())
+            .unwrap()
+            .is_empty(),
+        "a held envelope (records not yet durable) must not be offered to the sender"
+    );
+    assert_eq!(store.get(&id).unwrap().unwrap().state, OutState::Held);
+    assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 0);
+    store.release(&[id]).unwrap();
+    assert!(store.is_pending(&id));
+    assert!(
+        store
+            .next_queued(&london, 10, &HashSet::new())
+            .unwrap()
+            .is_empty(),
+        "an unsynced release must not be offered to the sender"
+    );
+    assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 1);
+    store.durable().await.unwrap();
+    assert!(!store.is_pending(&id));
+    let got = store.next_queued(&london, 10, &HashSet::new()).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, id);
+    // Releasing again changes nothing.
+    store.release(&[id]).unwrap();
+    store.durable().await.unwrap();
+    assert_eq!(store.queue_stats(&london, Utc::now()).unwrap().queued, 1);
+}
+
+#[tokio::test]
+async fn a_held_envelope_found_again_after_a_crash_is_resumed_not_duplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = Store::open(dir.path()).unwrap();
+        let e = env("london", PriorityClass::Standard, 1);
+        let id = e.id;
+        store.enqueue(e, &[4; 32]).unwrap();
+        store.close().await.unwrap();
+        id
+    };
+    let store = Store::open(dir.path()).unwrap();
+    let again = env("london", PriorityClass::Standard, 1);
+    assert_eq!(
+        store.enqueue(again, &[4; 32]).unwrap(),
+        Enqueued::Resumed(id)
+    );
+    store.release(&[id]).unwrap();
+    let again = env("london", PriorityClass::Standard, 1);
+    assert_eq!(
+        store.enqueue(again, &[4; 32]).unwrap(),
+        Enqueued::Duplicate(id)
+    );
+}
+
+#[tokio::test]
+async fn a_sync_covers_only_releases_finished_before_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let london = area("london");
+    let a = env("london", PriorityClass::Standard, 1);
+    let ida = a.id;
+    queue(&store, a, &[1; 32]);
+    store.durable().await.unwrap();
+    let b = env("london", PriorityClass::Standard, 2);
+    let idb = b.id;
+    queue(&store, b, &[2; 32]);
+    let ids: Vec<_> = store
+        .next_queued(&london, 10, &HashSet::new())
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, [ida], "b was released after the last sync");
+    store.durable().await.unwrap();
+    assert_eq!(
+        store
+            .next_queued(&london, 10, &HashSet::new())
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(!store.is_pending(&idb));
+}
+
+#[tokio::test]
+async fn a_past_due_envelope_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = Utc::now();
+    let late = env("london", PriorityClass::Standard, now.timestamp() - 60);
+    let on_time = env("london", PriorityClass::Enhanced, now.timestamp() + 3600);
+    let held = env("kent", PriorityClass::Standard, now.timestamp() - 60);
+    let late_id = late.id;
+    queue(&store, late, &[1; 32]);
+    queue(&store, on_time, &[2; 32]);
+    store.enqueue(held, &[3; 32]).unwrap();
+    let due: Vec<_> = store
+        .newly_past_due(now, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(due, [late_id], "only the queued, past-due one");
+    store.mark_deadline_reported(&late_id).unwrap();
+    assert!(store.newly_past_due(now, 10).unwrap().is_empty());
+    assert_eq!(store.queue_stats(&area("london"), now).unwrap().past_due, 1);
+}
+
+#[tokio::test]
+async fn the_receipt_purge_lists_then_forgets_only_finished_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = Utc::now();
+    let (a, b) = (
+        env("london", PriorityClass::Standard, 1),
+        env("london", PriorityClass::Standard, 2),
+    );
+    let (ida, idb) = (a.id, b.id);
+    queue(&store, a, &[1; 32]);
+    queue(&store, b, &[2; 32]);
+    store
+        .mark_delivered(&ida, b"r", "head", now - chrono::Duration::days(2))
+        .unwrap();
+    let old = store
+        .finished_before(now - chrono::Duration::days(1), 10)
+        .unwrap();
+    assert_eq!(old, [ida]);
+    assert_eq!(
+        store.forget(&[ida, idb]).unwrap(),
+        1,
+        "the queued one stays"
+    );
+    assert!(store.get(&ida).unwrap().is_none());
+    assert!(store.get(&idb).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn concurrent_waiters_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut e = env("london", PriorityClass::Standard, 1);
+            e.sealed = i.to_be_bytes().to_vec();
+            let mut key = [0; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            queue(&store, e, &key);
+            store.durable().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        store.sync_count() < 200,
+        "{} syncs for 200 waiters",
+        store.sync_count()
+    );
+    assert_eq!(
+        store
+            .queue_stats(&area("london"), Utc::now())
+            .unwrap()
+            .queued,
+        200
+    );
+}
