@@ -11,6 +11,7 @@ use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, Serializable};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
+use zeroize::{Zeroize, Zeroizing};
 
 pub(super) type Kem = X25519HkdfSha256;
 
@@ -37,8 +38,9 @@ pub enum KeyError {
     Random,
 }
 
-/// Reads a secret file, refusing symlinks, non-regular files and group/world access.
-pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, KeyError> {
+/// Reads a secret file, refusing symlinks, non-regular files and group/world access. The bytes
+/// are wiped when the returned buffer is dropped.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let io = |source| KeyError::Io {
         path: path.to_owned(),
         source,
@@ -51,7 +53,7 @@ pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, KeyError> {
             mode,
         });
     }
-    fs::read(path).map_err(io)
+    fs::read(path).map(Zeroizing::new).map_err(io)
 }
 
 /// Writes a secret file with mode 0600 (created new; an existing file is an error) and syncs it.
@@ -70,7 +72,7 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), KeyError> {
     f.sync_all().map_err(io)
 }
 
-fn decode_key_text(path: &Path, text: &[u8], kind: &str) -> Result<Vec<u8>, KeyError> {
+fn decode_key_text(path: &Path, text: &[u8], kind: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let fmt_err = |reason: String| KeyError::Format {
         path: path.to_owned(),
         reason,
@@ -81,11 +83,16 @@ fn decode_key_text(path: &Path, text: &[u8], kind: &str) -> Result<Vec<u8>, KeyE
         .trim()
         .strip_prefix(&prefix)
         .ok_or_else(|| fmt_err(format!("expected a line starting '{prefix}'")))?;
-    hex::decode(hex_part).map_err(|_| fmt_err("key material is not hex".into()))
+    hex::decode(hex_part)
+        .map(Zeroizing::new)
+        .map_err(|_| fmt_err("key material is not hex".into()))
 }
 
-fn encode_key_text(kind: &str, bytes: &[u8]) -> String {
-    format!("refex-{kind}-v1:{}\n", hex::encode(bytes))
+/// A key file's text (secret: wiped on drop).
+pub type KeyText = Zeroizing<String>;
+
+fn encode_key_text(kind: &str, bytes: &[u8]) -> KeyText {
+    Zeroizing::new(format!("refex-{kind}-v1:{}\n", hex::encode(bytes)))
 }
 
 /// The node's Ed25519 signing key.
@@ -103,7 +110,7 @@ impl fmt::Debug for SigningKey {
 
 impl SigningKey {
     /// Generates a new key and returns it with its key-file text.
-    pub fn generate() -> Result<(Self, String), KeyError> {
+    pub fn generate() -> Result<(Self, KeyText), KeyError> {
         let doc =
             Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
         let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| KeyError::Random)?;
@@ -210,13 +217,15 @@ impl KemSecretKey {
     }
 
     /// Generates a new key and returns it with its key-file text.
-    pub fn generate() -> Result<(Self, String), KeyError> {
-        let mut ikm = [0u8; 32];
-        random_bytes(&mut ikm);
-        let (sk, _) = Kem::derive_keypair(&ikm);
-        let bytes = sk.to_bytes();
-        let key = Self::from_secret(&bytes).ok_or(KeyError::Random)?;
-        Ok((key, encode_key_text("x25519", &bytes)))
+    pub fn generate() -> Result<(Self, KeyText), KeyError> {
+        let mut ikm = Zeroizing::new([0u8; 32]);
+        random_bytes(&mut ikm[..]);
+        let (sk, _) = Kem::derive_keypair(&ikm[..]);
+        let mut bytes = sk.to_bytes();
+        let key = Self::from_secret(&bytes).ok_or(KeyError::Random);
+        let text = encode_key_text("x25519", &bytes);
+        bytes.zeroize();
+        Ok((key?, text))
     }
 
     /// Loads a key file (see the module doc for format and permission rules).
@@ -257,8 +266,14 @@ impl KemPublicKey {
     }
 }
 
-/// The per-area secret that makes subject keys.
+/// The per-area secret that makes subject keys and the intake idempotency index. Wiped on drop.
 pub struct SubjectSecret([u8; 32]);
+
+impl Drop for SubjectSecret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 impl fmt::Debug for SubjectSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -279,17 +294,29 @@ impl SubjectSecret {
             .trim()
             .strip_prefix("refex-subject-v1:")
             .ok_or_else(|| bad("expected 'refex-subject-v1:<hex>'"))?;
-        let bytes = hex::decode(hex_part).map_err(|_| bad("not hex"))?;
-        Ok(Self(
-            bytes.try_into().map_err(|_| bad("expected 32 bytes"))?,
-        ))
+        let bytes = Zeroizing::new(hex::decode(hex_part).map_err(|_| bad("not hex"))?);
+        let mut key = [0u8; 32];
+        if bytes.len() != key.len() {
+            return Err(bad("expected 32 bytes"));
+        }
+        key.copy_from_slice(&bytes);
+        Ok(Self(key))
     }
 
     /// A new secret and its file text.
-    pub fn generate() -> Result<(Self, String), KeyError> {
+    pub fn generate() -> Result<(Self, KeyText), KeyError> {
         let mut b = [0u8; 32];
         random_bytes(&mut b);
-        Ok((Self(b), format!("refex-subject-v1:{}\n", hex::encode(b))))
+        let text = Zeroizing::new(format!("refex-subject-v1:{}\n", hex::encode(b)));
+        Ok((Self(b), text))
+    }
+
+    /// The intake idempotency index key of a referral: HMAC-SHA-256(secret, tag ␟ system ␟
+    /// reference), so the store holds nothing a dictionary of references could be matched
+    /// against without the secret. Domain-separated from the subject key.
+    pub fn index_key(&self, source_system: &str, source_ref: &str) -> [u8; 32] {
+        let msg = format!("refex-idempotency-v1\u{1f}{source_system}\u{1f}{source_ref}");
+        crate::core::digest::hmac_sha256(&self.0, msg.as_bytes())
     }
 
     /// The pseudonymous key of one person's referral: HMAC-SHA-256(secret, system ␟ reference).

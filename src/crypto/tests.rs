@@ -647,3 +647,27 @@ mod envelopes {
         ));
     }
 }
+
+#[test]
+fn the_idempotency_index_key_needs_the_secret_and_is_not_the_subject_key() {
+    let (a, _) = SubjectSecret::generate().unwrap();
+    let (b, _) = SubjectSecret::generate().unwrap();
+    let k = a.index_key("test-records", "REF-1");
+    assert_eq!(k, a.index_key("test-records", "REF-1"), "deterministic");
+    assert_ne!(
+        k,
+        b.index_key("test-records", "REF-1"),
+        "keyed by the node's secret"
+    );
+    assert_ne!(k, a.index_key("test-records", "REF-2"));
+    assert_ne!(
+        k,
+        crate::core::digest::sha256("test-records\u{1f}REF-1".as_bytes()),
+        "not the plain hash a dictionary of references could match"
+    );
+    assert_ne!(
+        hex::encode(k),
+        a.key("test-records", "REF-1").0,
+        "domain-separated"
+    );
+}

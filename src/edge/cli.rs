@@ -180,6 +180,10 @@ enum OutboxCmd {
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
+    // Whatever refex creates (state, audit files, backups, sled's own files) is at most 0750 for
+    // directories and 0640 for files, with or without systemd's UMask=0027; key files are 0600
+    // and inbox files 0640 by explicit mode.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o027));
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run { config } => run(&config),

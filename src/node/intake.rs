@@ -232,7 +232,10 @@ impl Intake {
                 .key(&item.referral.source_system, &item.referral.source_ref);
             let bytes = sealed.to_bytes();
             let digest = sha256(&bytes);
-            let idem = sha256(item.referral.idempotency_key().as_bytes());
+            let idem = self
+                .node
+                .subject
+                .index_key(&item.referral.source_system, &item.referral.source_ref);
             let new = NewEnvelope {
                 id: sealed.id(),
                 to: to.clone(),

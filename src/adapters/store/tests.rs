@@ -244,13 +244,18 @@ async fn a_past_due_envelope_is_reported_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let now = Utc::now();
-    let late = env("london", PriorityClass::Standard, now.timestamp() - 60);
+    // Queued two minutes ago, due one minute ago: it crossed its due_by while queued.
+    let mut late = env("london", PriorityClass::Standard, now.timestamp() - 60);
+    late.created = now - chrono::Duration::seconds(120);
+    let already_late = env("london", PriorityClass::Standard, now.timestamp() - 60);
     let on_time = env("london", PriorityClass::Enhanced, now.timestamp() + 3600);
     let held = env("kent", PriorityClass::Standard, now.timestamp() - 60);
     let late_id = late.id;
     queue(&store, late, &[1; 32]);
     queue(&store, on_time, &[2; 32]);
     store.enqueue(held, &[3; 32]).unwrap();
+    // Late at intake already: recorded there (`late_at_intake`), not again here.
+    queue(&store, already_late, &[4; 32]);
     let due: Vec<_> = store
         .newly_past_due(now, 10)
         .unwrap()
@@ -260,7 +265,7 @@ async fn a_past_due_envelope_is_reported_once() {
     assert_eq!(due, [late_id], "only the queued, past-due one");
     store.mark_deadline_reported(&late_id).unwrap();
     assert!(store.newly_past_due(now, 10).unwrap().is_empty());
-    assert_eq!(store.queue_stats(&area("london"), now).unwrap().past_due, 1);
+    assert_eq!(store.queue_stats(&area("london"), now).unwrap().past_due, 2);
 }
 
 #[tokio::test]

@@ -52,8 +52,8 @@ impl TlsIdentity {
         let read =
             |p: &Path| std::fs::read_to_string(p).map_err(|e| tls_err(&p.display().to_string(), e));
         let key_text = crate::crypto::read_secret_file(key).map_err(|e| tls_err("key", e))?;
-        let key_text = String::from_utf8(key_text).map_err(|e| tls_err("key", e))?;
-        let id = Self::from_pem(&read(ca)?, &read(cert)?, &key_text)?;
+        let key_text = std::str::from_utf8(&key_text).map_err(|e| tls_err("key", e))?;
+        let id = Self::from_pem(&read(ca)?, &read(cert)?, key_text)?;
         match crl {
             Some(crl) => id.with_crl_pem(&read(crl)?),
             None => Ok(id),
