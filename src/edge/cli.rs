@@ -444,7 +444,10 @@ fn audit(cmd: AuditCmd) -> ExitCode {
     match cmd {
         AuditCmd::Verify { config } => with_settings(&config, |s| {
             let keys = s.directory.signing_keys(&s.area).unwrap_or_default();
-            match crate::adapters::audit::verify(&s.paths.audit, &keys) {
+            let spinner = crate::edge::progress::spinner("verifying the audit chain");
+            let result = crate::adapters::audit::verify(&s.paths.audit, &keys);
+            spinner.finish_and_clear();
+            match result {
                 Ok(report) => {
                     println!("audit log OK: {report}");
                     Ok(())

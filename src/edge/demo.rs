@@ -92,9 +92,14 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
             .map(|s| inbox_files(&s.paths.inbox).len())
             .sum::<usize>()
     };
-    if !wait_for(Duration::from_secs(60), || {
-        count() >= expected && daemons[0].outbox_files().is_empty()
-    }) {
+    let bar = crate::edge::progress::counter("   delivered", expected as u64);
+    let arrived = wait_for(Duration::from_secs(60), || {
+        let n = count();
+        bar.set_position(n as u64);
+        n >= expected && daemons[0].outbox_files().is_empty()
+    });
+    bar.finish_and_clear();
+    if !arrived {
         bail!("only {} of {expected} referrals arrived", count());
     }
     for s in &settings {

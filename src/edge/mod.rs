@@ -7,5 +7,6 @@ pub mod demo;
 pub mod federation;
 pub mod harness;
 pub mod logging;
+pub mod progress;
 pub mod state;
 pub mod status;

@@ -27,7 +27,10 @@ pub async fn backup(s: &Settings, to: &Path, with_keys: bool, user: &str) -> Res
     } else {
         "keys NOT included (use --with-keys)"
     };
-    match control::call(&s.control_socket, &req).await {
+    let spinner = crate::edge::progress::spinner("writing the backup");
+    let answer = control::call(&s.control_socket, &req).await;
+    spinner.finish_and_clear();
+    match answer {
         Ok(resp) => {
             if resp.get("ok").and_then(|v| v.as_bool()) != Some(true) {
                 return Err(format!(
@@ -45,7 +48,10 @@ pub async fn backup(s: &Settings, to: &Path, with_keys: bool, user: &str) -> Res
             Ok(())
         }
         Err(_) => {
-            let done = crate::node::backup::backup_stopped(s.clone(), &to, user, with_keys).await?;
+            let spinner = crate::edge::progress::spinner("writing the backup");
+            let done = crate::node::backup::backup_stopped(s.clone(), &to, user, with_keys).await;
+            spinner.finish_and_clear();
+            let done = done?;
             println!(
                 "backup written to {} (daemon not running; audit head {}, {} files; {keys_note})",
                 to.display(),
