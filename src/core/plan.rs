@@ -12,8 +12,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::core::referral::csv::{column_for, parse_csv, write_rows, CsvLimits};
 use crate::core::referral::bounds::date_ranges;
+use crate::core::referral::csv::{column_for, parse_csv, write_rows, CsvLimits};
 use crate::core::referral::{classify, parse_json, Classified, Context, FieldError, Referral};
 
 /// How a file's bytes are to be read.

@@ -28,7 +28,8 @@ pub fn escape_for_log(s: &str) -> ForLog<'_> {
 pub struct ForLog<'a>(&'a str);
 
 fn needs_escape(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 impl std::fmt::Display for ForLog<'_> {
@@ -40,7 +41,10 @@ impl std::fmt::Display for ForLog<'_> {
             let piece: &str = if c == '\\' {
                 "\\\\"
             } else if needs_escape(c) {
-                let mut w = Cursor { buf: &mut buf, len: 0 };
+                let mut w = Cursor {
+                    buf: &mut buf,
+                    len: 0,
+                };
                 let _ = write!(w, "\\u{{{:x}}}", u32::from(c));
                 let len = w.len;
                 std::str::from_utf8(&buf[..len]).unwrap_or("?")
@@ -81,7 +85,8 @@ mod tests {
 
     #[test]
     fn outside_text_cannot_break_or_fake_a_log_line() {
-        let name = "a.json\n2026-12-02T10:00:00Z ERROR refex: fake line\u{1b}[2J\r\u{7f}\u{9b}\u{202e}";
+        let name =
+            "a.json\n2026-12-02T10:00:00Z ERROR refex: fake line\u{1b}[2J\r\u{7f}\u{9b}\u{202e}";
         let shown = escape_for_log(name).to_string();
         assert_eq!(
             shown,
@@ -90,7 +95,10 @@ mod tests {
         assert!(!shown.chars().any(needs_escape), "{shown}");
         // A name that already looks escaped stays distinguishable from a real control char.
         assert_eq!(escape_for_log("a\\u{a}").to_string(), "a\\\\u{a}");
-        assert_eq!(escape_for_log("plain-name_1.json").to_string(), "plain-name_1.json");
+        assert_eq!(
+            escape_for_log("plain-name_1.json").to_string(),
+            "plain-name_1.json"
+        );
     }
 
     #[test]

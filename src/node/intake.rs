@@ -118,11 +118,17 @@ impl Intake {
                     if e.pauses_intake() {
                         crate::node::metrics::intake_paused(true);
                         if !paused {
-                            error!("intake paused: cannot write ({}); files stay in the outbox", crate::core::text::escape_for_log(&e.to_string()));
+                            error!(
+                                "intake paused: cannot write ({}); files stay in the outbox",
+                                crate::core::text::escape_for_log(&e.to_string())
+                            );
                             paused = true;
                         }
                     } else {
-                        error!("intake failed for a file, will retry: {}", crate::core::text::escape_for_log(&e.to_string()));
+                        error!(
+                            "intake failed for a file, will retry: {}",
+                            crate::core::text::escape_for_log(&e.to_string())
+                        );
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,

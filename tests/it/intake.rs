@@ -349,7 +349,10 @@ fn hostile_provider_files_are_refused_with_their_rule_and_a_good_one_still_arriv
     let elsewhere = outbox.parent().unwrap().join("not-the-outbox.json");
     fs::write(&elsewhere, referral("LINKED-1", "london")).unwrap();
     fs::hard_link(&elsewhere, outbox.join("linked.json")).unwrap();
-    wm.drop_file("bad\nname\u{1b}[2J.json", referral("CTRL-1", "london").as_bytes());
+    wm.drop_file(
+        "bad\nname\u{1b}[2J.json",
+        referral("CTRL-1", "london").as_bytes(),
+    );
     let dup = referral("DUP-1", "london").replacen('{', "{\"source_ref\": \"DUP-0\",", 1);
     wm.drop_file("dup.json", dup.as_bytes());
 
@@ -359,7 +362,10 @@ fn hostile_provider_files_are_refused_with_their_rule_and_a_good_one_still_arriv
             serde_json::from_slice(&fs::read(rejected.join(format!("{name}.error.json"))).ok()?)
                 .ok()?;
         let e = &doc["errors"][0];
-        Some((e["field"].as_str()?.to_owned(), e["rule"].as_str()?.to_owned()))
+        Some((
+            e["field"].as_str()?.to_owned(),
+            e["rule"].as_str()?.to_owned(),
+        ))
     };
     let expected = [
         ("linked.json", ("file", "hard_link")),
@@ -379,9 +385,18 @@ fn hostile_provider_files_are_refused_with_their_rule_and_a_good_one_still_arriv
         "the linked original is untouched"
     );
     let log = wm.log_text();
-    assert!(!log.contains("bad\nname"), "a raw newline from a file name reached the log");
-    assert!(!log.contains('\u{1b}'), "a raw escape from a file name reached the log");
-    assert!(log.contains(r"bad\u{a}name\u{1b}[2J.json"), "the name is logged escaped");
+    assert!(
+        !log.contains("bad\nname"),
+        "a raw newline from a file name reached the log"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "a raw escape from a file name reached the log"
+    );
+    assert!(
+        log.contains(r"bad\u{a}name\u{1b}[2J.json"),
+        "the name is logged escaped"
+    );
 
     wm.drop_file("good.json", referral("GOOD-1", "london").as_bytes());
     wait_until(WAIT, "the good referral to arrive", || {

@@ -302,7 +302,14 @@ fn a_link_made_after_the_look_is_refused_by_the_read() {
 async fn names_with_control_characters_and_bad_dot_names_are_refused() {
     let dir = outbox();
     let mut w = watcher(&dir);
-    for name in ["new\nline.json", "esc\u{1b}[2J.csv", "del\u{7f}.json", "..json", ".json", ".CSV"] {
+    for name in [
+        "new\nline.json",
+        "esc\u{1b}[2J.csv",
+        "del\u{7f}.json",
+        "..json",
+        ".json",
+        ".CSV",
+    ] {
         drop_file(dir.path(), name, b"{}");
     }
     let mut got = Vec::new();
@@ -318,12 +325,16 @@ async fn names_with_control_characters_and_bad_dot_names_are_refused() {
         ("esc\u{1b}[2J.csv", PickupRefusal::ControlCharName),
         ("new\nline.json", PickupRefusal::ControlCharName),
     ];
-    let got: Vec<(&str, PickupRefusal)> = got.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
+    let got: Vec<(&str, PickupRefusal)> =
+        got.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
     assert_eq!(got, want);
     assert!(quiet(&mut w).await, "refused once each");
     // The temporary convention is untouched, whatever it holds.
     assert!(matches!(classify_name(".ref-1.json"), NameClass::Ignore));
-    assert!(matches!(classify_name(".ref\n1.json.tmp"), NameClass::Ignore));
+    assert!(matches!(
+        classify_name(".ref\n1.json.tmp"),
+        NameClass::Ignore
+    ));
     assert!(matches!(classify_name("..x.part"), NameClass::Ignore));
 }
 
@@ -333,7 +344,11 @@ fn a_rejected_name_holds_no_control_characters() {
     fs::write(dir.path().join("bad\nname.json"), b"{}").unwrap();
     let placed = reject(dir.path(), "bad\nname.json", None, b"{}").unwrap();
     assert_eq!(placed, dir.path().join(REJECTED_DIR).join("bad_name.json"));
-    assert!(dir.path().join(REJECTED_DIR).join("bad_name.json.error.json").exists());
+    assert!(dir
+        .path()
+        .join(REJECTED_DIR)
+        .join("bad_name.json.error.json")
+        .exists());
 }
 
 /// Issue 13.2: with a settle window far longer than the test may take, a file renamed into
@@ -352,7 +367,9 @@ async fn a_renamed_file_is_taken_without_the_settle_window_and_one_written_in_pl
     let started = std::time::Instant::now();
     let first = tokio::time::timeout(PATIENCE, async {
         // Let the in-place file be seen (and start settling) before the renamed one exists.
-        assert!(tokio::time::timeout(Duration::from_millis(300), w.next()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(300), w.next())
+            .await
+            .is_err());
         drop_file(dir.path(), "renamed.json", b"{}");
         w.next().await
     })
@@ -362,9 +379,14 @@ async fn a_renamed_file_is_taken_without_the_settle_window_and_one_written_in_pl
         Pickup::Ready(f) => assert_eq!(f.name, "renamed.json"),
         other => panic!("expected renamed.json, got {other:?}"),
     }
-    assert!(started.elapsed() < settle, "taken before its settle window could pass");
+    assert!(
+        started.elapsed() < settle,
+        "taken before its settle window could pass"
+    );
     // A file written in place is held for the whole window.
-    assert!(tokio::time::timeout(Duration::from_secs(1), w.next()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_secs(1), w.next())
+        .await
+        .is_err());
 }
 
 #[tokio::test]

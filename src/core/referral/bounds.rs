@@ -185,7 +185,11 @@ pub fn date_ranges(r: &Referral, now: DateTime<Utc>) -> Vec<FieldError> {
             ));
         }
     }
-    let recorded_at = r.consent.explicit.as_ref().and_then(|x| x.recorded_at.as_deref());
+    let recorded_at = r
+        .consent
+        .explicit
+        .as_ref()
+        .and_then(|x| x.recorded_at.as_deref());
     if let Some(t) = recorded_at.and_then(timestamp) {
         let latest = referred_at.unwrap_or(now) + CLOCK_SKEW;
         if t.date_naive() < EARLIEST_DATE || t > latest {
@@ -282,7 +286,10 @@ mod tests {
     #[test]
     fn invalid_json_is_left_to_the_parser() {
         assert!(duplicate_keys(br#"{"a": 1, "a": "#).is_empty());
-        assert_eq!(parse_json(br#"{"a": 1, "a": "#).unwrap_err()[0].rule, "invalid_json");
+        assert_eq!(
+            parse_json(br#"{"a": 1, "a": "#).unwrap_err()[0].rule,
+            "invalid_json"
+        );
     }
 
     #[test]
@@ -319,8 +326,14 @@ mod tests {
             (&["victim", "date_of_birth"][..], "2026-12-03"),
             (&["offence", "date"][..], "0001-01-01"),
             (&["offence", "date"][..], "2026-11-22"),
-            (&["consent", "explicit", "recorded_at"][..], "2026-11-20T14:08:01Z"),
-            (&["consent", "explicit", "recorded_at"][..], "1000-01-01T00:00:00Z"),
+            (
+                &["consent", "explicit", "recorded_at"][..],
+                "2026-11-20T14:08:01Z",
+            ),
+            (
+                &["consent", "explicit", "recorded_at"][..],
+                "1000-01-01T00:00:00Z",
+            ),
         ] {
             let field = path.join(".");
             assert_eq!(ranges_of(&set(good(), path, value)), [field], "{value}");
