@@ -12,6 +12,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
+use crate::core::referral::bounds::date_ranges;
 use crate::core::referral::csv::{column_for, parse_csv, write_rows, CsvLimits};
 use crate::core::referral::{classify, parse_json, Classified, Context, FieldError, Referral};
 
@@ -93,7 +94,7 @@ pub fn refuse_whole(name: &str, errors: Vec<FieldError>, now: DateTime<Utc>) -> 
 fn plan_json(name: &str, bytes: &[u8], ctx: &Context, now: DateTime<Utc>) -> Plan {
     let (errors, source) = match parse_json(bytes) {
         Err(errors) => (errors, source_of_json(bytes)),
-        Ok(referral) => match classify(&referral, ctx) {
+        Ok(referral) => match judge(&referral, ctx, now) {
             Ok(class) => {
                 return Plan::Take {
                     accepted: vec![Accepted {
@@ -149,7 +150,7 @@ fn plan_csv(
     let mut bad_rows = Vec::new();
     for row in &batch.rows {
         let outcome = match &row.parsed {
-            Ok(r) => classify(r, ctx).map(|c| (r.clone(), c)),
+            Ok(r) => judge(r, ctx, now).map(|c| (r.clone(), c)),
             Err(e) => Err(e.clone()),
         };
         match outcome {
@@ -186,6 +187,19 @@ fn plan_csv(
         refused,
         batch: true,
         rejected,
+    }
+}
+
+/// Classifies a parsed referral and checks its dates against `now` (every problem reported).
+fn judge(r: &Referral, ctx: &Context, now: DateTime<Utc>) -> Result<Classified, Vec<FieldError>> {
+    let ranges = date_ranges(r, now);
+    match classify(r, ctx) {
+        Ok(class) if ranges.is_empty() => Ok(class),
+        Ok(_) => Err(ranges),
+        Err(mut errors) => {
+            errors.extend(ranges);
+            Err(errors)
+        }
     }
 }
 

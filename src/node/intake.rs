@@ -118,11 +118,17 @@ impl Intake {
                     if e.pauses_intake() {
                         crate::node::metrics::intake_paused(true);
                         if !paused {
-                            error!("intake paused: cannot write ({e}); files stay in the outbox");
+                            error!(
+                                "intake paused: cannot write ({}); files stay in the outbox",
+                                crate::core::text::escape_for_log(&e.to_string())
+                            );
                             paused = true;
                         }
                     } else {
-                        error!("intake failed for a file, will retry: {e}");
+                        error!(
+                            "intake failed for a file, will retry: {}",
+                            crate::core::text::escape_for_log(&e.to_string())
+                        );
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -163,7 +169,7 @@ impl Intake {
         match plan {
             Plan::RefuseFile { refused, error_doc } => {
                 let rules: Vec<&str> = refused.errors.iter().map(|e| e.rule.as_str()).collect();
-                warn!(file = %name, rules = %rules.join(","), "file refused; moved to rejected/");
+                warn!(file = %crate::core::text::escape_for_log(name), rules = %rules.join(","), "file refused; moved to rejected/");
                 self.audit_refusal(&refused, file_hash.unwrap_or([0; 32]))
                     .await?;
                 outbox_dir::reject(outbox, name, None, &error_doc)?;
@@ -182,7 +188,7 @@ impl Intake {
                 self.accept(name, file_hash, accepted, batch, now).await?;
                 crate::core::failpoint::hit("intake_before_delete");
                 if let Some((rows, doc)) = rejected {
-                    warn!(file = %name, refused_rows = refused.len(), "batch rows refused; written to rejected/");
+                    warn!(file = %crate::core::text::escape_for_log(name), refused_rows = refused.len(), "batch rows refused; written to rejected/");
                     outbox_dir::reject(outbox, name, Some(&rows), &doc)?;
                 }
                 if let Some(f) = file {
@@ -282,7 +288,7 @@ impl Intake {
                 .source(file_hash, item.row);
             if duplicate {
                 ev = ev.reason("duplicate");
-                info!(file = %file, row = item.row, envelope_id = %id, "referral already queued earlier; duplicate not sent again");
+                info!(file = %crate::core::text::escape_for_log(file), row = item.row, envelope_id = %id, "referral already queued earlier; duplicate not sent again");
             }
             let audit = self.node.audit.clone();
             jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
@@ -299,7 +305,7 @@ impl Intake {
             let late = item.class.due_by < now;
             if late && !duplicate {
                 // Victims' Code deadline already missed before refex saw the referral.
-                warn!(file = %file, row = item.row, envelope_id = %id, due_by = %item.class.due_by.to_rfc3339(), "referral is already past its due_by at intake");
+                warn!(file = %crate::core::text::escape_for_log(file), row = item.row, envelope_id = %id, due_by = %item.class.due_by.to_rfc3339(), "referral is already past its due_by at intake");
                 let ev = Event::new(Operation::Deadline, Actor::System, Outcome::Failed)
                     .envelope(id)
                     .route(self.node.me(), &item.class.to)
@@ -344,7 +350,7 @@ impl Intake {
             .iter()
             .filter(|(r, ..)| !matches!(r, Enqueued::Duplicate(_)))
             .count();
-        info!(file = %file, queued = new, duplicates = queued.len() - new, "file taken");
+        info!(file = %crate::core::text::escape_for_log(file), queued = new, duplicates = queued.len() - new, "file taken");
         for item in &items {
             self.node.wake(&item.class.to);
         }

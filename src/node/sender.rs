@@ -129,16 +129,16 @@ impl PeerWorker {
                             crate::node::metrics::failed(&self.peer, &why);
                             let delay = self.ctx.node.backoff().delay(failures, unit_random());
                             if failures == 0 {
-                                warn!(envelope_id = %id, retry_in_ms = delay.as_millis() as u64, "delivery failed, will retry: {why}");
+                                warn!(envelope_id = %id, retry_in_ms = delay.as_millis() as u64, "delivery failed, will retry: {}", crate::core::text::escape_for_log(&why));
                             } else {
-                                debug!(envelope_id = %id, attempt = failures, "delivery failed again: {why}");
+                                debug!(envelope_id = %id, attempt = failures, "delivery failed again: {}", crate::core::text::escape_for_log(&why));
                             }
                             failures = failures.saturating_add(1);
                             backoff_until = Some(Instant::now() + delay);
                         }
                         SendOutcome::Skipped => debug!(envelope_id = %id, "no longer queued; not sent"),
                         SendOutcome::Permanent(why) => {
-                            error!(envelope_id = %id, "peer refused envelope permanently; kept as non-delivered for an operator: {why}");
+                            error!(envelope_id = %id, "peer refused envelope permanently; kept as non-delivered for an operator: {}", crate::core::text::escape_for_log(&why));
                         }
                     }
                 }

@@ -336,3 +336,72 @@ fn audit_search_report_and_check_config_work_for_operators() {
         "{err}"
     );
 }
+
+/// Issue 10.7: a hard link, a name with a control character and a JSON document with a repeated
+/// key are each refused into `rejected/` with their rule; the name is never logged raw; a good
+/// file dropped after them is still delivered.
+#[test]
+fn hostile_provider_files_are_refused_with_their_rule_and_a_good_one_still_arrives() {
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    fed.start_all();
+    let wm = fed.node("west-midlands");
+    let outbox = wm.outbox();
+    let elsewhere = outbox.parent().unwrap().join("not-the-outbox.json");
+    fs::write(&elsewhere, referral("LINKED-1", "london")).unwrap();
+    fs::hard_link(&elsewhere, outbox.join("linked.json")).unwrap();
+    wm.drop_file(
+        "bad\nname\u{1b}[2J.json",
+        referral("CTRL-1", "london").as_bytes(),
+    );
+    let dup = referral("DUP-1", "london").replacen('{', "{\"source_ref\": \"DUP-0\",", 1);
+    wm.drop_file("dup.json", dup.as_bytes());
+
+    let rejected = outbox.join("rejected");
+    let rule_of = |name: &str| -> Option<(String, String)> {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&fs::read(rejected.join(format!("{name}.error.json"))).ok()?)
+                .ok()?;
+        let e = &doc["errors"][0];
+        Some((
+            e["field"].as_str()?.to_owned(),
+            e["rule"].as_str()?.to_owned(),
+        ))
+    };
+    let expected = [
+        ("linked.json", ("file", "hard_link")),
+        ("bad_name_[2J.json", ("file", "control_character_in_name")),
+        ("dup.json", ("source_ref", "duplicate_key")),
+    ];
+    wait_until(WAIT, "the three refusals in rejected/", || {
+        expected.iter().all(|(name, _)| rule_of(name).is_some())
+    });
+    for (name, (field, rule)) in expected {
+        assert_eq!(rule_of(name), Some((field.into(), rule.into())), "{name}");
+        assert!(rejected.join(name).exists(), "{name} moved to rejected/");
+    }
+    assert_eq!(
+        fs::read_to_string(&elsewhere).unwrap(),
+        referral("LINKED-1", "london"),
+        "the linked original is untouched"
+    );
+    let log = wm.log_text();
+    assert!(
+        !log.contains("bad\nname"),
+        "a raw newline from a file name reached the log"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "a raw escape from a file name reached the log"
+    );
+    assert!(
+        log.contains(r"bad\u{a}name\u{1b}[2J.json"),
+        "the name is logged escaped"
+    );
+
+    wm.drop_file("good.json", referral("GOOD-1", "london").as_bytes());
+    wait_until(WAIT, "the good referral to arrive", || {
+        fed.node("london").inbox_files().len() == 1
+    });
+    assert_eq!(fed.node("london").inbox_docs()[0]["source_ref"], "GOOD-1");
+    assert!(wm.outbox_files().is_empty(), "{:?}", wm.outbox_files());
+}

@@ -49,7 +49,7 @@ pub fn remove_taken(dir: &Path, f: &ReadyFile) -> Result<(), OutboxError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(OutboxError::io("examine", &path)(e)),
         Ok(m) if FileIdentity::of(&m) != f.identity => {
-            debug!(file = %f.name, "outbox file replaced after it was read; the new version stays");
+            debug!(file = %crate::core::text::escape_for_log(&f.name), "outbox file replaced after it was read; the new version stays");
             return Ok(());
         }
         Ok(_) => {}
@@ -68,7 +68,7 @@ pub fn remove_taken(dir: &Path, f: &ReadyFile) -> Result<(), OutboxError> {
 /// never followed); if it is already gone only the error document is written. With
 /// `replacement` (the refused rows of a batch) those bytes are written instead and `dir/name`
 /// is left for the caller. `error_json` becomes `<same name>.error.json`. Nothing earlier in
-/// `rejected/` is ever replaced.
+/// `rejected/` is ever replaced. Control characters in the name become `_` there.
 pub fn reject(
     dir: &Path,
     name: &str,
@@ -78,7 +78,11 @@ pub fn reject(
     check_name(name)?;
     let rejected = dir.join(REJECTED_DIR);
     fs::create_dir_all(&rejected).map_err(OutboxError::io("create", &rejected))?;
-    let base = crate::core::text::truncate(name, MAX_REJECTED_BASE);
+    // Control characters are replaced, so that listing `rejected/` cannot disturb a terminal.
+    let base: String = crate::core::text::truncate(name, MAX_REJECTED_BASE)
+        .chars()
+        .map(|c| if c.is_control() { '_' } else { c })
+        .collect();
     for n in 0..=MAX_REJECTED_SUFFIX {
         let target = if n == 0 {
             base.to_owned()
@@ -118,7 +122,7 @@ pub fn reject(
         }
         return Ok(rejected.join(target));
     }
-    Err(OutboxError::RejectedFull(base.to_owned()))
+    Err(OutboxError::RejectedFull(base))
 }
 
 /// Renames without replacing. `Ok(false)` when `to` exists. Falls back to check-then-rename on

@@ -3,9 +3,16 @@
 //! inotify.
 //!
 //! # Which names count
-//! - Ignored (never read, never refused): names starting with `.`, ending `.tmp`, `.part` or
-//!   `.lock`, and the `rejected` subdirectory. These are how providers write under a temporary
-//!   name before renaming into place, and the lock sidecars.
+//! - Ignored (never read, never refused): names ending `.tmp`, `.part` or `.lock`, names of the
+//!   form `.X…` (one leading dot, then anything but a dot), and the `rejected` subdirectory.
+//!   These are how providers write under a temporary name before renaming into place, and the
+//!   lock sidecars.
+//! - Refused by name ([`PickupRefusal::ControlCharName`]): a name holding a control character
+//!   (newline, escape, DEL, C1…), which no provider writes on purpose and which would corrupt
+//!   logs and terminals; the name is only ever shown escaped.
+//! - Refused by name ([`PickupRefusal::DotName`]): names starting `..` and the bare `.json` /
+//!   `.csv`: not the temporary convention (their rename target would itself be hidden), so
+//!   without a refusal they would lie in the outbox forever unnoticed.
 //! - Taken: names ending `.json` (one referral) or `.csv` (a batch); the extension is matched
 //!   without regard to case, because Windows tools write `.JSON`.
 //! - Everything else is refused as [`PickupRefusal::UnsupportedName`] (and so moved to
@@ -16,6 +23,11 @@
 //!
 //! # When a file is taken
 //! All of these hold:
+//! 0. a file that appeared by rename (`IN_MOVED_TO`, the last event for its name) is complete by
+//!    the contract (REFERRAL.md "Dropping a file"): it is taken at once, without the settle
+//!    window of 2. below (3. and 4. still hold, and it is read only if its identity is the same
+//!    before and after the read). Any later write to it, and any file found by a rescan (at
+//!    start or after an overflow), goes back to the rules below;
 //! 1. its writer has finished: an `IN_CLOSE_WRITE` or `IN_MOVED_TO` event has been seen since the
 //!    last `IN_MODIFY`/`IN_CREATE`, or no event is known for it (found by a rescan, present at
 //!    start, or its events were lost in an `IN_Q_OVERFLOW`). A name that was modified but never
@@ -28,6 +40,9 @@
 //! 4. it has not already been emitted with the same identity (until [`OutboxWatcher::forget`]).
 //!
 //! Symlinks, FIFOs, devices, sockets and directories are refused without being opened (`lstat`);
+//! so are hard links (a link count above 1, looked at with `lstat` and again on the open file):
+//! a second name for the data means a file outside the outbox (or another user's) could be
+//! sent by linking it in;
 //! files are opened with `O_NOFOLLOW | O_NONBLOCK` (a swapped-in link fails, a swapped-in FIFO
 //! cannot block) and read to at most `max_file_bytes + 1` bytes on the blocking pool. The
 //! identity is taken again from the open file after reading; a file that changed meanwhile is
@@ -195,6 +210,12 @@ pub enum PickupRefusal {
     UnsupportedName,
     /// refex may not read it (permission denied).
     Unreadable,
+    /// A regular file with more than one name (link count > 1).
+    HardLink,
+    /// The name holds a control character.
+    ControlCharName,
+    /// A dot-name that is not the temporary convention (`..x`, `.json`, `.csv`).
+    DotName,
 }
 
 impl PickupRefusal {
@@ -206,6 +227,9 @@ impl PickupRefusal {
             Self::TooLarge { .. } => "file_too_large",
             Self::UnsupportedName => "unsupported_file_name",
             Self::Unreadable => "unreadable",
+            Self::HardLink => "hard_link",
+            Self::ControlCharName => "control_character_in_name",
+            Self::DotName => "hidden_file_name",
         }
     }
 }
@@ -231,6 +255,18 @@ impl std::fmt::Display for PickupRefusal {
             Self::Unreadable => f.write_str(
                 "refex is not permitted to read this file; give its service account read access",
             ),
+            Self::HardLink => f.write_str(
+                "the file has more than one name (a hard link); copy or write the file itself \
+                 into the outbox",
+            ),
+            Self::ControlCharName => f.write_str(
+                "the file name holds a control character (newline, escape, …); use letters, \
+                 digits, '-', '_' and '.'",
+            ),
+            Self::DotName => f.write_str(
+                "names starting with '.' are temporary names and are never taken, but this one \
+                 cannot be renamed into a takeable name; name the file like ref-123.json",
+            ),
         }
     }
 }
@@ -247,24 +283,31 @@ pub enum Pickup {
 enum NameClass {
     Ignore,
     Candidate(FileKind),
-    Unsupported,
+    Refused(PickupRefusal),
 }
 
 fn classify_name(name: &str) -> NameClass {
     let lower = name.to_ascii_lowercase();
-    if name.starts_with('.')
-        || name == REJECTED_DIR
+    if name == REJECTED_DIR
         || [".tmp", ".part", ".lock"]
             .iter()
             .any(|s| lower.ends_with(s))
     {
+        // Temporary and lock names are never touched, whatever else they hold: moving one away
+        // could break a writer between its close and its rename.
+        NameClass::Ignore
+    } else if name.chars().any(char::is_control) {
+        NameClass::Refused(PickupRefusal::ControlCharName)
+    } else if name.starts_with("..") || lower == ".json" || lower == ".csv" {
+        NameClass::Refused(PickupRefusal::DotName)
+    } else if name.starts_with('.') {
         NameClass::Ignore
     } else if lower.ends_with(".json") {
         NameClass::Candidate(FileKind::Json)
     } else if lower.ends_with(".csv") {
         NameClass::Candidate(FileKind::Csv)
     } else {
-        NameClass::Unsupported
+        NameClass::Refused(PickupRefusal::UnsupportedName)
     }
 }
 
@@ -272,6 +315,8 @@ fn classify_name(name: &str) -> NameClass {
 struct Tracked {
     /// The writer has finished (close/rename event), or no event knowledge exists.
     closed: bool,
+    /// The last event was its rename into place: complete by the contract, no settle window.
+    renamed: bool,
     /// When the last event for this name arrived (or tracking began).
     last_event: Instant,
     /// The identity at the last look, and since when it has been the same.
@@ -301,6 +346,7 @@ enum ReadOutcome {
     Whole { bytes: Vec<u8>, after: FileIdentity },
     Changed(FileIdentity),
     NotRegular,
+    HardLink,
 }
 
 #[cfg(test)]

@@ -265,15 +265,128 @@ async fn a_file_no_event_announced_is_found_by_the_rescan() {
     assert!(quiet(&mut w).await, "rescans do not emit it again");
 }
 
+/// Issue 10.7: this test used to expect a hard link to be taken; a second name for the data
+/// lets a file from outside the outbox be sent, so it is now refused.
 #[tokio::test]
-async fn a_hard_link_which_has_no_close_event_is_still_taken() {
+async fn a_hard_link_is_refused_and_the_original_left_alone() {
     let dir = outbox();
     let elsewhere = tempfile::tempdir().unwrap();
     let original = elsewhere.path().join("made-elsewhere.json");
     fs::write(&original, b"{}").unwrap();
     let mut w = watcher(&dir);
     fs::hard_link(&original, dir.path().join("linked.json")).unwrap();
-    assert_eq!(next_ready(&mut w).await.name, "linked.json");
+    assert_eq!(
+        next_refusal(&mut w).await,
+        ("linked.json".into(), PickupRefusal::HardLink)
+    );
+    assert_eq!(PickupRefusal::HardLink.rule(), "hard_link");
+    reject(dir.path(), "linked.json", None, b"{}").unwrap();
+    assert_eq!(fs::read(&original).unwrap(), b"{}", "the original stays");
+    assert!(quiet(&mut w).await, "refused once");
+}
+
+#[test]
+fn a_link_made_after_the_look_is_refused_by_the_read() {
+    let dir = outbox();
+    let path = dir.path().join("late-link.json");
+    fs::write(&path, b"{}").unwrap();
+    let id = FileIdentity::of(&fs::symlink_metadata(&path).unwrap());
+    fs::hard_link(&path, dir.path().join("second-name")).unwrap();
+    assert!(matches!(
+        read_whole(&path, MAX_BYTES, id),
+        Ok(ReadOutcome::HardLink)
+    ));
+}
+
+#[tokio::test]
+async fn names_with_control_characters_and_bad_dot_names_are_refused() {
+    let dir = outbox();
+    let mut w = watcher(&dir);
+    for name in [
+        "new\nline.json",
+        "esc\u{1b}[2J.csv",
+        "del\u{7f}.json",
+        "..json",
+        ".json",
+        ".CSV",
+    ] {
+        drop_file(dir.path(), name, b"{}");
+    }
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(next_refusal(&mut w).await);
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let want = [
+        ("..json", PickupRefusal::DotName),
+        (".CSV", PickupRefusal::DotName),
+        (".json", PickupRefusal::DotName),
+        ("del\u{7f}.json", PickupRefusal::ControlCharName),
+        ("esc\u{1b}[2J.csv", PickupRefusal::ControlCharName),
+        ("new\nline.json", PickupRefusal::ControlCharName),
+    ];
+    let got: Vec<(&str, PickupRefusal)> =
+        got.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
+    assert_eq!(got, want);
+    assert!(quiet(&mut w).await, "refused once each");
+    // The temporary convention is untouched, whatever it holds.
+    assert!(matches!(classify_name(".ref-1.json"), NameClass::Ignore));
+    assert!(matches!(
+        classify_name(".ref\n1.json.tmp"),
+        NameClass::Ignore
+    ));
+    assert!(matches!(classify_name("..x.part"), NameClass::Ignore));
+}
+
+#[test]
+fn a_rejected_name_holds_no_control_characters() {
+    let dir = outbox();
+    fs::write(dir.path().join("bad\nname.json"), b"{}").unwrap();
+    let placed = reject(dir.path(), "bad\nname.json", None, b"{}").unwrap();
+    assert_eq!(placed, dir.path().join(REJECTED_DIR).join("bad_name.json"));
+    assert!(dir
+        .path()
+        .join(REJECTED_DIR)
+        .join("bad_name.json.error.json")
+        .exists());
+}
+
+/// Issue 13.2: with a settle window far longer than the test may take, a file renamed into
+/// place is taken at once, while one written in place before it still waits for its window.
+#[tokio::test]
+async fn a_renamed_file_is_taken_without_the_settle_window_and_one_written_in_place_is_not() {
+    let dir = outbox();
+    let settle = PATIENCE * 3;
+    let mut w = OutboxWatcher::new(WatchConfig {
+        settle,
+        rescan_interval: settle,
+        ..cfg(dir.path())
+    })
+    .unwrap();
+    fs::write(dir.path().join("in-place.json"), b"{}").unwrap();
+    let started = std::time::Instant::now();
+    let first = tokio::time::timeout(PATIENCE, async {
+        // Let the in-place file be seen (and start settling) before the renamed one exists.
+        assert!(tokio::time::timeout(Duration::from_millis(300), w.next())
+            .await
+            .is_err());
+        drop_file(dir.path(), "renamed.json", b"{}");
+        w.next().await
+    })
+    .await
+    .expect("the renamed file is taken long before the settle window");
+    match first {
+        Pickup::Ready(f) => assert_eq!(f.name, "renamed.json"),
+        other => panic!("expected renamed.json, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < settle,
+        "taken before its settle window could pass"
+    );
+    // A file written in place is held for the whole window.
+    assert!(tokio::time::timeout(Duration::from_secs(1), w.next())
+        .await
+        .is_err());
 }
 
 #[tokio::test]

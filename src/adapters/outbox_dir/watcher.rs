@@ -15,6 +15,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::*;
+use crate::core::text::escape_for_log;
+use std::os::unix::fs::MetadataExt;
 
 /// The outbox watcher. See the module documentation for the rules.
 pub struct OutboxWatcher {
@@ -189,6 +191,7 @@ impl OutboxWatcher {
             // scan", which still demands the settle window.
             for t in self.tracked.values_mut() {
                 t.closed = true;
+                t.renamed = false;
                 t.due = now;
             }
             self.rescan_now = true;
@@ -224,12 +227,14 @@ impl OutboxWatcher {
             self.emitted.remove(&name);
             return;
         }
-        let closed = mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO);
+        let renamed = mask.contains(EventMask::MOVED_TO);
+        let closed = renamed || mask.contains(EventMask::CLOSE_WRITE);
         // A write in progress need not be looked at before a settle window has passed; a close
         // is looked at now (the file may have been stable for long already).
         let due = if closed { now } else { now + self.cfg.settle };
         if let Some(t) = self.tracked.get_mut(&name) {
             t.closed = closed;
+            t.renamed = renamed;
             t.last_event = now;
             t.due = due;
         } else if self.has_room() {
@@ -237,6 +242,7 @@ impl OutboxWatcher {
                 name,
                 Tracked {
                     closed,
+                    renamed,
                     last_event: now,
                     last_id: None,
                     stable_since: now,
@@ -296,7 +302,7 @@ impl OutboxWatcher {
             if let Some(t) = self.tracked.get_mut(&name) {
                 t.listed = generation;
                 if !t.closed && now.duration_since(t.last_event) >= stale_after {
-                    debug!(file = %name, "no close event came; settling it like a scanned file");
+                    debug!(file = %escape_for_log(&name), "no close event came; settling it like a scanned file");
                     t.closed = true;
                     t.due = now;
                 }
@@ -319,6 +325,7 @@ impl OutboxWatcher {
                 name,
                 Tracked {
                     closed: true,
+                    renamed: false,
                     last_event: now,
                     last_id: None,
                     stable_since: now,
@@ -392,7 +399,7 @@ impl OutboxWatcher {
                 return Look::Wait;
             }
             Err(e) => {
-                warn!(file = %name, error = %e, "outbox file cannot be examined; will retry");
+                warn!(file = %escape_for_log(name), error = %e, "outbox file cannot be examined; will retry");
                 if let Some(t) = self.tracked.get_mut(name) {
                     t.due = now + self.cfg.rescan_interval;
                 }
@@ -412,11 +419,13 @@ impl OutboxWatcher {
         if t.last_id != Some(id) {
             t.last_id = Some(id);
             t.stable_since = now;
-            t.due = now + settle;
-            return Look::Wait;
+            if !t.renamed {
+                t.due = now + settle;
+                return Look::Wait;
+            }
         }
         let settled_at = t.stable_since + settle;
-        if now < settled_at {
+        if now < settled_at && !t.renamed {
             t.due = settled_at;
             return Look::Wait;
         }
@@ -439,12 +448,15 @@ impl OutboxWatcher {
         }
         let kind = match classify_name(name) {
             NameClass::Candidate(kind) => kind,
-            NameClass::Unsupported => return Look::Refuse(id, PickupRefusal::UnsupportedName),
+            NameClass::Refused(reason) => return Look::Refuse(id, reason),
             NameClass::Ignore => {
                 self.tracked.remove(name);
                 return Look::Wait;
             }
         };
+        if meta.nlink() > 1 {
+            return Look::Refuse(id, PickupRefusal::HardLink);
+        }
         if id.len > self.cfg.max_file_bytes {
             return Look::Refuse(
                 id,
@@ -505,6 +517,13 @@ impl OutboxWatcher {
                     reason: PickupRefusal::NotRegular,
                 });
             }
+            Ok(Ok(ReadOutcome::HardLink)) => {
+                self.mark_emitted(&name, id);
+                return Some(Pickup::Refused {
+                    name,
+                    reason: PickupRefusal::HardLink,
+                });
+            }
             Ok(Err(e)) => {
                 let errno = e.raw_os_error();
                 let reason = if errno == Some(Errno::LOOP.raw_os_error()) {
@@ -519,7 +538,7 @@ impl OutboxWatcher {
                     return None;
                 } else {
                     // EIO, EMFILE, ENOMEM…: not the file's fault; never refuse it for that.
-                    warn!(file = %name, error = %e, "outbox file could not be read; will retry");
+                    warn!(file = %escape_for_log(&name), error = %e, "outbox file could not be read; will retry");
                     None
                 };
                 if let Some(reason) = reason {
@@ -529,7 +548,7 @@ impl OutboxWatcher {
                 None
             }
             Err(e) => {
-                warn!(file = %name, error = %e, "outbox read task failed; will retry");
+                warn!(file = %escape_for_log(&name), error = %e, "outbox read task failed; will retry");
                 None
             }
         };
@@ -538,7 +557,7 @@ impl OutboxWatcher {
         if let Some(t) = self.tracked.get_mut(&name) {
             match changed {
                 Some(after) => {
-                    debug!(file = %name, "outbox file changed while being read; waiting for it to settle");
+                    debug!(file = %escape_for_log(&name), "outbox file changed while being read; waiting for it to settle");
                     t.last_id = Some(after);
                     t.stable_since = now;
                     t.due = now + settle;
@@ -575,6 +594,9 @@ pub(super) fn read_whole(path: &Path, max: u64, expected: FileIdentity) -> io::R
     let before = file.metadata()?;
     if !before.file_type().is_file() {
         return Ok(ReadOutcome::NotRegular);
+    }
+    if before.nlink() > 1 {
+        return Ok(ReadOutcome::HardLink);
     }
     let before = FileIdentity::of(&before);
     if before != expected {

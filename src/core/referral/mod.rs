@@ -9,6 +9,7 @@
 //! they may quote a postcode's outward code or an enum value.
 //! The payload inside an envelope is this struct as CBOR ([`Referral::to_cbor`]).
 
+pub mod bounds;
 pub mod csv;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -322,6 +323,10 @@ pub fn parse_json(bytes: &[u8]) -> Result<Referral, Vec<FieldError>> {
             ),
         )]
     })?;
+    let duplicates = bounds::duplicate_keys(bytes);
+    if !duplicates.is_empty() {
+        return Err(duplicates);
+    }
     parse_value(value)
 }
 
