@@ -279,6 +279,16 @@ fn the_actor_is_the_kernel_account_whatever_the_environment_or_the_client_says()
     verify(fed.node("west-midlands"));
 }
 
+/// A referral made at `at` (offence and consent the same moment).
+fn referral_made_at(source_ref: &str, at: DateTime<Utc>) -> String {
+    let mut doc: serde_json::Value = serde_json::from_str(&referral(source_ref, "london")).unwrap();
+    let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    doc["referred_at"] = stamp.clone().into();
+    doc["offence"]["date"] = at.date_naive().to_string().into();
+    doc["consent"]["explicit"]["recorded_at"] = stamp.into();
+    doc.to_string()
+}
+
 /// A referral whose `due_by` (referred_at + 2 working days) is `due`, if the calendar has one.
 fn referral_due_at(source_ref: &str, due: DateTime<Utc>) -> Option<String> {
     let cal =
@@ -287,12 +297,7 @@ fn referral_due_at(source_ref: &str, due: DateTime<Utc>) -> Option<String> {
     let at = (2..8)
         .map(|d| due - chrono::Duration::days(d))
         .find(|t| cal.due_by(*t) == due)?;
-    let mut doc: serde_json::Value = serde_json::from_str(&referral(source_ref, "london")).unwrap();
-    let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    doc["referred_at"] = stamp.clone().into();
-    doc["offence"]["date"] = at.date_naive().to_string().into();
-    doc["consent"]["explicit"]["recorded_at"] = stamp.into();
-    Some(doc.to_string())
+    Some(referral_made_at(source_ref, at))
 }
 
 fn deadline_records(dir: &Path, reason: &str) -> usize {
@@ -313,8 +318,8 @@ fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
         );
         return;
     };
-    let fresh = referral_due_at("DUE-LATER", now + chrono::Duration::days(3))
-        .or_else(|| referral_due_at("DUE-LATER", now + chrono::Duration::days(5)));
+    // Made a minute ago: due in two working days, on time throughout.
+    let fresh = referral_made_at("DUE-LATER", now - chrono::Duration::minutes(1));
     let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
     // london stays down: everything waits in the queue.
     fed.node_mut("west-midlands").start();
@@ -322,9 +327,7 @@ fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
     // The harness's standard referral was made in November: late at intake.
     wm.drop_file("late.json", referral("DUE-PAST", "london").as_bytes());
     wm.drop_file("soon.json", crossing.as_bytes());
-    if let Some(f) = &fresh {
-        wm.drop_file("later.json", f.as_bytes());
-    }
+    wm.drop_file("later.json", fresh.as_bytes());
     let dir = wm.settings.paths.audit.clone();
     wait_until(WAIT, "the late referral's record", || {
         deadline_records(&dir, "late_at_intake") == 1
@@ -351,7 +354,7 @@ fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
     let status: serde_json::Value = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("status --json (exit {code}) did not parse: {e}: {out}"));
     assert_eq!(status["peers"]["london"]["past_due"], 2, "{status}");
-    let queued = if fresh.is_some() { 3 } else { 2 };
+    let queued = 3;
     assert_eq!(status["peers"]["london"]["queued"], queued, "{status}");
     // The receiver records the late arrivals when its peer comes back.
     fed.node_mut("london").start();
