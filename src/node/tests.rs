@@ -66,7 +66,7 @@ fn sealed(from: &Node, to: &AreaId, r: &Referral) -> Vec<u8> {
         content_type: CONTENT_TYPE_REFERRAL_V1.into(),
         payload_len: payload.len() as u64,
     };
-    let key = &from.directory().get(to).unwrap().encryption_key;
+    let key = &from.directory().get(to).unwrap().encryption_key.clone();
     crypto::seal(header, &payload, &from.signer, key)
         .unwrap()
         .to_bytes()

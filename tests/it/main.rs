@@ -19,4 +19,5 @@ mod metrics;
 mod outage;
 mod package;
 mod powercut;
+mod reload;
 mod torture;
