@@ -246,7 +246,8 @@ fn reload(ctx: &Arc<SenderContext>, tracker: &TaskTracker, shutdown: &Cancellati
     }
     info!(
         areas,
-        routes, "SIGHUP: TLS certificate and key, peer directory and postcode table reloaded"
+        routes,
+        "SIGHUP: TLS certificate and key reloaded; peer directory and postcode table reloaded"
     );
 }
 
