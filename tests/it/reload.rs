@@ -156,5 +156,33 @@ fn an_envelope_signed_with_a_key_not_yet_listed_is_retried_and_delivered_after_r
     });
     for node in &mut fed.nodes {
         assert!(node.stop().success(), "{} did not exit 0", node.area);
+        let (code, out, err) = node.cli(&["audit", "verify"]);
+        assert_eq!(code, 0, "{}: audit verify failed: {out}{err}", node.area);
     }
+    let audit = &fed.node("london").settings.paths.audit;
+    let mut lines = Vec::new();
+    for f in fs::read_dir(audit).unwrap() {
+        lines.extend(
+            fs::read_to_string(f.unwrap().path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("\"reason\":\"unknown_signing_key\""))
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let refused = count(&fed.node("london").log_text(), "unknown_signing_key");
+    let recorded: u64 = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["count"].as_u64().unwrap_or(1)
+        })
+        .sum();
+    assert!(lines.iter().any(|l| l.contains("\"count\":")), "{lines:?}");
+    assert!(lines.len() < refused, "aggregated: {} records", lines.len());
+    assert_eq!(
+        recorded as usize, refused,
+        "every refusal counted: {lines:?}"
+    );
 }
