@@ -107,6 +107,8 @@ pub struct Event {
     pub source_row: Option<u64>,
     pub priority: Option<PriorityClass>,
     pub peer_audit_head: Option<String>,
+    /// Aggregated refusals: how many like this one the record stands for.
+    pub count: Option<u64>,
 }
 
 impl Event {
@@ -126,7 +128,13 @@ impl Event {
             source_row: None,
             priority: None,
             peer_audit_head: None,
+            count: None,
         }
+    }
+    /// This record stands for `n` events of the same kind (aggregated refusals).
+    pub fn count(mut self, n: u64) -> Self {
+        self.count = Some(n);
+        self
     }
     pub fn envelope(mut self, id: EnvelopeId) -> Self {
         self.envelope_id = Some(id);
@@ -254,6 +262,10 @@ pub struct Record {
     pub referred: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub late: Option<bool>,
+    /// Aggregated refusals: the number of refusals of this peer and rule the record stands
+    /// for (absent: one).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub count: Option<u64>,
     pub prev: String,
 }
 
@@ -293,6 +305,7 @@ impl Record {
             incident: None,
             referred: None,
             late: None,
+            count: None,
             prev: prev.to_owned(),
         }
     }
@@ -322,6 +335,7 @@ impl Record {
         r.source_row = ev.source_row;
         r.priority = ev.priority;
         r.peer_audit_head = ev.peer_audit_head.clone();
+        r.count = ev.count;
         r
     }
 

@@ -306,6 +306,17 @@ pub fn verify(
     })
 }
 
+/// After [`OpenError::BadSignature`]: true when the envelope is intact — its header, HPKE
+/// encapsulation and ciphertext open with `key` (the AEAD covers the header) — so only the
+/// signing key is not one the directory lists (a rotation not yet loaded: transient). False
+/// for a tampered or corrupted envelope (refused for good). The plaintext is discarded.
+pub fn intact_but_unknown_signer(bytes: &[u8], key: &KemSecretKey) -> bool {
+    let Ok(wire) = WireEnvelope::decode(bytes) else {
+        return false;
+    };
+    hpke_open(key, &wire.enc, HPKE_INFO, &wire.header, &wire.ct).is_some()
+}
+
 impl VerifiedEnvelope {
     pub fn header(&self) -> &Header {
         &self.header

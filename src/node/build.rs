@@ -6,8 +6,9 @@
 //! bound separately by `run` (in-process tests build a `Node` without one).
 //! Must not: spawn tasks (that is `run`), or re-validate settings (they arrive in final types).
 
+use std::collections::BTreeSet;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 use tracing::warn;
@@ -19,6 +20,7 @@ use crate::adapters::transport::{TlsIdentity, TransportError};
 use crate::core::referral::csv::CsvLimits;
 use crate::core::referral::Context;
 use crate::core::retry::Backoff;
+use crate::core::routing::RoutingTable;
 use crate::core::types::AreaId;
 use crate::crypto::directory::Directory;
 use crate::crypto::{KemSecretKey, SigningKey, SubjectSecret};
@@ -60,6 +62,66 @@ impl StartError {
 /// One wake-up signal per area's queue: intake and operators notify, the peer worker waits.
 pub type Wake = HashMap<AreaId, Arc<Notify>>;
 
+/// The files SIGHUP reloads, swapped in together: the peer directory and the postcode table.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    pub directory: Arc<Directory>,
+    pub routing: Arc<RoutingTable>,
+}
+
+/// A reload refused: the file and why (nothing was swapped in).
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct ReloadError {
+    pub file: std::path::PathBuf,
+    pub reason: String,
+}
+
+/// Areas added and removed by a reload.
+#[derive(Debug, Default)]
+pub struct PeersChange {
+    pub added: Vec<AreaId>,
+    pub removed: Vec<AreaId>,
+}
+
+impl Peers {
+    /// Reads and validates the directory and postcode files named in `settings`, with the
+    /// rules `check-config` applies: this area is listed, every routed area is listed.
+    pub fn load(settings: &Settings) -> Result<Self, ReloadError> {
+        let read = |file: &std::path::Path| {
+            std::fs::read_to_string(file).map_err(|e| ReloadError {
+                file: file.to_owned(),
+                reason: format!("cannot read: {e}"),
+            })
+        };
+        let (dfile, pfile) = (&settings.directory_file, &settings.postcodes_file);
+        let directory = Directory::from_toml(&read(dfile)?).map_err(|e| ReloadError {
+            file: dfile.clone(),
+            reason: e.join("; "),
+        })?;
+        if !directory.contains(&settings.area) {
+            return Err(ReloadError {
+                file: dfile.clone(),
+                reason: format!("'{}' (this area) is not listed", settings.area),
+            });
+        }
+        let routing = RoutingTable::from_toml(&read(pfile)?).map_err(|e| ReloadError {
+            file: pfile.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(t) = routing.areas().find(|a| !directory.contains(a)) {
+            return Err(ReloadError {
+                file: pfile.clone(),
+                reason: format!("routes to area '{t}', which is not in the peer directory"),
+            });
+        }
+        Ok(Self {
+            directory: Arc::new(directory),
+            routing: Arc::new(routing),
+        })
+    }
+}
+
 /// Everything the components of one running node share.
 pub struct Node {
     pub settings: Arc<Settings>,
@@ -69,7 +131,10 @@ pub struct Node {
     pub store: Store,
     pub audit: AuditLog,
     pub inbox: Arc<InboxDir>,
+    /// Wake-ups of the areas known at start; see [`Node::add_wake`] for areas added later.
     pub wake: Wake,
+    added_wake: Mutex<Wake>,
+    peers: RwLock<Peers>,
     /// Progress of the long-running loops, for the watchdog.
     pub heartbeats: crate::node::heartbeat::Heartbeats,
 }
@@ -107,7 +172,13 @@ impl Node {
             .areas()
             .map(|e| (e.id.clone(), Arc::new(Notify::new())))
             .collect();
+        let peers = RwLock::new(Peers {
+            directory: Arc::new(settings.directory.clone()),
+            routing: Arc::new(settings.routing.clone()),
+        });
         Ok(Arc::new(Self {
+            peers,
+            added_wake: Mutex::new(HashMap::new()),
             settings: Arc::new(settings),
             signer,
             kem,
@@ -120,9 +191,47 @@ impl Node {
         }))
     }
 
-    /// The peer directory (every area, with its keys).
-    pub fn directory(&self) -> &Directory {
-        &self.settings.directory
+    /// The peer directory (every area, with its keys) in use now (SIGHUP may replace it).
+    pub fn directory(&self) -> Arc<Directory> {
+        self.peers().directory
+    }
+
+    /// The directory and postcode table in use now.
+    pub fn peers(&self) -> Peers {
+        match self.peers.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in a new directory and postcode table at once; returns the areas added/removed.
+    pub fn swap_peers(&self, new: Peers) -> PeersChange {
+        let mut guard = match self.peers.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let ids = |d: &Directory| d.areas().map(|e| e.id.clone()).collect::<BTreeSet<_>>();
+        let (old, next) = (ids(&guard.directory), ids(&new.directory));
+        *guard = new;
+        PeersChange {
+            added: next.difference(&old).cloned().collect(),
+            removed: old.difference(&next).cloned().collect(),
+        }
+    }
+
+    /// Registers the wake-up of an area added by a reload; `None` if it already has one (its
+    /// worker still runs, e.g. an area removed and listed again).
+    pub fn add_wake(&self, area: &AreaId) -> Option<Arc<Notify>> {
+        if self.wake.contains_key(area) {
+            return None;
+        }
+        let mut added = self.added_wake.lock().unwrap_or_else(|p| p.into_inner());
+        if added.contains_key(area) {
+            return None;
+        }
+        let n = Arc::new(Notify::new());
+        added.insert(area.clone(), n.clone());
+        Some(n)
     }
 
     /// This node's area.
@@ -134,14 +243,22 @@ impl Node {
     pub fn wake(&self, area: &AreaId) {
         if let Some(w) = self.wake.get(area) {
             w.notify_one();
+        } else if let Some(w) = self
+            .added_wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(area)
+        {
+            w.notify_one();
         }
     }
 
     /// The classification context of this node's routing table, calendar and directory.
     pub fn with_referral_context<T>(&self, f: impl FnOnce(&Context) -> T) -> T {
-        let known = |a: &AreaId| self.settings.directory.contains(a);
+        let peers = self.peers();
+        let known = |a: &AreaId| peers.directory.contains(a);
         f(&Context {
-            routing: &self.settings.routing,
+            routing: &peers.routing,
             calendar: &self.settings.calendar,
             is_known_area: &known,
         })

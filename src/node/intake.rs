@@ -212,12 +212,12 @@ impl Intake {
             return Ok(());
         }
         let mut queued = Vec::new();
+        let directory = self.node.directory();
         for item in &items {
             let to = &item.class.to;
-            let entry =
-                self.node.directory().get(to).ok_or_else(|| {
-                    IntakeError::Seal(to.clone(), "area not in the directory".into())
-                })?;
+            let entry = directory
+                .get(to)
+                .ok_or_else(|| IntakeError::Seal(to.clone(), "area not in the directory".into()))?;
             let payload = item.referral.to_cbor();
             let header = Header {
                 v: 1,

@@ -20,8 +20,18 @@
 //! logged once until space returns; the sender retries later. Nothing half-written is visible.
 //! Must not: block other envelopes while one is slow (each runs on its own stream task), or
 //! accept two copies of the same id at once (an in-progress set refuses the second, transiently).
+//!
+//! Dedup is keyed by (sending area, envelope id), and a re-send must be the same bytes: the same
+//! id from the same sender with another digest is refused as `replay_mismatch` (audited) and is
+//! never answered with the stored receipt. An envelope no key of its sender in the directory
+//! verifies, but which is otherwise intact (it decrypts), is refused as `unknown_signing_key`,
+//! transient: the sender retries, and it is accepted once a reload lists the key. A tampered
+//! envelope stays `bad_signature`, permanent.
+//! Refusal audit records are aggregated per (peer, rule) per minute: the first is written at
+//! once, later ones in that minute become one record with a `count` when the minute ends (or at
+//! shutdown), so a hostile peer cannot fill the audit volume.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,8 +50,55 @@ use crate::node::build::Node;
 /// The receiving side of one node.
 pub struct Receiver {
     node: Arc<Node>,
-    in_progress: Mutex<HashSet<EnvelopeId>>,
+    in_progress: Mutex<HashSet<(AreaId, EnvelopeId)>>,
     disk_full: AtomicBool,
+    refusals: Mutex<RefusalWindows>,
+}
+
+/// Refusals per (peer, rule) in the current minute: the first is recorded at once, the rest
+/// only counted (see the module doc).
+#[derive(Debug, Default)]
+pub struct RefusalWindows {
+    open: HashMap<(AreaId, String), (i64, u64)>,
+}
+
+impl RefusalWindows {
+    /// Notes one refusal in `minute`. Returns whether to record it now (the first of its
+    /// minute), and the count of an earlier minute of the same (peer, rule) that it ends.
+    pub fn note(&mut self, peer: &AreaId, rule: &str, minute: i64) -> (bool, Option<u64>) {
+        match self.open.get_mut(&(peer.clone(), rule.to_owned())) {
+            Some((m, n)) if *m == minute => {
+                *n += 1;
+                (false, None)
+            }
+            Some((m, n)) => {
+                let ended = (*n > 0).then_some(*n);
+                (*m, *n) = (minute, 0);
+                (true, ended)
+            }
+            None => {
+                self.open
+                    .insert((peer.clone(), rule.to_owned()), (minute, 0));
+                (true, None)
+            }
+        }
+    }
+
+    /// Removes the windows of minutes before `now_minute` (all of them when `None`), returning
+    /// those that counted refusals beyond their first: (peer, rule, count).
+    pub fn ended(&mut self, now_minute: Option<i64>) -> Vec<(AreaId, String, u64)> {
+        let mut out = Vec::new();
+        self.open.retain(|(peer, rule), (m, n)| {
+            if now_minute.is_some_and(|now| *m >= now) {
+                return true;
+            }
+            if *n > 0 {
+                out.push((peer.clone(), rule.clone(), *n));
+            }
+            false
+        });
+        out
+    }
 }
 
 /// Bytes from a peer (or from this node, for local delivery), not yet checked.
@@ -98,7 +155,10 @@ pub struct Published {
 }
 
 /// Holds an id in the in-progress set while one stream handles it.
-struct Claim<'a>(&'a Mutex<HashSet<EnvelopeId>>, EnvelopeId);
+struct Claim<'a>(
+    &'a Mutex<HashSet<(AreaId, EnvelopeId)>>,
+    (AreaId, EnvelopeId),
+);
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
@@ -117,6 +177,7 @@ impl Receiver {
             node,
             in_progress: Mutex::new(HashSet::new()),
             disk_full: AtomicBool::new(false),
+            refusals: Mutex::new(RefusalWindows::default()),
         }
     }
 
@@ -196,6 +257,18 @@ impl Receiver {
                 envelope,
                 now: a.now,
             }),
+            Err(e @ (crypto::OpenError::UnknownSender(_) | crypto::OpenError::BadSignature))
+                if crypto::intact_but_unknown_signer(&a.bytes, &self.node.kem) =>
+            {
+                let code = "unknown_signing_key";
+                warn!(peer = %a.peer, code, "envelope refused until the directory lists its signing key: {e}");
+                self.audit_refusal(&a.peer, None, code).await;
+                Err(Reply::refused(
+                    code,
+                    "no signing key of the sender in this node's directory verifies the envelope; retry after the directory is reloaded",
+                    false,
+                ))
+            }
             Err(e) => {
                 warn!(peer = %a.peer, code = e.code(), "envelope refused: {e}");
                 self.audit_refusal(&a.peer, None, e.code()).await;
@@ -206,6 +279,7 @@ impl Receiver {
 
     async fn claim(&self, v: Verified) -> Step<Fresh<'_>> {
         let id = v.envelope.header().id;
+        let key = (v.peer.clone(), id);
         let claim = {
             let Ok(mut set) = self.in_progress.lock() else {
                 return Err(Reply::refused(
@@ -214,17 +288,30 @@ impl Receiver {
                     false,
                 ));
             };
-            if !set.insert(id) {
+            if !set.insert(key.clone()) {
                 return Err(Reply::refused(
                     "in_progress",
                     "this envelope is being accepted on another stream",
                     false,
                 ));
             }
-            Claim(&self.in_progress, id)
+            Claim(&self.in_progress, key)
         };
-        match self.node.store.seen(&id) {
-            Ok(Some(rec)) => Err(self.answer_resend(id, rec).await),
+        match self.node.store.seen(&v.peer, &id) {
+            Ok(Some(rec)) => match receipt_digest(&rec.receipt) {
+                Some(d) if d == v.envelope.digest() => Err(self.answer_resend(id, rec).await),
+                Some(_) => {
+                    warn!(peer = %v.peer, envelope_id = %id, "envelope refused: an accepted id re-sent with different bytes");
+                    self.audit_refusal(&v.peer, Some(id), "replay_mismatch")
+                        .await;
+                    Err(Reply::refused(
+                        "replay_mismatch",
+                        "this envelope id was accepted with different content",
+                        true,
+                    ))
+                }
+                None => Err(self.transient("stored receipt does not decode", false)),
+            },
             Ok(None) => Ok(Fresh {
                 verified: v,
                 _claim: claim,
@@ -415,8 +502,8 @@ impl Receiver {
             Err(e) => return Err(self.transient(&e.to_string(), e.is_disk_full())),
         };
         let receipt = self.sign(o, ReceiptStatus::Duplicate, &head);
-        let inbox_name = match store.seen(&original) {
-            Ok(Some(rec)) => rec.inbox_name,
+        let inbox_name = match store.seen(&o.peer, &original) {
+            Ok(Some(rec)) if rec.from == o.peer => rec.inbox_name,
             _ => String::new(),
         };
         let seen = SeenRecord {
@@ -528,8 +615,41 @@ impl Receiver {
         )
     }
 
+    /// Records a refusal, aggregated per (peer, rule) per minute (see the module doc).
     async fn audit_refusal(&self, peer: &AreaId, id: Option<EnvelopeId>, code: &str) {
         crate::node::metrics::refused(&[code]);
+        let minute = Utc::now().timestamp().div_euclid(60);
+        let (now, ended) = match self.refusals.lock() {
+            Ok(mut w) => w.note(peer, code, minute),
+            Err(_) => (true, None),
+        };
+        if let Some(n) = ended {
+            self.write_refusal(peer, None, code, Some(n)).await;
+        }
+        if now {
+            self.write_refusal(peer, id, code, None).await;
+        }
+    }
+
+    /// Writes the aggregated records of ended minutes (every open one when `all`, at shutdown).
+    pub async fn flush_refusals(&self, all: bool) {
+        let minute = Utc::now().timestamp().div_euclid(60);
+        let ended = match self.refusals.lock() {
+            Ok(mut w) => w.ended((!all).then_some(minute)),
+            Err(_) => return,
+        };
+        for (peer, code, n) in ended {
+            self.write_refusal(&peer, None, &code, Some(n)).await;
+        }
+    }
+
+    async fn write_refusal(
+        &self,
+        peer: &AreaId,
+        id: Option<EnvelopeId>,
+        code: &str,
+        count: Option<u64>,
+    ) {
         let mut ev = Event::new(
             Operation::Refusal,
             Actor::Peer(peer.clone()),
@@ -539,8 +659,50 @@ impl Receiver {
         if let Some(id) = id {
             ev = ev.envelope(id);
         }
+        if let Some(n) = count {
+            ev = ev.count(n);
+        }
         if let Err(e) = self.node.audit.record(ev).await {
             error!("audit record of a refusal failed: {e}");
         }
+    }
+}
+
+/// The envelope digest a stored receipt names (`None` if it does not decode).
+fn receipt_digest(receipt: &[u8]) -> Option<[u8; 32]> {
+    let signed = crate::core::envelope::SignedReceipt::decode(receipt).ok()?;
+    let body = ReceiptBody::decode(&signed.body).ok()?;
+    Some(body.envelope_sha256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RefusalWindows;
+
+    #[test]
+    fn a_hundred_refusals_in_a_minute_are_two_records_with_the_count() {
+        let mut w = RefusalWindows::default();
+        let (peer, other) = ("kent".parse().unwrap(), "essex".parse().unwrap());
+        let mut written = Vec::new();
+        for _ in 0..100 {
+            let (now, ended) = w.note(&peer, "decode", 1000);
+            if now {
+                written.push(None);
+            }
+            written.extend(ended.map(Some));
+        }
+        assert_eq!(w.ended(Some(1000)), vec![], "the minute has not ended");
+        written.extend(w.ended(Some(1001)).into_iter().map(|(_, _, n)| Some(n)));
+        assert_eq!(written, vec![None, Some(99)]);
+        // Another peer or rule is its own window; a new minute records its first at once.
+        assert_eq!(w.note(&other, "decode", 1001), (true, None));
+        assert_eq!(w.note(&peer, "stale", 1001), (true, None));
+        assert_eq!(w.note(&peer, "stale", 1001), (false, None));
+        assert_eq!(w.note(&peer, "stale", 1002), (true, Some(1)));
+        assert_eq!(
+            w.ended(None).len(),
+            0,
+            "nothing beyond the firsts is pending"
+        );
     }
 }

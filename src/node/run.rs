@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::adapters::metrics_http;
 use crate::adapters::outbox_dir::{OutboxWatcher, WatchConfig};
 use crate::adapters::transport::Transport;
-use crate::node::build::{load_tls, Node, StartError};
+use crate::node::build::{load_tls, Node, Peers, StartError};
 use crate::node::control;
 use crate::node::housekeeping;
 use crate::node::intake::Intake;
@@ -85,7 +85,7 @@ pub async fn run(
     let sender = Arc::new(SenderContext {
         node: node.clone(),
         transport: transport.clone(),
-        local: receiver,
+        local: receiver.clone(),
     });
     for (peer, wake) in &node.wake {
         let worker = PeerWorker {
@@ -124,10 +124,22 @@ pub async fn run(
         ),
     }
     tracker.spawn(reload_on_hangup(
-        s.clone(),
-        transport.clone(),
+        sender.clone(),
+        tracker.clone(),
         shutdown.clone(),
     ));
+    {
+        let (receiver, token) = (receiver.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => receiver.flush_refusals(false).await,
+                }
+            }
+        });
+    }
     if let Some(interval) = watchdog_interval() {
         tracker.spawn(ping_watchdog(interval, node.clone(), shutdown.clone()));
     }
@@ -146,6 +158,7 @@ pub async fn run(
         warn!("some tasks did not stop within the grace period");
     }
     transport.close().await;
+    receiver.flush_refusals(true).await;
     if let Err(e) = node.audit.close().await {
         error!("final audit checkpoint failed: {e}");
     }
@@ -157,15 +170,18 @@ pub async fn run(
     Ok(())
 }
 
-/// SIGHUP: reload the TLS certificate and key; queued work is untouched.
+/// SIGHUP: reload the TLS identity, the peer directory and the postcode table, all or nothing
+/// (every file is loaded and checked first; one bad file keeps all the old ones, with one
+/// ERROR naming it). Queued work is untouched: an added area gets a sender worker, a removed
+/// area's queue stays queued (WARN).
 async fn reload_on_hangup(
-    settings: Arc<Settings>,
-    transport: Transport,
+    ctx: Arc<SenderContext>,
+    tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot watch SIGHUP; certificate reload needs a restart");
+        warn!("cannot watch SIGHUP; certificate and directory reload need a restart");
         return;
     };
     loop {
@@ -176,14 +192,63 @@ async fn reload_on_hangup(
                 let mut states = vec![sd_notify::NotifyState::Reloading];
                 states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                 notify(&states);
-                match load_tls(&settings).and_then(|tls| transport.reload(&tls)) {
-                    Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
-                    Err(e) => error!("SIGHUP: reload failed, keeping the current certificate: {e}"),
-                }
+                reload(&ctx, &tracker, &shutdown);
                 notify(&[sd_notify::NotifyState::Ready]);
             }
         }
     }
+}
+
+/// One reload (see [`reload_on_hangup`]).
+fn reload(ctx: &Arc<SenderContext>, tracker: &TaskTracker, shutdown: &CancellationToken) {
+    let node = &ctx.node;
+    let s = &node.settings;
+    let loaded = load_tls(s)
+        .map_err(|e| format!("{}: {e}", s.keys.tls_cert.display()))
+        .and_then(|tls| {
+            let peers = Peers::load(s).map_err(|e| e.to_string())?;
+            Ok((tls, peers))
+        });
+    let (tls, peers) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            error!("SIGHUP: reload refused, keeping the current certificate, directory and postcodes: {e}");
+            return;
+        }
+    };
+    if let Err(e) = ctx.transport.reload(&tls) {
+        error!("SIGHUP: reload refused, keeping the current certificate, directory and postcodes: {}: {e}", s.keys.tls_cert.display());
+        return;
+    }
+    if let Some(me) = peers.directory.get(&s.area) {
+        if !me.signing_keys.contains(&node.signer.public_key()) {
+            warn!("this node's signing key is not listed for its area in the reloaded peer directory; peers will refuse its envelopes");
+        }
+    }
+    ctx.transport
+        .know_peers(peers.directory.areas().map(|e| e.address));
+    let (areas, routes) = (peers.directory.areas().count(), peers.routing.len());
+    let change = node.swap_peers(peers);
+    for area in &change.added {
+        if let Some(wake) = node.add_wake(area) {
+            let worker = PeerWorker {
+                ctx: ctx.clone(),
+                peer: area.clone(),
+                wake,
+            };
+            tracker.spawn(worker.run(shutdown.clone(), SHUTDOWN_GRACE));
+        }
+        node.wake(area);
+        info!(area = %area, "SIGHUP: area added to the directory");
+    }
+    for area in &change.removed {
+        warn!(area = %area, "SIGHUP: area removed from the directory; envelopes queued for it stay queued");
+    }
+    info!(
+        areas,
+        routes,
+        "SIGHUP: TLS certificate and key reloaded; peer directory and postcode table reloaded"
+    );
 }
 
 /// Tells systemd (when `NOTIFY_SOCKET` is set; a failure to tell it is only logged).

@@ -172,19 +172,12 @@ async fn send_one(
     let Some(sealed) = rec.sealed.as_ref() else {
         return SendOutcome::Permanent("queued envelope has no payload".into());
     };
-    let Some(entry) = ctx.node.directory().get(peer) else {
-        let ev = Event::new(Operation::Disclosure, Actor::System, Outcome::Failed)
-            .envelope(id)
-            .route(ctx.node.me(), peer)
-            .reason("peer_not_in_directory");
-        if let Err(e) = ctx.node.audit.record(ev).await {
-            return SendOutcome::Transient(format!("audit unavailable: {e}"));
-        }
-        let _ = ctx
-            .node
-            .store
-            .mark_non_delivered(&id, "peer_not_in_directory");
-        return SendOutcome::Permanent("peer is not in the directory".into());
+    let directory = ctx.node.directory();
+    let Some(entry) = directory.get(peer) else {
+        // Removed from the directory by a reload: kept queued (not lost, not non-delivered)
+        // until the area is listed again or an operator acts.
+        warn!(envelope_id = %id, peer = %peer, "peer is not in the directory (removed by a reload?); envelope stays queued");
+        return SendOutcome::Transient("peer is not in the directory".into());
     };
     let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
     let event = |op, actor| {

@@ -54,10 +54,21 @@ fn sender_and_receiver(dir: &Path, port: u16) -> (Arc<Node>, Arc<Node>) {
 
 /// An envelope from `from` to `to` carrying `r`, sealed as intake would.
 fn sealed(from: &Node, to: &AreaId, r: &Referral) -> Vec<u8> {
+    sealed_as(from, to, r, EnvelopeId::generate(), &from.signer)
+}
+
+/// As [`sealed`], with a chosen id and signing key.
+fn sealed_as(
+    from: &Node,
+    to: &AreaId,
+    r: &Referral,
+    id: EnvelopeId,
+    signer: &crypto::SigningKey,
+) -> Vec<u8> {
     let payload = r.to_cbor();
     let header = Header {
         v: 1,
-        id: EnvelopeId::generate(),
+        id,
         from: from.me().clone(),
         to: to.clone(),
         created: Utc::now(),
@@ -66,10 +77,88 @@ fn sealed(from: &Node, to: &AreaId, r: &Referral) -> Vec<u8> {
         content_type: CONTENT_TYPE_REFERRAL_V1.into(),
         payload_len: payload.len() as u64,
     };
-    let key = &from.directory().get(to).unwrap().encryption_key;
-    crypto::seal(header, &payload, &from.signer, key)
+    let key = &from.directory().get(to).unwrap().encryption_key.clone();
+    crypto::seal(header, &payload, signer, key)
         .unwrap()
         .to_bytes()
+}
+
+fn refusal(reply: Reply) -> (String, bool) {
+    match reply {
+        Reply::Refused {
+            code, permanent, ..
+        } => (code, permanent),
+        Reply::Receipt(_) => panic!("expected a refusal"),
+    }
+}
+
+#[tokio::test]
+async fn a_resent_id_with_other_bytes_is_refused_and_never_answered_with_the_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, node) = sender_and_receiver(dir.path(), 17_780);
+    let receiver = Receiver::new(node.clone());
+    let id = EnvelopeId::generate();
+    let arrive = |bytes: Vec<u8>| Arrived {
+        peer: sender.me().clone(),
+        bytes,
+        now: Utc::now(),
+    };
+    let first = sealed_as(&sender, node.me(), &sample_for(LONDON), id, &sender.signer);
+    assert!(matches!(
+        receiver.receive(arrive(first.clone())).await,
+        Reply::Receipt(_)
+    ));
+    let mut other = sample_for(LONDON);
+    other.source_ref = "OTHER-REF".into();
+    let forged = sealed_as(&sender, node.me(), &other, id, &sender.signer);
+    let (code, permanent) = refusal(receiver.receive(arrive(forged)).await);
+    assert_eq!((code.as_str(), permanent), ("replay_mismatch", true));
+    // The genuine re-send is still answered; one inbox file; the mismatch is on the record.
+    assert!(matches!(
+        receiver.receive(arrive(first)).await,
+        Reply::Receipt(_)
+    ));
+    let files = crate::edge::harness::inbox_files(&node.settings.paths.inbox);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let reasons: Vec<String> = audit_lines(&node.settings.paths.audit)
+        .iter()
+        .filter_map(|r| r["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "replay_mismatch"),
+        "{reasons:?}"
+    );
+    node.audit.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_intact_envelope_signed_by_an_unlisted_key_is_transient_but_a_tampered_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, node) = sender_and_receiver(dir.path(), 17_790);
+    let receiver = Receiver::new(node.clone());
+    let arrive = |bytes: Vec<u8>| Arrived {
+        peer: sender.me().clone(),
+        bytes,
+        now: Utc::now(),
+    };
+    // Signed with a key London does not list for West Midlands (London's own).
+    let unlisted = sealed_as(
+        &sender,
+        node.me(),
+        &sample_for(LONDON),
+        EnvelopeId::generate(),
+        &node.signer,
+    );
+    let (code, permanent) = refusal(receiver.receive(arrive(unlisted)).await);
+    assert_eq!((code.as_str(), permanent), ("unknown_signing_key", false));
+    // A listed key, but a byte of the ciphertext changed after signing.
+    let mut tampered = sealed(&sender, node.me(), &sample_for(LONDON));
+    let at = tampered.len() - 80;
+    tampered[at] ^= 1;
+    let (code, permanent) = refusal(receiver.receive(arrive(tampered)).await);
+    assert!(permanent, "{code}");
+    assert_ne!(code, "unknown_signing_key");
+    node.audit.close().await.unwrap();
 }
 
 fn audit_lines(dir: &Path) -> Vec<serde_json::Value> {

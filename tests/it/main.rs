@@ -19,5 +19,6 @@ mod metrics;
 mod outage;
 mod package;
 mod powercut;
+mod reload;
 mod secrets;
 mod torture;

@@ -137,7 +137,7 @@ pub fn report(
             }
             _ if !in_range(day) => {}
             Operation::Refusal => {
-                *r.refused.entry(s(&rec.reason)).or_default() += 1;
+                *r.refused.entry(s(&rec.reason)).or_default() += rec.count.unwrap_or(1);
             }
             Operation::Collection
                 if rec.actor.as_deref().is_some_and(|a| a.starts_with("peer:"))

@@ -1,5 +1,9 @@
 //! The receiver's side of the store: accepted envelope ids (`seen`) and the end-to-end referral
 //! index (`referrals`), with their retention purge. See the layout in the parent module.
+//!
+//! `seen` keys are `from-area ‖ 0x00 ‖ envelope id (16 bytes)`: the same id from two senders
+//! is two records. State format 1 keyed by the bare id (16 bytes); such records are still read
+//! (for the sender they name) and are moved to the new key when next written.
 
 use chrono::{DateTime, Utc};
 
@@ -7,17 +11,33 @@ use super::{decode, encode, referral_key, SeenRecord, Store, StoreError};
 use crate::core::types::{AreaId, EnvelopeId};
 
 impl Store {
-    /// The receiver's record of an accepted envelope, if any.
-    pub fn seen(&self, id: &EnvelopeId) -> Result<Option<SeenRecord>, StoreError> {
+    /// The receiver's record of envelope `id` accepted from `from`, if any.
+    pub fn seen(&self, from: &AreaId, id: &EnvelopeId) -> Result<Option<SeenRecord>, StoreError> {
+        if let Some(v) = self.inner.seen.get(seen_key(from, id))? {
+            return Ok(Some(decode(id, &v)?));
+        }
+        // State format 1: keyed by id alone; only the sender it names may match it.
         match self.inner.seen.get(id.as_bytes())? {
-            Some(v) => Ok(Some(decode(id, &v)?)),
+            Some(v) => {
+                let rec: SeenRecord = decode(id, &v)?;
+                Ok((&rec.from == from).then_some(rec))
+            }
             None => Ok(None),
         }
     }
 
-    /// Remembers an accepted envelope with its receipt. Not durable until [`Store::durable`].
+    /// Remembers an accepted envelope (from `rec.from`) with its receipt, replacing a
+    /// format-1 record of the same id and sender. Not durable until [`Store::durable`].
     pub fn put_seen(&self, id: &EnvelopeId, rec: &SeenRecord) -> Result<(), StoreError> {
-        self.inner.seen.insert(id.as_bytes(), encode(rec))?;
+        self.inner
+            .seen
+            .insert(seen_key(&rec.from, id), encode(rec))?;
+        if let Some(v) = self.inner.seen.get(id.as_bytes())? {
+            let old: SeenRecord = decode(id, &v)?;
+            if old.from == rec.from {
+                self.inner.seen.remove(id.as_bytes())?;
+            }
+        }
         Ok(())
     }
 
@@ -59,7 +79,11 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.seen.iter() {
             let (k, v) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k) else {
+            let Some(id) = k
+                .len()
+                .checked_sub(16)
+                .and_then(|at| EnvelopeId::from_slice(&k[at..]).ok())
+            else {
                 continue;
             };
             let rec: SeenRecord = decode(id, &v)?;
@@ -107,5 +131,61 @@ impl Store {
             }
         }
         Ok(n)
+    }
+}
+
+/// The `seen` key of envelope `id` from `from`.
+fn seen_key(from: &AreaId, id: &EnvelopeId) -> Vec<u8> {
+    let mut k = from.to_string().into_bytes();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(from: &str, receipt: u8) -> SeenRecord {
+        SeenRecord {
+            v: 1,
+            from: from.parse().unwrap(),
+            received_at: 0,
+            inbox_name: "x.json".into(),
+            published: true,
+            receipt: serde_bytes::ByteBuf::from(vec![receipt]),
+        }
+    }
+
+    #[test]
+    fn the_same_id_from_two_senders_is_two_records_and_format_1_keys_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let (a, b): (AreaId, AreaId) = ("kent".parse().unwrap(), "essex".parse().unwrap());
+        let id = EnvelopeId::generate();
+        store.put_seen(&id, &rec("kent", 1)).unwrap();
+        assert!(store.seen(&b, &id).unwrap().is_none());
+        store.put_seen(&id, &rec("essex", 2)).unwrap();
+        assert_eq!(store.seen(&a, &id).unwrap().unwrap().receipt.as_ref(), &[1]);
+        assert_eq!(store.seen(&b, &id).unwrap().unwrap().receipt.as_ref(), &[2]);
+        // A format-1 record (bare id key) is found for its sender only, and moved on write.
+        let old = EnvelopeId::generate();
+        store
+            .inner
+            .seen
+            .insert(old.as_bytes(), encode(&rec("kent", 3)))
+            .unwrap();
+        assert!(store.seen(&b, &old).unwrap().is_none());
+        assert_eq!(
+            store.seen(&a, &old).unwrap().unwrap().receipt.as_ref(),
+            &[3]
+        );
+        let mut unpublished = rec("kent", 4);
+        unpublished.published = false;
+        store.put_seen(&old, &unpublished).unwrap();
+        assert!(store.inner.seen.get(old.as_bytes()).unwrap().is_none());
+        let found = store.seen_unpublished().unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, old);
     }
 }
