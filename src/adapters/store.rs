@@ -50,6 +50,7 @@ mod commit;
 mod export;
 mod seen;
 
+pub use commit::EXIT_STORE_LOST;
 use commit::committer;
 use tokio::sync::oneshot;
 

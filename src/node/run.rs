@@ -176,6 +176,7 @@ async fn reload_on_hangup(
                 let mut states = vec![sd_notify::NotifyState::Reloading];
                 states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                 notify(&states);
+                crate::core::failpoint::hit("sighup_reload");
                 match load_tls(&settings).and_then(|tls| transport.reload(&tls)) {
                     Ok(()) => info!("SIGHUP: TLS certificate and key reloaded"),
                     Err(e) => error!("SIGHUP: reload failed, keeping the current certificate: {e}"),

@@ -7,6 +7,8 @@ mod harness;
 
 mod audit_trail;
 mod corpus;
+mod crashpoints;
+mod faults;
 mod day2;
 mod durability;
 mod exchange;
@@ -19,4 +21,5 @@ mod metrics;
 mod outage;
 mod package;
 mod powercut;
+mod powercut_named;
 mod torture;
