@@ -48,6 +48,26 @@ fn finish_strict(fed: &mut Federation, handed: &[String]) {
         .assert(&crate::history::Required::all());
 }
 
+/// Points a node's state directory at `dir`; the control socket stays where it was.
+fn set_state_dir(node: &mut Node, dir: &Path) {
+    let sock = node.settings.control_socket.clone();
+    let mut doc: toml::Table = fs::read_to_string(&node.config).unwrap().parse().unwrap();
+    let paths = doc
+        .entry("paths")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = paths {
+        t.insert("state".into(), toml::Value::String(dir.display().to_string()));
+    }
+    let control = doc
+        .entry("control")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = control {
+        t.insert("socket".into(), toml::Value::String(sock.display().to_string()));
+    }
+    fs::write(&node.config, toml::to_string(&doc).unwrap()).unwrap();
+    node.settings = refex::node::settings::Settings::load(&node.config).unwrap();
+}
+
 fn inbox_count(fed: &Federation) -> usize {
     fed.node("london").inbox_files().len()
 }
@@ -159,7 +179,7 @@ fn a_read_only_state_volume_stops_the_node_with_one_error_and_a_restart_recovers
     fs::create_dir(&state).unwrap();
     fed.node_mut("london").start();
     let wm = fed.node_mut("west-midlands");
-    wm.extra_env = vec![("REFEX__PATHS__STATE".into(), state.display().to_string())];
+    set_state_dir(wm, &state);
     wm.start();
     let mut handed = Vec::new();
     hand_over(&fed, &mut handed, "RO-A", 3);
