@@ -50,8 +50,8 @@ mod commit;
 mod export;
 mod seen;
 
-pub use commit::EXIT_STORE_LOST;
 use commit::committer;
+pub use commit::EXIT_STORE_LOST;
 use tokio::sync::oneshot;
 
 use crate::core::types::{AreaId, EnvelopeId, PriorityClass};

@@ -109,8 +109,15 @@ fn a_crash_between_the_purge_record_and_the_delete_keeps_the_record() {
     )];
     wm.start();
     wait_crash(wm, "purge_rejected_before_delete");
-    assert_eq!(count_reason(wm, "retention_rejected"), 1, "the erasure is recorded first");
-    assert!(!wm.rejected_files().is_empty(), "nothing deleted before the crash");
+    assert_eq!(
+        count_reason(wm, "retention_rejected"),
+        1,
+        "the erasure is recorded first"
+    );
+    assert!(
+        !wm.rejected_files().is_empty(),
+        "nothing deleted before the crash"
+    );
     wm.start();
     wait_until(WAIT, "the purge to be repeated", || {
         wm.rejected_files().is_empty()
@@ -145,7 +152,10 @@ fn a_crash_between_a_withdraw_record_and_the_change_leaves_the_envelope_queued()
         .and_then(|r| r["envelope_id"].as_str().map(str::to_owned))
         .expect("a collection record with an envelope id");
     let (code, _, _) = wm.cli(&["outbox", "withdraw", &id]);
-    assert_ne!(code, 0, "the withdraw cannot report success when the daemon died");
+    assert_ne!(
+        code, 0,
+        "the withdraw cannot report success when the daemon died"
+    );
     let wm = fed.node_mut("west-midlands");
     wait_crash(wm, "operator_before_change");
     assert_eq!(

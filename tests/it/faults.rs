@@ -27,7 +27,13 @@ fn wait_exit(node: &mut Node) -> std::process::ExitStatus {
     let pid = node.pid();
     wait_until(WAIT, "the daemon to exit by itself", || {
         fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true)
     });
     node.stop()
@@ -56,13 +62,19 @@ fn set_state_dir(node: &mut Node, dir: &Path) {
         .entry("paths")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(t) = paths {
-        t.insert("state".into(), toml::Value::String(dir.display().to_string()));
+        t.insert(
+            "state".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
     }
     let control = doc
         .entry("control")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(t) = control {
-        t.insert("socket".into(), toml::Value::String(sock.display().to_string()));
+        t.insert(
+            "socket".into(),
+            toml::Value::String(sock.display().to_string()),
+        );
     }
     fs::write(&node.config, toml::to_string(&doc).unwrap()).unwrap();
     node.settings = refex::node::settings::Settings::load(&node.config).unwrap();
@@ -81,10 +93,7 @@ fn an_eio_on_the_store_sync_acknowledges_nothing_and_the_restart_delivers_once()
     let flag = fed.dir.path().join("store-eio.flag");
     fed.node_mut("london").start();
     let wm = fed.node_mut("west-midlands");
-    wm.extra_env = vec![(
-        "REFEX_STORE_EIO_WHILE".into(),
-        flag.display().to_string(),
-    )];
+    wm.extra_env = vec![("REFEX_STORE_EIO_WHILE".into(), flag.display().to_string())];
     wm.start();
     let mut handed = Vec::new();
     hand_over(&fed, &mut handed, "EIO-A", 3);
@@ -137,7 +146,10 @@ impl Ext4Vol {
             .arg(&self.mnt)
             .status()
             .unwrap();
-        assert!(st.success(), "mounting a loop device failed: this test needs root");
+        assert!(
+            st.success(),
+            "mounting a loop device failed: this test needs root"
+        );
     }
     fn device(&self) -> String {
         let o = Command::new("findmnt")
@@ -156,7 +168,11 @@ impl Ext4Vol {
     /// The operator's repair: unmount, fsck, mount again (ext4 refuses `remount,rw` after an
     /// error).
     fn repair(&self) {
-        assert!(Command::new("umount").arg(&self.mnt).status().unwrap().success());
+        assert!(Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .unwrap()
+            .success());
         let _ = Command::new("e2fsck").arg("-fy").arg(&self.image).output();
         self.mount();
     }
@@ -195,8 +211,14 @@ fn a_read_only_state_volume_stops_the_node_with_one_error_and_a_restart_recovers
     );
     let log = wm.log_text();
     assert_eq!(log.matches(FATAL).count(), 1, "one clear ERROR: {log}");
-    assert!(log.contains("Read-only file system"), "the cause is named: {log}");
-    assert!(!wm.outbox_files().is_empty(), "files were acknowledged on a read-only store");
+    assert!(
+        log.contains("Read-only file system"),
+        "the cause is named: {log}"
+    );
+    assert!(
+        !wm.outbox_files().is_empty(),
+        "files were acknowledged on a read-only store"
+    );
     vol.repair();
     wm.start();
     finish_strict(&mut fed, &handed);
