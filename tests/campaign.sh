@@ -31,8 +31,9 @@ row() { # name seed log rc
         kills=$(grep -oE 'power cuts: [0-9]+ cuts' "$log" | tail -1 | grep -oE '[0-9]+')
         refs=$(grep -oE '[0-9]+ referrals handed over' "$log" | tail -1 | grep -oE '^[0-9]+')
     fi
-    lost=$(grep -c 'handed over, never delivered' "$log")
-    dup=$(grep -cE 'delivered [0-9]+ times' "$log")
+    # Each violation is printed twice on failure (the list and the panic message): count refs.
+    lost=$(grep -oE '[^ ]+: handed over, never delivered' "$log" | sort -u | wc -l)
+    dup=$(grep -oE '[^ ]+: delivered [0-9]+ times' "$log" | sort -u | wc -l)
     if [ "$rc" = 0 ]; then result=ok; else result="FAIL(rc=$rc)"; FAILED=1; fi
     ROWS+=("$(printf '%-14s %-22s %7s %10s %6s %6s  %s' "$name" "$seed" "${kills:-?}" "${refs:-?}" "$lost" "$dup" "$result")")
 }
