@@ -51,6 +51,7 @@ mod export;
 mod seen;
 
 use commit::committer;
+pub use commit::EXIT_STORE_LOST;
 use tokio::sync::oneshot;
 
 use crate::core::types::{AreaId, EnvelopeId, PriorityClass};

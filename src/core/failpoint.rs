@@ -5,6 +5,15 @@
 //! and the deletion of the outbox file, between staging and publishing an inbox file, between
 //! publishing and answering, between receiving a receipt and storing it. Without the variable
 //! this is one relaxed atomic load per call.
+//!
+//! The points: intake `intake_after_store`, `intake_before_delete`, `intake_after_delete`,
+//! `intake_before_release`; store `store_before_sync`, `store_after_sync` (group commit); audit
+//! `audit_before_append`, `audit_after_append`, `audit_checkpoint_write` (chain synced,
+//! checkpoints file not yet written); receiver `receiver_after_stage`, `receiver_after_seen`
+//! (before the inbox rename), `receiver_before_reply` (after it); sender
+//! `sender_before_receipt_stored`; housekeeping `purge_rejected_before_delete`,
+//! `purge_receipts_before_forget` (erasure recorded, not yet made); control
+//! `operator_before_change` (requeue/withdraw recorded, not yet made); `sighup_reload`.
 //! Must not: be set in production (it is only read from the environment; nothing else sets it).
 
 use std::sync::atomic::{AtomicU64, Ordering};

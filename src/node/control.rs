@@ -231,6 +231,7 @@ async fn operator_action(h: &Node, cmd: &str, id: EnvelopeId, user: &str) -> Val
     if let Err(e) = h.audit.record(event(Outcome::Ok)).await {
         return json!({"ok": false, "error": format!("not done: the audit record failed: {e}")});
     }
+    crate::core::failpoint::hit("operator_before_change");
     let result = if cmd == "requeue" {
         h.store.requeue(&id)
     } else {

@@ -131,6 +131,7 @@ pub(crate) async fn purge_expired(h: &Node) {
                     }
                 }
             }
+            crate::core::failpoint::hit("purge_receipts_before_forget");
             if let Err(e) = h.store.forget(&recorded) {
                 error!("receipt retention purge failed: {e}");
             }
@@ -180,6 +181,7 @@ async fn purge_rejected(h: &Node, now: chrono::DateTime<Utc>) {
         error!("audit record of a rejected/ purge failed; nothing deleted: {e}");
         return;
     }
+    crate::core::failpoint::hit("purge_rejected_before_delete");
     match outbox_dir::remove_rejections(outbox, &expired) {
         Ok(n) => info!(
             files = n,

@@ -193,6 +193,7 @@ impl Intake {
                 }
                 if let Some(f) = file {
                     outbox_dir::remove_taken(outbox, f)?;
+                    crate::core::failpoint::hit("intake_after_delete");
                 }
             }
         }

@@ -192,6 +192,7 @@ async fn reload_on_hangup(
                 let mut states = vec![sd_notify::NotifyState::Reloading];
                 states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                 notify(&states);
+                crate::core::failpoint::hit("sighup_reload");
                 reload(&ctx, &tracker, &shutdown);
                 notify(&[sd_notify::NotifyState::Ready]);
             }

@@ -88,13 +88,20 @@ fn an_envelope_is_not_sent_before_its_queue_record_is_synced() {
 
 /// A provider that hands over with temp file → fsync → rename → directory fsync, and logs each
 /// hand-over (after the directory fsync) to a file outside LazyFS.
-struct Provider {
+pub(crate) struct Provider {
     log: fs::File,
-    handed: Vec<String>,
+    pub(crate) handed: Vec<String>,
 }
 
 impl Provider {
-    fn hand_over(&mut self, outbox: &Path, name: &str, source_ref: &str) {
+    pub(crate) fn new(log: &Path) -> Self {
+        Self {
+            log: fs::File::create(log).unwrap(),
+            handed: Vec::new(),
+        }
+    }
+
+    pub(crate) fn hand_over(&mut self, outbox: &Path, name: &str, source_ref: &str) {
         use std::io::Write;
         let tmp = outbox.join(format!(".{name}.tmp"));
         let mut f = fs::File::create(&tmp).unwrap();
@@ -112,7 +119,7 @@ impl Provider {
 /// Points a node's data directories at `mnt/<area>/…` (LazyFS), creating them through the
 /// backing directory `root` first so they exist durably before the first cut. The control socket
 /// stays outside LazyFS.
-fn move_data(node: &mut crate::harness::Node, root: &Path, mnt: &Path) {
+pub(crate) fn move_data(node: &mut crate::harness::Node, root: &Path, mnt: &Path) {
     let area = node.area.to_string();
     let sock = node.settings.control_socket.clone();
     let mut doc: toml::Table = fs::read_to_string(&node.config).unwrap().parse().unwrap();
@@ -147,10 +154,7 @@ fn power_cuts(cuts: usize, per_cut: usize) {
     for n in &mut fed.nodes {
         move_data(n, &root, &lfs.mnt);
     }
-    let mut provider = Provider {
-        log: fs::File::create(fed.dir.path().join("handed-over.log")).unwrap(),
-        handed: Vec::new(),
-    };
+    let mut provider = Provider::new(&fed.dir.path().join("handed-over.log"));
     fed.start_all();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

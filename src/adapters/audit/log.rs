@@ -468,7 +468,10 @@ impl Writer {
                     let _ = f.write_all(&buf[..buf.len() / 2]);
                     Err(e)
                 }
-                None => f.write_all(&buf).and_then(|_| f.sync_data()),
+                None => {
+                    crate::core::failpoint::hit("audit_before_append");
+                    f.write_all(&buf).and_then(|_| f.sync_data())
+                }
             };
             if let Err(e) = written {
                 // Nothing was acknowledged: the whole commit is undone.
@@ -476,6 +479,7 @@ impl Writer {
                 return Err(AuditError::io(&path, e));
             }
             *len += buf.len() as u64;
+            crate::core::failpoint::hit("audit_after_append");
         }
         Ok(())
     }
@@ -485,6 +489,7 @@ impl Writer {
         if lines.is_empty() {
             return Ok(());
         }
+        crate::core::failpoint::hit("audit_checkpoint_write");
         let path = self.cfg.dir.join("checkpoints.jsonl");
         let mut f = OpenOptions::new()
             .create(true)

@@ -1,0 +1,89 @@
+//! Power cuts at named operations: the process aborts at a crash point just before or just after
+//! the operation (REFEX_CRASH_AT), every daemon is killed at once and LazyFS drops everything not
+//! fsynced (`clear-cache`) — the power cut lands exactly there. The operations: the outbox
+//! unlink (intake), the store's fsync (group commit), the audit append (sender and receiver) and
+//! the inbox rename (publish). One federation on one LazyFS mount takes every cut in turn; at
+//! the end the history checker, `refex audit verify` on both sides, and the store opens.
+
+use std::fs;
+use std::time::Duration;
+
+use crate::harness::{wait_until, Federation};
+use crate::powercut::{move_data, Provider};
+
+/// (node, crash point[:pass]) — before and after each named operation.
+const CUTS: &[(&str, &str)] = &[
+    ("west-midlands", "intake_before_delete"),
+    ("west-midlands", "intake_after_delete"),
+    ("west-midlands", "store_before_sync:3"),
+    ("west-midlands", "store_after_sync:3"),
+    ("west-midlands", "audit_before_append:3"),
+    ("west-midlands", "audit_after_append:3"),
+    ("london", "receiver_after_seen"),
+    ("london", "receiver_before_reply"),
+    ("london", "audit_before_append:2"),
+    ("london", "audit_after_append:2"),
+];
+
+#[test]
+fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        crate::harness::FAST_CRASH_CONFIG,
+    );
+    let work = fed.dir.path().join("lazyfs");
+    fs::create_dir_all(&work).unwrap();
+    let Some(lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+        return;
+    };
+    let root = work.join("root");
+    for n in &mut fed.nodes {
+        move_data(n, &root, &lfs.mnt);
+    }
+    let mut provider = Provider::new(&fed.dir.path().join("handed-over.log"));
+    let mut k = 0;
+    for (cut, (area, point)) in CUTS.iter().enumerate() {
+        fed.node_mut(area).extra_env = vec![("REFEX_CRASH_AT".into(), (*point).into())];
+        fed.start_all();
+        let outbox = fed.node("west-midlands").outbox().to_owned();
+        for _ in 0..4 {
+            provider.hand_over(&outbox, &format!("n-{k}.json"), &format!("NC-{k}"));
+            k += 1;
+        }
+        let name = point.split(':').next().unwrap_or(point);
+        let needle = format!("aborting at {name}");
+        let node = fed.node(area);
+        wait_until(Duration::from_secs(60), &needle, || {
+            node.log_text().contains(&needle)
+        });
+        // The power cut: every process dies at once, then everything unsynced is gone.
+        for n in &mut fed.nodes {
+            n.kill();
+        }
+        lfs.clear_cache();
+        fed.node_mut(area).extra_env.clear();
+        eprintln!("named power cut {cut}: {area} at {point}, {k} handed over so far");
+    }
+    fed.start_all();
+    let wm = fed.node("west-midlands");
+    wait_until(Duration::from_secs(90), "the outbox to empty", || {
+        wm.outbox_files().is_empty()
+    });
+    wait_until(Duration::from_secs(90), "the queue to drain", || {
+        crate::history::queue_is_empty(wm)
+    });
+    for n in &mut fed.nodes {
+        assert!(n.stop().success(), "{} did not exit 0", n.area);
+        let (code, out, err) = n.cli(&["audit", "verify"]);
+        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
+    }
+    crate::history::check_nodes(
+        &provider.handed,
+        fed.node("west-midlands"),
+        fed.node("london"),
+    )
+    .assert(&crate::history::required_under_crashes());
+    fed.node_mut("london").start();
+    assert!(fed.node_mut("london").stop().success());
+    drop(lfs);
+}
