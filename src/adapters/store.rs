@@ -237,6 +237,9 @@ struct Inner {
     syncs: Arc<AtomicU64>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     pending: Arc<std::sync::Mutex<Pending>>,
+    /// Multi-tree transactions hold it shared; a backup holds it exclusively while it copies,
+    /// so the copy never has half of one (see `export`).
+    gate: std::sync::RwLock<()>,
 }
 
 /// Enqueued envelopes not yet covered by a completed sync (see "Visibility" above).
@@ -341,6 +344,7 @@ impl Store {
             syncs,
             committer: std::sync::Mutex::new(Some(handle)),
             pending,
+            gate: std::sync::RwLock::new(()),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -395,6 +399,7 @@ impl Store {
         };
         let value = encode(&rec);
         let id = env.id;
+        let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
         let out = (&i.envelopes, &i.idem).transaction(|(envelopes, idem)| {
             if let Some(existing) = idem.get(idem_key)? {
                 let existing = EnvelopeId::from_slice(&existing).map_err(|_| {
@@ -549,6 +554,7 @@ impl Store {
         f: impl Fn(&mut OutRecord) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let i = &self.inner;
+        let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
         let out = (&i.envelopes, &i.queue).transaction(|(envelopes, queue)| {
             let Some(v) = envelopes.get(id.as_bytes())? else {
                 return Err(ConflictableTransactionError::Abort(StoreError::NotFound(

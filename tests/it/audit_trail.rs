@@ -227,6 +227,23 @@ fn the_actor_is_the_kernel_account_whatever_the_environment_or_the_client_says()
             String::from_utf8_lossy(&out.stderr)
         );
     };
+    // A refused referral is found by its reference alone (refusals carry source_system).
+    let mut refused: serde_json::Value =
+        serde_json::from_str(&referral("REFUSED-1", "london")).unwrap();
+    refused["consent"]["referral"] = false.into();
+    wm.drop_file("refused.json", refused.to_string().as_bytes());
+    wait_until(WAIT, "the refusal", || wm.rejected_files().len() >= 2);
+    let (code, found, err) = wm.cli(&["audit", "search", "--source-ref", "REFUSED-1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        found.lines().any(|l| l.contains("\"op\":\"refusal\"")),
+        "the refusal is found without --source-system: {found}"
+    );
+    assert_eq!(
+        found.matches("\"op\":\"consultation\"").count(),
+        0,
+        "the search's own consultation is recorded, not shown as found: {found}"
+    );
     // Through the daemon's socket (SO_PEERCRED) ...
     spoof(wm);
     // ... and a raw client that names another user and sends free text.
@@ -268,8 +285,8 @@ fn the_actor_is_the_kernel_account_whatever_the_environment_or_the_client_says()
         .collect();
     assert_eq!(
         actors.len(),
-        3,
-        "two searches and one socket request: {actors:?}"
+        4,
+        "three searches (one subject matched each) and one socket request: {actors:?}"
     );
     let me = format!("user:{}", real_user());
     assert!(
