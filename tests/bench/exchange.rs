@@ -244,9 +244,16 @@ fn main() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // A bar of the five stages on a terminal only; the figures stay plain lines.
+    let bar = refex::edge::progress::counter("bench stages", 5);
     bench_crypto();
+    bar.inc(1);
     rt.block_on(bench_store());
+    bar.inc(1);
     bench_end_to_end(1_000, 1);
+    bar.inc(1);
     bench_end_to_end(2_000, 100);
+    bar.inc(1);
     rt.block_on(bench_startup(100_000));
+    bar.finish_and_clear();
 }
