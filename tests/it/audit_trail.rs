@@ -9,38 +9,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::harness::{referral, wait_until, Federation, Node, Tmpfs};
+use crate::harness::{
+    audit_lines, audit_records as records, referral, wait_until, Federation, Node, Tmpfs,
+};
 use crate::history::{self, Required};
 
 const WAIT: Duration = Duration::from_secs(90);
 const FAST: &str = "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nretry_initial_ms = 100\nretry_max_ms = 500\n";
-
-/// Every line of a node's audit files.
-fn audit_lines(dir: &Path) -> Vec<String> {
-    refex::adapters::audit::log_files(dir)
-        .unwrap()
-        .iter()
-        .flat_map(|f| {
-            fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn records(dir: &Path) -> Vec<serde_json::Value> {
-    audit_lines(dir)
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn verify(node: &Node) {
-    let (code, out, err) = node.cli(&["audit", "verify"]);
-    assert_eq!(code, 0, "audit verify of {}: {out}{err}", node.area);
-}
 
 /// `refex audit verify` of a node whose audit directory is overridden (as it ran).
 fn verify_overridden(node: &Node) {
@@ -92,7 +67,7 @@ fn assert_all_delivered_and_on_record(fed: &mut Federation, refs: &[String], sen
     })
     .assert(&Required::all());
     verify_overridden(wm);
-    verify(london);
+    london.assert_audit_verifies();
 }
 
 #[test]
@@ -293,7 +268,7 @@ fn the_actor_is_the_kernel_account_whatever_the_environment_or_the_client_says()
         actors.iter().all(|a| *a == me),
         "{actors:?} should all be {me}"
     );
-    verify(fed.node("west-midlands"));
+    fed.node("west-midlands").assert_audit_verifies();
 }
 
 /// A referral made at `at` (offence and consent the same moment).
@@ -382,5 +357,5 @@ fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
     wait_until(WAIT, "late arrivals on record", || {
         deadline_records(&rdir, "late_arrival") == 2
     });
-    verify(fed.node("west-midlands"));
+    fed.node("west-midlands").assert_audit_verifies();
 }

@@ -57,11 +57,7 @@ fn finish(fed: &mut Federation, handed: &[String]) {
     wait_until(WAIT, "the queue to drain", || {
         crate::history::queue_is_empty(wm)
     });
-    for n in &mut fed.nodes {
-        assert!(n.stop().success(), "{} did not exit 0", n.area);
-        let (code, out, err) = n.cli(&["audit", "verify"]);
-        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
-    }
+    fed.stop_all_and_verify();
     crate::history::check_nodes(handed, fed.node("west-midlands"), fed.node("london"))
         .assert(&crate::history::required_under_crashes());
 }

@@ -299,3 +299,44 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// Every line of a node's audit files, in chain order.
+pub fn audit_lines(dir: &Path) -> Vec<String> {
+    refex::adapters::audit::log_files(dir)
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every record of a node's audit files, parsed, in chain order.
+pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
+    audit_lines(dir)
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+impl Federation {
+    /// Stops every node (each must exit 0) and checks that each audit log verifies.
+    pub fn stop_all_and_verify(&mut self) {
+        for n in &mut self.nodes {
+            assert!(n.stop().success(), "{} did not exit 0", n.area);
+            n.assert_audit_verifies();
+        }
+    }
+}
+
+impl Node {
+    /// `refex audit verify` of this node must pass.
+    pub fn assert_audit_verifies(&self) {
+        let (code, out, err) = self.cli(&["audit", "verify"]);
+        assert_eq!(code, 0, "{}: audit verify failed: {out}{err}", self.area);
+    }
+}

@@ -6,7 +6,6 @@
 //! `HONEST`, and that the victim's resident memory stays under `RSS_BOUND_KIB` (README).
 
 use std::fs;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use refex::crypto::{self, KemPublicKey, SigningKey};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use crate::harness::{referral, wait_until, Federation};
+use crate::harness::{audit_lines, referral, wait_until, Federation};
 
 /// Honest traffic must arrive within this while an attack runs (generous: a shared CI box).
 const HONEST: Duration = Duration::from_secs(30);
@@ -55,21 +54,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
-}
-
-/// Every audit record of a node, as JSON text lines.
-fn audit_lines(dir: &Path) -> Vec<String> {
-    refex::adapters::audit::log_files(dir)
-        .unwrap()
-        .iter()
-        .flat_map(|f| {
-            fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// True when the victim has audited a refusal of `peer` with `code`.

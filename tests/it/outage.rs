@@ -1,28 +1,11 @@
 //! Peer outages, the non-delivery window, full disks and graceful shutdown, with real daemons.
 
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{referral, referral_with, wait_until, Federation, Tmpfs};
+use crate::harness::{audit_records, referral, referral_with, wait_until, Federation, Tmpfs};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Audit records of one node, in order (the files as the audit log itself lists them).
-fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
-    refex::adapters::audit::log_files(dir)
-        .unwrap()
-        .iter()
-        .flat_map(|f| {
-            fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect()
-}
 
 fn op(r: &serde_json::Value) -> &str {
     r["op"]

@@ -92,11 +92,7 @@ fn an_area_added_by_sighup_routes_and_a_broken_directory_is_refused_whole() {
     });
     assert_eq!(london.inbox_docs()[0]["source_ref"], "RL-2");
     assert_eq!(count(&wm.log_text(), "reload refused"), 1, "one ERROR only");
-    for node in &mut fed.nodes {
-        assert!(node.stop().success(), "{} did not exit 0", node.area);
-        let (code, out, err) = node.cli(&["audit", "verify"]);
-        assert_eq!(code, 0, "{}: audit verify failed: {out}{err}", node.area);
-    }
+    fed.stop_all_and_verify();
 }
 
 #[test]
@@ -156,11 +152,7 @@ fn an_envelope_signed_with_a_key_not_yet_listed_is_retried_and_delivered_after_r
     wait_until(WAIT, "the second referral in london's inbox", || {
         london.inbox_files().len() == 2
     });
-    for node in &mut fed.nodes {
-        assert!(node.stop().success(), "{} did not exit 0", node.area);
-        let (code, out, err) = node.cli(&["audit", "verify"]);
-        assert_eq!(code, 0, "{}: audit verify failed: {out}{err}", node.area);
-    }
+    fed.stop_all_and_verify();
     let audit = &fed.node("london").settings.paths.audit;
     let mut lines = Vec::new();
     for f in fs::read_dir(audit).unwrap() {
