@@ -17,6 +17,9 @@ use crate::harness::wait_until;
 pub struct LazyFs {
     pub mnt: PathBuf,
     fifo: PathBuf,
+    /// LazyFS's notifier FIFO (`fifo_path_completed`), read end, non-blocking: LazyFS writes
+    /// `finished::clear-cache` there once a clear has been applied.
+    completed: fs::File,
     child: Child,
 }
 
@@ -60,21 +63,35 @@ impl LazyFs {
             );
             return None;
         };
-        let (root, mnt, fifo) = (
+        let (root, mnt, fifo, done) = (
             work.join("root"),
             work.join("mnt"),
             work.join("faults.fifo"),
+            work.join("completed.fifo"),
         );
         fs::create_dir_all(&root).unwrap();
         fs::create_dir_all(&mnt).unwrap();
         let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
         assert!(st.success(), "mkfifo");
+        let st = Command::new("mkfifo").arg(&done).status().unwrap();
+        assert!(st.success(), "mkfifo");
+        // Opened before LazyFS starts: its fault worker opens the write end and would block
+        // until a reader exists. O_NONBLOCK (0o4000 on Linux) so the open does not wait either.
+        let completed = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(0o4000)
+                .open(&done)
+                .unwrap()
+        };
         let cfg = work.join("lazyfs.toml");
         fs::write(
             &cfg,
             format!(
-                "[faults]\nfifo_path=\"{}\"\n[cache]\napply_eviction=false\n[cache.simple]\ncustom_size=\"512mb\"\nblocks_per_page=1\n[filesystem]\nlog_all_operations=false\nlogfile=\"\"\n",
-                fifo.display()
+                "[faults]\nfifo_path=\"{}\"\nfifo_path_completed=\"{}\"\n[cache]\napply_eviction=false\n[cache.simple]\ncustom_size=\"512mb\"\nblocks_per_page=1\n[filesystem]\nlog_all_operations=false\nlogfile=\"\"\n",
+                fifo.display(),
+                done.display()
             ),
         )
         .unwrap();
@@ -91,7 +108,12 @@ impl LazyFs {
             .stderr(fs::File::create(work.join("lazyfs.log")).unwrap())
             .spawn()
             .expect("start lazyfs");
-        let me = Self { mnt, fifo, child };
+        let me = Self {
+            mnt,
+            fifo,
+            completed,
+            child,
+        };
         wait_until(Duration::from_secs(30), "the LazyFS mount", || {
             fs::read_to_string("/proc/mounts")
                 .unwrap_or_default()
@@ -100,10 +122,34 @@ impl LazyFs {
         Some(me)
     }
 
-    /// The power loss: everything not fsynced is gone.
+    /// The power loss: everything not fsynced is gone. Returns only once LazyFS says the clear
+    /// is applied: the command FIFO is asynchronous, and a clear that landed after the daemons
+    /// had restarted would drop writes of the *running* processes (data they had written and
+    /// were about to fsync) — not a power cut, and a loss no daemon could prevent.
     pub fn clear_cache(&self) {
+        use std::io::Read;
         let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
         f.write_all(b"lazyfs::clear-cache\n").unwrap();
+        drop(f);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match (&self.completed).read(&mut buf) {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("reading LazyFS's completion FIFO: {e}"),
+            }
+            if String::from_utf8_lossy(&got).contains("finished::clear-cache") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "LazyFS did not confirm clear-cache within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
