@@ -131,25 +131,20 @@ impl LazyFs {
         let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
         f.write_all(b"lazyfs::clear-cache\n").unwrap();
         drop(f);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut got = Vec::new();
         let mut buf = [0u8; 256];
-        loop {
-            match (&self.completed).read(&mut buf) {
-                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("reading LazyFS's completion FIFO: {e}"),
-            }
-            if String::from_utf8_lossy(&got).contains("finished::clear-cache") {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "LazyFS did not confirm clear-cache within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(
+            Duration::from_secs(60),
+            "LazyFS to confirm clear-cache",
+            || {
+                match (&self.completed).read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("reading LazyFS's completion FIFO: {e}"),
+                }
+                String::from_utf8_lossy(&got).contains("finished::clear-cache")
+            },
+        );
     }
 }
 
