@@ -59,6 +59,16 @@ enum Cmd {
         dir: Option<PathBuf>,
         #[arg(long, default_value_t = 17_401)]
         base_port: u16,
+        /// The national run instead of the samples: a federation of the first N of the 43
+        /// areas (config/areas.toml), every area sending to every other.
+        #[arg(long)]
+        areas: Option<usize>,
+        /// National run: referrals each area sends to each other area (one CSV batch a pair).
+        #[arg(long, default_value_t = 50)]
+        per_pair: usize,
+        /// National run: give up when not every referral has arrived after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        limit_secs: u64,
     },
     /// Health, queues per peer, last errors, past-due and non-delivered envelopes. Exits 0
     /// healthy, 2 degraded (each problem listed), 1 when the daemon does not answer.
@@ -218,7 +228,21 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Cmd::Demo { dir, base_port } => match crate::edge::demo::run(dir, base_port) {
+        Cmd::Demo {
+            dir,
+            base_port,
+            areas,
+            per_pair,
+            limit_secs,
+        } => match crate::edge::demo::run(
+            dir,
+            base_port,
+            areas.map(|areas| crate::edge::national::Options {
+                areas,
+                per_pair,
+                limit: std::time::Duration::from_secs(limit_secs),
+            }),
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("demo failed: {e:#}")),
         },

@@ -24,12 +24,20 @@ const AREAS: [&str; 4] = [
     "merseyside",
 ];
 
-/// Runs the demo in `dir` (or a temporary directory that is removed afterwards).
-pub fn run(dir: Option<PathBuf>, base_port: u16) -> Result<()> {
+/// Runs the demo in `dir` (or a temporary directory that is removed afterwards): the sample
+/// referrals between four areas, or with `national` the national run (`edge::national`).
+pub fn run(
+    dir: Option<PathBuf>,
+    base_port: u16,
+    national: Option<crate::edge::national::Options>,
+) -> Result<()> {
     let keep = dir.is_some();
     let dir = dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("refex-demo-{}", std::process::id())));
-    let result = run_in(&dir, base_port);
+    let result = match national {
+        Some(opts) => crate::edge::national::run_in(&dir, base_port, &opts),
+        None => run_in(&dir, base_port),
+    };
     if keep {
         println!("\nThe federation is kept in {}", dir.display());
     } else {

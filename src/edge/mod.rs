@@ -7,6 +7,7 @@ pub mod demo;
 pub mod federation;
 pub mod harness;
 pub mod logging;
+pub mod national;
 pub mod progress;
 pub mod state;
 pub mod status;

@@ -137,7 +137,13 @@ pub struct Node {
     peers: RwLock<Peers>,
     /// Progress of the long-running loops, for the watchdog.
     pub heartbeats: crate::node::heartbeat::Heartbeats,
+    /// What the running process is made of (connections, tasks), set by `run` once serving;
+    /// shown by `status` (see [`RuntimeStats`]).
+    pub runtime: std::sync::OnceLock<RuntimeStats>,
 }
+
+/// Counts of the running process for `status`: open QUIC connections and live tasks.
+pub type RuntimeStats = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Node {
     /// Opens the node described by `settings` (see the module doc for the order).
@@ -188,6 +194,7 @@ impl Node {
             inbox,
             wake,
             heartbeats: Default::default(),
+            runtime: std::sync::OnceLock::new(),
         }))
     }
 

@@ -197,6 +197,8 @@ fn status(h: &Node) -> Value {
         "audit_head": h.audit.head().to_string(),
         "audit_writable": h.audit.writable(),
         "certificates": certificates,
+        "runtime": h.runtime.get().map(|f| f()).unwrap_or(Value::Null),
+        "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count()},
     })
 }
 

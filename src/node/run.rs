@@ -101,6 +101,17 @@ pub async fn run(
     };
     tracker.spawn(intake.run(shutdown.clone()));
     tracker.spawn(housekeeping::run(node.clone(), shutdown.clone()));
+    {
+        let (t, tasks) = (transport.clone(), tracker.clone());
+        let rt = tokio::runtime::Handle::current();
+        let _ = node.runtime.set(Arc::new(move || {
+            serde_json::json!({
+                "connections": t.open_connections(),
+                "tasks": rt.metrics().num_alive_tasks(),
+                "tracked_tasks": tasks.len(),
+            })
+        }));
+    }
     // Bound before the control socket: once that exists (tests wait for it), both serve.
     if let Some(listener) = metrics_listener {
         let (node, transport) = (node.clone(), transport.clone());

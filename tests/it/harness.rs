@@ -33,7 +33,7 @@ request_timeout_ms = 3000
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 const BLOCK: u16 = 8;
 
-fn port_block(n: usize) -> u16 {
+pub fn port_block(n: usize) -> u16 {
     if NEXT_PORT.load(Ordering::SeqCst) == 0 {
         // Spread concurrent test runs (e.g. CI and a developer) apart by process id.
         let start = 20_000 + (std::process::id() % 200) as u16 * 100;

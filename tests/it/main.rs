@@ -9,6 +9,7 @@ mod audit_trail;
 mod corpus;
 mod crashpoints;
 mod day2;
+mod demo;
 mod durability;
 mod exchange;
 mod faults;

@@ -753,6 +753,11 @@ impl Transport {
             .count()
     }
 
+    /// QUIC connections open on this endpoint, inbound and outbound (`status`).
+    pub fn open_connections(&self) -> usize {
+        self.shared.endpoint.open_connections()
+    }
+
     /// Closes every connection and waits briefly for the peers to be told.
     pub async fn close(&self) {
         self.shared
