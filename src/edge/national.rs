@@ -119,6 +119,7 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         batches.len(),
         n - 1
     );
+    let lo_before = loopback_tx_bytes();
     let t0 = Instant::now();
     for (s, name, bytes) in &batches {
         daemons[*s].drop_file(name, bytes)?;
@@ -158,6 +159,9 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     };
     bar.finish_and_clear();
+    let lo_bytes = loopback_tx_bytes()
+        .zip(lo_before)
+        .map(|(a, b)| a.saturating_sub(b));
 
     let figures: Vec<NodeFigures> = daemons.iter().map(node_figures).collect::<Result<_>>()?;
 
@@ -200,6 +204,13 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         cpu * 1000.0 / expected as f64,
         syncs as f64 / expected as f64
     );
+    if let Some(b) = lo_bytes {
+        println!(
+            "   loopback bytes sent during the run (every process on lo, QUIC and UDP headers \
+             included): {:.0} per delivery",
+            b as f64 / expected as f64
+        );
+    }
     println!(
         "National run: {n} areas, {expected} deliveries exactly once in {:.1} s \
          ({:.0} deliveries/s; drops took {:.2} s); peak RSS {:.0} MiB in all, largest node \
@@ -293,6 +304,15 @@ fn check_exactly_once(settings: &[Settings], areas: &[AreaId], per_pair: usize) 
         }
     }
     Ok(())
+}
+
+/// Bytes sent on the loopback interface so far (every process), when Linux says.
+fn loopback_tx_bytes() -> Option<u64> {
+    fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Reads `/proc/PID/status` and asks the daemon's control socket for its runtime counts.
