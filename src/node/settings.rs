@@ -74,6 +74,9 @@ pub struct Intake {
     pub max_file_bytes: u64,
     pub max_csv_rows: usize,
     pub max_field_bytes: usize,
+    /// Ready files intake works on at once (so the store's and the audit's group commits share
+    /// syncs across files); 1 takes one file at a time.
+    pub parallel_files: usize,
     /// Refused files in `rejected/` (personal data) are purged after this long.
     pub rejected_retention: chrono::Duration,
 }
@@ -240,6 +243,7 @@ impl Settings {
             max_file_bytes: r.number("intake.max_file_bytes", 16 << 20, 1, 1 << 30),
             max_csv_rows: r.number("intake.max_csv_rows", 50_000, 1, 1_000_000) as usize,
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
+            parallel_files: r.number("intake.parallel_files", 16, 1, 256) as usize,
             rejected_retention: chrono::Duration::days(r.number(
                 "intake.rejected_retention_days",
                 30,
