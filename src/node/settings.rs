@@ -708,7 +708,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let text = text.replace(
             "[intake]",
-            "[intake]\nsettle_msec = 5\nmax_csv_rows = \"many\"",
+            "[intake]\nsettle_msec = 5\nmax_csv_rows = \"many\"\nparallel_files = 0",
         );
         std::fs::write(&path, text).unwrap();
         let errs = Settings::load_with(&path, no_env()).unwrap_err().0;
@@ -717,6 +717,10 @@ mod tests {
         assert!(all.contains("intake.settle_msec: unknown key"), "{all}");
         assert!(
             all.contains("intake.max_csv_rows: 'many' is not a whole number"),
+            "{all}"
+        );
+        assert!(
+            all.contains("intake.parallel_files: 0 is outside 1..=256"),
             "{all}"
         );
     }

@@ -582,7 +582,6 @@ async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64) {
     let distinct: std::collections::HashSet<&String> = collections.iter().collect();
     assert_eq!(collections.len(), n, "one collection record per referral");
     assert_eq!(distinct.len(), n, "no envelope recorded twice");
-    assert!(log_files(&s.paths.audit).unwrap().len() >= 1);
     node.audit.close().await.unwrap();
     syncs
 }
