@@ -20,9 +20,19 @@
 //! and 4) keeps its id; its records are written unless the log already names it, then it is
 //! released. Audit or store unwritable (full, I/O error, read-only): the file is left alone, the
 //! error logged once, and intake pauses and retries until it can write again.
+//!
+//! Pipelined: up to `intake.parallel_files` ready files are worked on at once, each in the order
+//! above, so the store's group commit and the audit writer's share one sync among the files in
+//! flight; parsing and sealing run on the blocking pool so both cores work. A name is never
+//! taken twice at once (the same name re-appearing while in flight waits for the first to
+//! finish), and two files carrying the same referral (idempotency key) never overlap between
+//! storing and releasing it: the second waits, then finds it queued (a logged duplicate).
+//! Any failure that pauses intake stops new files for the retry pause, as with one file at a
+//! time; files in flight finish. Shutdown takes no new file and finishes every file in hand.
 //! Must not: send half a file's content, block on one bad file, or write personal data to logs.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -51,6 +61,8 @@ pub enum IntakeError {
     Outbox(#[from] outbox_dir::OutboxError),
     #[error("cannot seal for {0}: {1}")]
     Seal(AreaId, String),
+    #[error("intake worker failed: {0}")]
+    Worker(String),
 }
 
 impl IntakeError {
@@ -61,7 +73,7 @@ impl IntakeError {
         match self {
             Self::Store(_) | Self::Audit(_) => true,
             Self::Outbox(e) => e.is_disk_full(),
-            Self::Seal(..) => false,
+            Self::Seal(..) | Self::Worker(_) => false,
         }
     }
 }
@@ -72,87 +84,243 @@ pub struct Intake {
     pub watcher: OutboxWatcher,
 }
 
-impl Intake {
-    /// Takes files until `shutdown`; the file in hand is finished first.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut paused = false;
-        let beat = self.node.heartbeats.register("intake");
+/// Idempotency keys of referrals between "stored" and "released" in some file in flight.
+#[derive(Default)]
+struct Claims {
+    keys: Mutex<HashSet<[u8; 32]>>,
+    freed: tokio::sync::Notify,
+}
+
+/// Holds a file's keys; dropping it frees them and wakes the files waiting for one.
+struct Claim {
+    claims: Arc<Claims>,
+    keys: Vec<[u8; 32]>,
+}
+
+impl Claims {
+    /// Waits until none of `keys` is claimed by another file, then claims them all at once (all
+    /// or none, so two files can never wait for each other).
+    async fn claim(self: &Arc<Self>, mut keys: Vec<[u8; 32]>) -> Claim {
+        keys.sort_unstable();
+        keys.dedup();
         loop {
-            beat.beat();
-            let pickup = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = self.watcher.next() => p,
-                // `next` is cancel-safe: an idle intake still beats.
-                _ = tokio::time::sleep(crate::node::heartbeat::BEAT_EVERY) => continue,
-            };
-            let result = match pickup {
-                Pickup::Refused { name, reason } => {
-                    let err = FieldError {
-                        row: None,
-                        field: "file".into(),
-                        rule: reason.rule().into(),
-                        message: reason.to_string(),
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut held = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+                if keys.iter().all(|k| !held.contains(k)) {
+                    held.extend(keys.iter().copied());
+                    return Claim {
+                        claims: self.clone(),
+                        keys,
                     };
-                    let plan = plan::refuse_whole(&name, vec![err], Utc::now());
-                    self.carry_out(&name, None, plan, None)
-                        .await
-                        .inspect_err(|_| self.watcher.forget(&name))
-                }
-                Pickup::Ready(file) => {
-                    let r = self.take_file(&file).await;
-                    if r.is_err() {
-                        self.watcher.forget(&file.name);
-                    }
-                    r
-                }
-            };
-            match result {
-                Ok(()) => {
-                    crate::node::metrics::intake_paused(false);
-                    if paused {
-                        info!("intake resumed: the audit log and the store can be written again");
-                        paused = false;
-                    }
-                }
-                Err(e) => {
-                    if e.pauses_intake() {
-                        crate::node::metrics::intake_paused(true);
-                        if !paused {
-                            error!(
-                                "intake paused: cannot write ({}); files stay in the outbox",
-                                crate::core::text::escape_for_log(&e.to_string())
-                            );
-                            paused = true;
-                        }
-                    } else {
-                        error!(
-                            "intake failed for a file, will retry: {}",
-                            crate::core::text::escape_for_log(&e.to_string())
-                        );
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    }
                 }
             }
+            freed.await;
         }
     }
 }
 
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = self.claims.keys.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &self.keys {
+            held.remove(k);
+        }
+        drop(held);
+        self.claims.freed.notify_waiters();
+    }
+}
+
+/// The work on one file, shared by the files in flight.
+#[derive(Clone)]
+struct Work {
+    node: Arc<Node>,
+    claims: Arc<Claims>,
+}
+
+/// What the intake loop waits for.
+enum Next {
+    Stop,
+    Beat,
+    Resume,
+    Picked(Pickup),
+    Done(String, Result<(), IntakeError>),
+}
+
+fn pickup_name(p: &Pickup) -> &str {
+    match p {
+        Pickup::Refused { name, .. } => name,
+        Pickup::Ready(f) => &f.name,
+    }
+}
+
 impl Intake {
+    /// Takes files until `shutdown`, up to `intake.parallel_files` at once; the files in hand
+    /// are finished first.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let work = Work {
+            node: self.node.clone(),
+            claims: Arc::default(),
+        };
+        let limit = self.node.settings.intake.parallel_files.max(1);
+        let mut paused = false;
+        // While set, no new file is started (the retry pause after a failure).
+        let mut hold: Option<tokio::time::Instant> = None;
+        let mut tasks: tokio::task::JoinSet<(String, Result<(), IntakeError>)> =
+            tokio::task::JoinSet::new();
+        // Names in flight, and pickups of such a name waiting for the first to finish.
+        let mut in_flight: HashSet<String> = HashSet::new();
+        let mut waiting: HashMap<String, VecDeque<Pickup>> = HashMap::new();
+        let beat = self.node.heartbeats.register("intake");
+        loop {
+            beat.beat();
+            let can_take = hold.is_none() && in_flight.len() < limit;
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => Next::Stop,
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                    Ok((name, r)) => Next::Done(name, r),
+                    // A panicking file task: its name is unknown here, so it stays "in flight"
+                    // (never taken twice); the daemon keeps running.
+                    Err(e) => {
+                        error!("intake worker ended abnormally: {e}");
+                        Next::Beat
+                    }
+                },
+                p = self.watcher.next(), if can_take => Next::Picked(p),
+                _ = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)), if hold.is_some() => Next::Resume,
+                // `next` is cancel-safe: an idle intake still beats.
+                _ = tokio::time::sleep(crate::node::heartbeat::BEAT_EVERY) => Next::Beat,
+            };
+            match next {
+                Next::Stop => break,
+                Next::Beat => {}
+                Next::Resume => hold = None,
+                Next::Picked(p) => {
+                    let name = pickup_name(&p).to_owned();
+                    if in_flight.contains(&name) {
+                        waiting.entry(name).or_default().push_back(p);
+                    } else {
+                        in_flight.insert(name.clone());
+                        let work = work.clone();
+                        tasks.spawn(async move { (name, work.take(p).await) });
+                    }
+                }
+                Next::Done(name, result) => {
+                    in_flight.remove(&name);
+                    if result.is_err() {
+                        self.watcher.forget(&name);
+                    }
+                    if let Some(p) = waiting.get_mut(&name).and_then(VecDeque::pop_front) {
+                        in_flight.insert(name.clone());
+                        let work = work.clone();
+                        let n = name.clone();
+                        tasks.spawn(async move { (n, work.take(p).await) });
+                    }
+                    if waiting.get(&name).is_some_and(VecDeque::is_empty) {
+                        waiting.remove(&name);
+                    }
+                    if Self::outcome(result, &mut paused) {
+                        hold = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+        // Shutdown: no new file; every file in hand is finished.
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((_, result)) = joined {
+                Self::outcome(result, &mut paused);
+            }
+        }
+    }
+
+    /// Logs a file's outcome and tracks the paused state; true when intake must pause.
+    fn outcome(result: Result<(), IntakeError>, paused: &mut bool) -> bool {
+        match result {
+            Ok(()) => {
+                crate::node::metrics::intake_paused(false);
+                if *paused {
+                    info!("intake resumed: the audit log and the store can be written again");
+                    *paused = false;
+                }
+                false
+            }
+            Err(e) => {
+                if e.pauses_intake() {
+                    crate::node::metrics::intake_paused(true);
+                    if !*paused {
+                        error!(
+                            "intake paused: cannot write ({}); files stay in the outbox",
+                            crate::core::text::escape_for_log(&e.to_string())
+                        );
+                        *paused = true;
+                    }
+                } else {
+                    error!(
+                        "intake failed for a file, will retry: {}",
+                        crate::core::text::escape_for_log(&e.to_string())
+                    );
+                }
+                true
+            }
+        }
+    }
+
     /// Processes one ready file completely, or returns an error and leaves it in place.
     pub async fn take_file(&self, f: &ReadyFile) -> Result<(), IntakeError> {
-        let now = Utc::now();
-        let format = match f.kind {
-            FileKind::Json => Format::Json,
-            FileKind::Csv => Format::Csv,
-        };
-        let plan = self.node.with_referral_context(|ctx| {
-            plan::plan(format, &f.name, &f.bytes, ctx, &self.node.csv_limits(), now)
-        });
-        self.carry_out(&f.name, Some(f), plan, Some(sha256(&f.bytes)))
-            .await
+        Work {
+            node: self.node.clone(),
+            claims: Arc::default(),
+        }
+        .take_ready(ReadyFile {
+            name: f.name.clone(),
+            path: f.path.clone(),
+            bytes: f.bytes.clone(),
+            identity: f.identity,
+            kind: f.kind,
+        })
+        .await
+    }
+}
+
+impl Work {
+    /// One pickup, start to finish.
+    async fn take(&self, p: Pickup) -> Result<(), IntakeError> {
+        match p {
+            Pickup::Refused { name, reason } => {
+                let err = FieldError {
+                    row: None,
+                    field: "file".into(),
+                    rule: reason.rule().into(),
+                    message: reason.to_string(),
+                };
+                let plan = plan::refuse_whole(&name, vec![err], Utc::now());
+                self.carry_out(&name, None, plan, None).await
+            }
+            Pickup::Ready(file) => self.take_ready(file).await,
+        }
+    }
+
+    /// Plans one read file (on the blocking pool: parsing a batch is CPU work) and carries the
+    /// plan out.
+    async fn take_ready(&self, f: ReadyFile) -> Result<(), IntakeError> {
+        let node = self.node.clone();
+        let (f, plan, hash) = tokio::task::spawn_blocking(move || {
+            let now = Utc::now();
+            let format = match f.kind {
+                FileKind::Json => Format::Json,
+                FileKind::Csv => Format::Csv,
+            };
+            let plan = node.with_referral_context(|ctx| {
+                plan::plan(format, &f.name, &f.bytes, ctx, &node.csv_limits(), now)
+            });
+            let hash = sha256(&f.bytes);
+            (f, plan, hash)
+        })
+        .await
+        .map_err(|e| IntakeError::Worker(e.to_string()))?;
+        self.carry_out(&f.name, Some(&f), plan, Some(hash)).await
     }
 
     /// Carries out a plan in the one fixed order: refusals audited → accepted referrals sealed,
@@ -212,48 +380,28 @@ impl Intake {
         if items.is_empty() {
             return Ok(());
         }
+        // No other file in flight may store or release one of these referrals until this file
+        // has released them (held until the end of this function).
+        let keys = items
+            .iter()
+            .map(|i| {
+                self.node
+                    .subject
+                    .index_key(&i.referral.source_system, &i.referral.source_ref)
+            })
+            .collect::<Vec<_>>();
+        let _claim = self.claims.claim(keys.clone()).await;
+        let node = self.node.clone();
+        let (items, sealed) = tokio::task::spawn_blocking(move || {
+            let sealed = seal_all(&node, &items, now);
+            (items, sealed)
+        })
+        .await
+        .map_err(|e| IntakeError::Worker(e.to_string()))?;
         let mut queued = Vec::new();
-        let directory = self.node.directory();
-        for item in &items {
-            let to = &item.class.to;
-            let entry = directory
-                .get(to)
-                .ok_or_else(|| IntakeError::Seal(to.clone(), "area not in the directory".into()))?;
-            let payload = item.referral.to_cbor();
-            let header = Header {
-                v: 1,
-                id: EnvelopeId::generate(),
-                from: self.node.me().clone(),
-                to: to.clone(),
-                created: now,
-                priority: item.class.priority,
-                due_by: item.class.due_by,
-                content_type: crate::core::envelope::CONTENT_TYPE_REFERRAL_V1.into(),
-                payload_len: payload.len() as u64,
-            };
-            let sealed = crypto::seal(header, &payload, &self.node.signer, &entry.encryption_key)
-                .map_err(|e| IntakeError::Seal(to.clone(), e.to_string()))?;
-            let subject = self
-                .node
-                .subject
-                .key(&item.referral.source_system, &item.referral.source_ref);
-            let bytes = sealed.to_bytes();
-            let digest = sha256(&bytes);
-            let idem = self
-                .node
-                .subject
-                .index_key(&item.referral.source_system, &item.referral.source_ref);
-            let new = NewEnvelope {
-                id: sealed.id(),
-                to: to.clone(),
-                priority: item.class.priority,
-                due_by: item.class.due_by,
-                created: now,
-                sealed: bytes,
-                digest,
-                subject_key: Some(subject.to_string()),
-            };
-            let result = self.node.store.enqueue(new, &idem)?;
+        for ((new, subject), idem) in sealed?.into_iter().zip(&keys) {
+            let digest = new.digest;
+            let result = self.node.store.enqueue(new, idem)?;
             queued.push((result, digest, subject));
         }
         if let Some(d) = crate::core::failpoint::hold("intake_before_durable") {
@@ -398,4 +546,52 @@ impl Intake {
         self.node.audit.record(ev).await?;
         Ok(())
     }
+}
+
+/// Seals every accepted referral of one file (signed, encrypted to its area), CPU work for the
+/// blocking pool. Nothing is stored here.
+fn seal_all(
+    node: &Node,
+    items: &[Accepted],
+    now: DateTime<Utc>,
+) -> Result<Vec<(NewEnvelope, crate::core::audit::SubjectKey)>, IntakeError> {
+    let directory = node.directory();
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let to = &item.class.to;
+        let entry = directory
+            .get(to)
+            .ok_or_else(|| IntakeError::Seal(to.clone(), "area not in the directory".into()))?;
+        let payload = item.referral.to_cbor();
+        let header = Header {
+            v: 1,
+            id: EnvelopeId::generate(),
+            from: node.me().clone(),
+            to: to.clone(),
+            created: now,
+            priority: item.class.priority,
+            due_by: item.class.due_by,
+            content_type: crate::core::envelope::CONTENT_TYPE_REFERRAL_V1.into(),
+            payload_len: payload.len() as u64,
+        };
+        let sealed = crypto::seal(header, &payload, &node.signer, &entry.encryption_key)
+            .map_err(|e| IntakeError::Seal(to.clone(), e.to_string()))?;
+        let subject = node
+            .subject
+            .key(&item.referral.source_system, &item.referral.source_ref);
+        let bytes = sealed.to_bytes();
+        let digest = sha256(&bytes);
+        let new = NewEnvelope {
+            id: sealed.id(),
+            to: to.clone(),
+            priority: item.class.priority,
+            due_by: item.class.due_by,
+            created: now,
+            sealed: bytes,
+            digest,
+            subject_key: Some(subject.to_string()),
+        };
+        out.push((new, subject));
+    }
+    Ok(out)
 }

@@ -74,6 +74,9 @@ pub struct Intake {
     pub max_file_bytes: u64,
     pub max_csv_rows: usize,
     pub max_field_bytes: usize,
+    /// Ready files intake works on at once (so the store's and the audit's group commits share
+    /// syncs across files); 1 takes one file at a time.
+    pub parallel_files: usize,
     /// Refused files in `rejected/` (personal data) are purged after this long.
     pub rejected_retention: chrono::Duration,
 }
@@ -240,6 +243,7 @@ impl Settings {
             max_file_bytes: r.number("intake.max_file_bytes", 16 << 20, 1, 1 << 30),
             max_csv_rows: r.number("intake.max_csv_rows", 50_000, 1, 1_000_000) as usize,
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
+            parallel_files: r.number("intake.parallel_files", 16, 1, 256) as usize,
             rejected_retention: chrono::Duration::days(r.number(
                 "intake.rejected_retention_days",
                 30,
@@ -704,7 +708,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let text = text.replace(
             "[intake]",
-            "[intake]\nsettle_msec = 5\nmax_csv_rows = \"many\"",
+            "[intake]\nsettle_msec = 5\nmax_csv_rows = \"many\"\nparallel_files = 0",
         );
         std::fs::write(&path, text).unwrap();
         let errs = Settings::load_with(&path, no_env()).unwrap_err().0;
@@ -713,6 +717,10 @@ mod tests {
         assert!(all.contains("intake.settle_msec: unknown key"), "{all}");
         assert!(
             all.contains("intake.max_csv_rows: 'many' is not a whole number"),
+            "{all}"
+        );
+        assert!(
+            all.contains("intake.parallel_files: 0 is outside 1..=256"),
             "{all}"
         );
     }

@@ -517,3 +517,89 @@ async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_rec
     assert_eq!(purges.len(), 1, "the purge is on the record");
     node.audit.close().await.unwrap();
 }
+
+/// Drops `n` distinct referral files at once into a fresh West Midlands outbox and runs intake
+/// (as the daemon does) with `parallel` files at once until all are taken; returns the store
+/// syncs and audit fsyncs that took, after checking every referral was queued exactly once.
+async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wm, _) = federation(dir.path(), port);
+    wm.intake.parallel_files = parallel;
+    let node = Node::open(wm).unwrap();
+    let s = node.settings.clone();
+    let watcher = watch(&s, Duration::from_millis(10));
+    for i in 0..n {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample_json(LONDON)).unwrap();
+        v["source_ref"] = format!("MANY-{i}").into();
+        std::fs::write(
+            s.paths.outbox.join(format!("m{i}.json")),
+            serde_json::to_vec(&v).unwrap(),
+        )
+        .unwrap();
+    }
+    let (store0, audit0) = (node.store.sync_count(), node.audit.sync_count());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Intake {
+            node: node.clone(),
+            watcher,
+        }
+        .run(shutdown.clone()),
+    );
+    let london: AreaId = LONDON.parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = std::fs::read_dir(&s.paths.outbox)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .count();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} files not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    run.await.unwrap();
+    let syncs = (
+        node.store.sync_count() - store0,
+        node.audit.sync_count() - audit0,
+    );
+    let queued = node
+        .store
+        .next_queued(&london, 10 * n, &Default::default())
+        .unwrap();
+    assert_eq!(queued.len(), n, "each file made exactly one envelope");
+    let collections: Vec<String> = audit_lines(&s.paths.audit)
+        .iter()
+        .filter(|r| r["op"] == "collection")
+        .map(|r| r["envelope_id"].to_string())
+        .collect();
+    let distinct: std::collections::HashSet<&String> = collections.iter().collect();
+    assert_eq!(collections.len(), n, "one collection record per referral");
+    assert_eq!(distinct.len(), n, "no envelope recorded twice");
+    node.audit.close().await.unwrap();
+    syncs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_files_dropped_at_once_are_each_queued_once_sharing_store_syncs() {
+    let n = 50;
+    // One at a time: each file syncs the store at least twice (stored, then released).
+    let (one_store, one_audit) = take_many_at_once(n, 1, 17_860).await;
+    let (par_store, par_audit) = take_many_at_once(n, 16, 17_870).await;
+    eprintln!(
+        "{n} files: one at a time {one_store} store syncs / {one_audit} audit fsyncs; \
+         16 at once {par_store} store syncs / {par_audit} audit fsyncs"
+    );
+    assert!(one_store >= 2 * n as u64, "{one_store}");
+    // At once: fewer syncs than files, where one at a time needs two per file.
+    assert!(
+        par_store < n as u64,
+        "16 files at once share store syncs: {par_store} for {n} files"
+    );
+}
