@@ -29,7 +29,9 @@
 //! envelope stays `bad_signature`, permanent.
 //! Refusal audit records are aggregated per (peer, rule) per minute: the first is written at
 //! once, later ones in that minute become one record with a `count` when the minute ends (or at
-//! shutdown), so a hostile peer cannot fill the audit volume.
+//! shutdown), so a hostile peer cannot fill the audit volume. Framing violations the transport
+//! refuses before an envelope exists (`frame_oversize`, `frame_truncated`, `frame_trailing`)
+//! come in through [`Receiver::frame_violation`] and are aggregated the same way.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -629,6 +631,13 @@ impl Receiver {
         if now {
             self.write_refusal(peer, id, code, None).await;
         }
+    }
+
+    /// Audits a framing violation the transport refused on a stream of `peer` (the
+    /// TLS-authenticated area): aggregated like every other refusal, so a flood of broken
+    /// frames costs at most two records per (peer, rule) and minute.
+    pub async fn frame_violation(&self, peer: &AreaId, rule: &str) {
+        self.audit_refusal(peer, None, rule).await;
     }
 
     /// Writes the aggregated records of ended minutes (every open one when `all`, at shutdown).

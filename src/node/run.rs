@@ -81,6 +81,24 @@ pub async fn run(
             .await
         });
     }
+    // Framing violations the transport refused: audited by the receiver, aggregated.
+    if let Some(mut violations) = transport.take_violations() {
+        let (receiver, token) = (receiver.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                let v = tokio::select! {
+                    _ = token.cancelled() => break,
+                    v = violations.recv() => v,
+                };
+                let Some(v) = v else { break };
+                receiver.frame_violation(&v.peer, v.rule).await;
+            }
+            // Those already queued are still counted before the final flush.
+            while let Ok(v) = violations.try_recv() {
+                receiver.frame_violation(&v.peer, v.rule).await;
+            }
+        });
+    }
     // Sending side: one worker per area, including this one (local delivery).
     let sender = Arc::new(SenderContext {
         node: node.clone(),

@@ -76,6 +76,7 @@ pub(super) async fn read_frame_budgeted(
 ) -> Result<(Vec<u8>, OwnedSemaphorePermit), TransportError> {
     let protocol = |e: super::FrameError| TransportError::Protocol {
         peer: peer.clone(),
+        rule: e.rule(),
         reason: e.to_string(),
     };
     let lost = |e: &dyn std::fmt::Display| TransportError::Lost {

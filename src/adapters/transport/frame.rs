@@ -21,6 +21,17 @@ pub enum FrameError {
     Truncated { got: usize, want: usize },
 }
 
+impl FrameError {
+    /// The rule code a violation is audited under (stable; used in audit records).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "frame_oversize",
+            Self::Trailing => "frame_trailing",
+            Self::Truncated { .. } => "frame_truncated",
+        }
+    }
+}
+
 /// Assembles one frame from the bytes of a stream, in pieces of any size.
 pub struct FrameReader {
     max: u32,
@@ -100,6 +111,7 @@ pub(super) async fn read_frame(
 ) -> Result<Vec<u8>, TransportError> {
     let protocol = |e: FrameError| TransportError::Protocol {
         peer: peer.clone(),
+        rule: e.rule(),
         reason: e.to_string(),
     };
     let mut reader = FrameReader::new(max);
@@ -130,6 +142,7 @@ pub(super) async fn write_frame(
     };
     let len = u32::try_from(data.len()).map_err(|_| TransportError::Protocol {
         peer: peer.clone(),
+        rule: "frame_oversize",
         reason: "frame too large".into(),
     })?;
     send.write_all(&len.to_be_bytes())

@@ -15,7 +15,9 @@
 //! Pre-authentication budget: handshakes in progress have their own bound (`max_handshakes`),
 //! separate from `max_connections`, which counts authenticated connections only; above
 //! `retry_above_handshakes` in progress, an unvalidated address is sent a QUIC Retry first.
-//! Refusals are logged once per reason and then summarised per interval.
+//! Refusals are logged once per reason and then summarised per interval. A stream of an
+//! authenticated peer that breaks the framing is reset (code 5), logged the same way per (peer,
+//! rule), and reported on the [`Transport::take_violations`] queue for the node to audit.
 //! Lifetime and revocation: `reload` swaps the server and client configurations on the endpoint
 //! in use, drops cached outgoing connections, and re-checks every live connection's peer against
 //! the new CRL and its certificate's expiry, closing those that fail (also re-checked on a
@@ -87,9 +89,14 @@ pub enum TransportError {
     /// No answer within the request timeout.
     #[error("request to {0} timed out")]
     Timeout(AreaId),
-    /// The peer sent a frame over the limit, or broke the framing.
+    /// The peer sent a frame over the limit, or broke the framing. `rule` is the audit code
+    /// (`frame_oversize`, `frame_truncated`, `frame_trailing`; see [`FrameError::rule`]).
     #[error("protocol violation by {peer}: {reason}")]
-    Protocol { peer: AreaId, reason: String },
+    Protocol {
+        peer: AreaId,
+        rule: &'static str,
+        reason: String,
+    },
 }
 
 impl TransportError {
@@ -192,13 +199,29 @@ enum Outbound {
     },
 }
 
+/// A framing violation on a stream of an authenticated peer, reported to the node (which
+/// audits it, aggregated per peer, rule and minute).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameViolation {
+    /// The TLS-authenticated area of the connection.
+    pub peer: AreaId,
+    /// `frame_oversize`, `frame_truncated` or `frame_trailing`.
+    pub rule: &'static str,
+}
+
+/// Violations queued for the node beyond this are dropped (and only counted in the log
+/// summary): a flood must not grow memory; the audit aggregates them anyway.
+const VIOLATION_QUEUE: usize = 1024;
+
 /// Counts refusals per reason: the first of each is logged at once, the rest summarised.
 /// `counts` is the current summary window (reset by `summarise`); `totals` never resets (it is
-/// what a metrics endpoint or a test reads).
+/// what a metrics endpoint or a test reads). `streams` does the same for framing violations of
+/// authenticated peers, per (peer, rule).
 #[derive(Default)]
 struct Refusals {
     counts: Mutex<BTreeMap<&'static str, u64>>,
     totals: Mutex<BTreeMap<&'static str, u64>>,
+    streams: Mutex<BTreeMap<(AreaId, &'static str), u64>>,
 }
 
 impl Refusals {
@@ -215,7 +238,25 @@ impl Refusals {
         }
     }
 
+    /// A stream refused for breaking the framing: logged once per (peer, rule) per interval.
+    /// The reason is our own text (numbers only), and the peer an `AreaId`: nothing raw.
+    fn note_stream(&self, peer: &AreaId, rule: &'static str, reason: &str) {
+        let first = {
+            let mut m = lock(&self.streams);
+            let n = m.entry((peer.clone(), rule)).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            warn!(%peer, rule, "stream refused: {reason} (more are summarised every {}s)", SUMMARY_INTERVAL.as_secs());
+        }
+    }
+
     fn summarise(&self) {
+        let streams = std::mem::take(&mut *lock(&self.streams));
+        for ((peer, rule), n) in streams.iter().filter(|(_, n)| **n > 1) {
+            warn!(%peer, rule, "further streams refused in the last {}s: {}", SUMMARY_INTERVAL.as_secs(), n - 1);
+        }
         let taken = std::mem::take(&mut *lock(&self.counts));
         let more: Vec<String> = taken
             .iter()
@@ -248,6 +289,8 @@ struct Shared {
     live: Mutex<HashMap<usize, quinn::Connection>>,
     known: budget::KnownPeers,
     refusals: Refusals,
+    violations: tokio::sync::mpsc::Sender<FrameViolation>,
+    violations_rx: Mutex<Option<tokio::sync::mpsc::Receiver<FrameViolation>>>,
 }
 
 /// A QUIC endpoint acting as both server and client. Cheap to clone.
@@ -301,6 +344,7 @@ impl Transport {
                     source,
                 }
             })?;
+        let (violations, violations_rx) = tokio::sync::mpsc::channel(VIOLATION_QUEUE);
         Ok(Self {
             shared: Arc::new(Shared {
                 endpoint,
@@ -313,6 +357,8 @@ impl Transport {
                 live: Mutex::new(HashMap::new()),
                 known: budget::KnownPeers::default(),
                 refusals: Refusals::default(),
+                violations,
+                violations_rx: Mutex::new(Some(violations_rx)),
             }),
         })
     }
@@ -556,20 +602,26 @@ impl Transport {
                         }
                     },
                 };
-                let (handler, peer, max, timeout, bytes) = (
+                let (handler, peer, max, timeout, bytes, shared) = (
                     handler.clone(),
                     peer.clone(),
                     self.shared.limits.max_frame_bytes,
                     self.shared.limits.request_timeout,
                     bytes.clone(),
+                    self.shared.clone(),
                 );
                 streams.spawn(
                     async move {
                         let read = budget::read_frame_budgeted(&mut recv, max, &bytes, &peer);
                         let (request, _held) = match tokio::time::timeout(timeout, read).await {
                             Ok(Ok(r)) => r,
-                            Ok(Err(e @ TransportError::Protocol { .. })) => {
-                                warn!("stream refused: {e}");
+                            Ok(Err(TransportError::Protocol { rule, reason, .. })) => {
+                                shared.refusals.note_stream(&peer, rule, &reason);
+                                let v = FrameViolation {
+                                    peer: peer.clone(),
+                                    rule,
+                                };
+                                let _ = shared.violations.try_send(v);
                                 let _ = recv.stop(CODE_PROTOCOL.into());
                                 let _ = send.reset(CODE_PROTOCOL.into());
                                 return;
@@ -738,6 +790,13 @@ impl Transport {
             }
         }
         result
+    }
+
+    /// The framing violations of authenticated peers, for the node to audit. Only the first
+    /// call gets the queue; it holds at most `VIOLATION_QUEUE` (more are dropped unaudited but
+    /// still logged in the summary). Nobody taking it is fine: violations are then only logged.
+    pub fn take_violations(&self) -> Option<tokio::sync::mpsc::Receiver<FrameViolation>> {
+        lock(&self.shared.violations_rx).take()
     }
 
     /// Inbound connections refused since start, per reason (never reset; read by metrics).
