@@ -199,7 +199,6 @@ fn status(h: &Node) -> Value {
         "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count()},
         "certificates": certificates,
         "runtime": h.runtime.get().map(|f| f()).unwrap_or(Value::Null),
-        "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count()},
     })
 }
 
