@@ -16,6 +16,8 @@ use crate::harness::wait_until;
 
 pub struct LazyFs {
     pub mnt: PathBuf,
+    /// LazyFS's stderr (its `logfile` is empty, so faults and errors land here).
+    log: PathBuf,
     fifo: PathBuf,
     /// LazyFS's notifier FIFO (`fifo_path_completed`), read end, non-blocking: LazyFS writes
     /// `finished::clear-cache` there once a clear has been applied.
@@ -109,6 +111,7 @@ impl LazyFs {
             .spawn()
             .expect("start lazyfs");
         let me = Self {
+            log: work.join("lazyfs.log"),
             mnt,
             fifo,
             completed,
@@ -126,8 +129,9 @@ impl LazyFs {
     /// is applied: the command FIFO is asynchronous, and a clear that landed after the daemons
     /// had restarted would drop writes of the *running* processes (data they had written and
     /// were about to fsync) — not a power cut, and a loss no daemon could prevent.
-    pub fn clear_cache(&self) {
+    pub fn clear_cache(&mut self) {
         use std::io::Read;
+        self.assert_alive();
         let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
         f.write_all(b"lazyfs::clear-cache\n").unwrap();
         drop(f);
@@ -145,11 +149,63 @@ impl LazyFs {
                 String::from_utf8_lossy(&got).contains("finished::clear-cache")
             },
         );
+        self.assert_alive();
+        eprintln!("LazyFS after clear-cache: {}", self.memory());
+    }
+
+    /// Panics, saying why, when the LazyFS process has exited: a dead mount makes every daemon
+    /// I/O fail with ENOTCONN, and a test waiting for a crash point would otherwise only time
+    /// out. Power-cut tests call it in their wait loops.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.try_wait().ok().flatten() {
+            panic!(
+                "LazyFS died ({st}); {}\n--- tail of {} ---\n{}",
+                self.memory(),
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+
+    /// True when the LazyFS process is gone (for a test that kills it on purpose).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
+    /// LazyFS's resident and peak memory (its page cache lives in its heap), from /proc.
+    pub fn memory(&self) -> String {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+        format!("VmRSS {}, VmHWM {}", field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The last 40 lines of LazyFS's log.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 
 impl Drop for LazyFs {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let st = self.child.try_wait().ok().flatten();
+            eprintln!(
+                "LazyFS at a panicking test's end: {}; {}\n--- tail of {} ---\n{}",
+                st.map_or_else(|| "still running".to_owned(), |s| format!("exited ({s})")),
+                self.memory(),
+                self.log.display(),
+                self.log_tail()
+            );
+        }
         let _ = Command::new("fusermount3")
             .arg("-u")
             .arg(&self.mnt)

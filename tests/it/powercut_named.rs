@@ -33,7 +33,7 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
     );
     let work = fed.dir.path().join("lazyfs");
     fs::create_dir_all(&work).unwrap();
-    let Some(lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
         return;
     };
     let root = work.join("root");
@@ -54,6 +54,7 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
         let needle = format!("aborting at {name}");
         let node = fed.node(area);
         wait_until(Duration::from_secs(60), &needle, || {
+            lfs.assert_alive();
             node.log_text().contains(&needle)
         });
         // The power cut: every process dies at once, then everything unsynced is gone.
@@ -67,9 +68,11 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
     fed.start_all();
     let wm = fed.node("west-midlands");
     wait_until(Duration::from_secs(90), "the outbox to empty", || {
+        lfs.assert_alive();
         wm.outbox_files().is_empty()
     });
     wait_until(Duration::from_secs(90), "the queue to drain", || {
+        lfs.assert_alive();
         crate::history::queue_is_empty(wm)
     });
     for n in &mut fed.nodes {
@@ -85,5 +88,6 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
     .assert(&crate::history::required_under_crashes());
     fed.node_mut("london").start();
     assert!(fed.node_mut("london").stop().success());
+    eprintln!("LazyFS at the end: {}", lfs.memory());
     drop(lfs);
 }
