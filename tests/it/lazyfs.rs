@@ -16,6 +16,9 @@ use crate::harness::wait_until;
 
 pub struct LazyFs {
     pub mnt: PathBuf,
+    bin: PathBuf,
+    cfg: PathBuf,
+    root: PathBuf,
     /// LazyFS's stderr (its `logfile` is empty, so faults and errors land here).
     log: PathBuf,
     fifo: PathBuf,
@@ -97,32 +100,46 @@ impl LazyFs {
             ),
         )
         .unwrap();
-        let child = Command::new(bin)
-            .arg(&mnt)
-            .arg("--config-path")
-            .arg(&cfg)
-            .args(["-o", "allow_other", "-o", "modules=subdir"])
-            .arg("-o")
-            .arg(format!("subdir={}", root.display()))
-            .arg("-f")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(work.join("lazyfs.log")).unwrap())
-            .spawn()
-            .expect("start lazyfs");
+        let child = spawn(&bin, &mnt, &cfg, &root, &work.join("lazyfs.log"));
         let me = Self {
             log: work.join("lazyfs.log"),
+            bin,
+            cfg,
+            root,
             mnt,
             fifo,
             completed,
             child,
         };
+        me.wait_mounted();
+        Some(me)
+    }
+
+    fn wait_mounted(&self) {
         wait_until(Duration::from_secs(30), "the LazyFS mount", || {
             fs::read_to_string("/proc/mounts")
                 .unwrap_or_default()
-                .contains(&*me.mnt.to_string_lossy())
+                .contains(&*self.mnt.to_string_lossy())
         });
-        Some(me)
+    }
+
+    /// Sends one command to LazyFS's fault FIFO (e.g. `lazyfs::crash::timing=before::op=fsync::from_rgx=x`).
+    pub fn command(&self, cmd: &str) {
+        let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
+        writeln!(f, "{cmd}").unwrap();
+    }
+
+    /// After LazyFS has died (a `crash` fault): unmounts the dead mount and mounts the same
+    /// backing directory again; whatever LazyFS had not synced is gone.
+    pub fn remount(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.bin, &self.mnt, &self.cfg, &self.root, &self.log);
+        self.wait_mounted();
     }
 
     /// The power loss: everything not fsynced is gone. Returns only once LazyFS says the clear
@@ -192,6 +209,28 @@ impl LazyFs {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
+}
+
+fn spawn(bin: &Path, mnt: &Path, cfg: &Path, root: &Path, log: &Path) -> Child {
+    Command::new(bin)
+        .arg(&mnt)
+        .arg("--config-path")
+        .arg(&cfg)
+        .args(["-o", "allow_other", "-o", "modules=subdir"])
+        .arg("-o")
+        .arg(format!("subdir={}", root.display()))
+        .arg("-f")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .expect("start lazyfs")
 }
 
 impl Drop for LazyFs {
