@@ -645,7 +645,7 @@ impl Store {
                 continue;
             };
             let id = EnvelopeId::from_bytes(bytes);
-            let rec: OutRecord = decode(&id, &v)?;
+            let rec: OutRecord = decode(id, &v)?;
             if rec.state == OutState::ReceiptStored && &rec.to == to {
                 out.push((id, rec));
             }

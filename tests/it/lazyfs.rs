@@ -213,9 +213,9 @@ impl LazyFs {
 
 fn spawn(bin: &Path, mnt: &Path, cfg: &Path, root: &Path, log: &Path) -> Child {
     Command::new(bin)
-        .arg(&mnt)
+        .arg(mnt)
         .arg("--config-path")
-        .arg(&cfg)
+        .arg(cfg)
         .args(["-o", "allow_other", "-o", "modules=subdir"])
         .arg("-o")
         .arg(format!("subdir={}", root.display()))
