@@ -124,6 +124,10 @@ pub enum OutState {
     Queued,
     /// Undelivered past the non-delivery window, or refused by the peer: kept for an operator.
     NonDelivered,
+    /// A valid signed receipt is stored and synced, out of the queue; its receipt and erasure
+    /// audit records may not be written yet. Never sent again: the sender writes the records
+    /// (at start-up, those the log does not already hold) and then marks it delivered.
+    ReceiptStored,
     /// A valid signed receipt is stored; the payload is erased.
     Delivered,
     /// Withdrawn by an operator; the payload is erased.
@@ -608,6 +612,45 @@ impl Store {
             }
             Ok(r.clone())
         })
+    }
+
+    /// Stores a verified receipt and takes the envelope out of its queue (`ReceiptStored`),
+    /// before its receipt and erasure records are written; the payload stays until
+    /// [`Self::mark_delivered`]. A no-op on an envelope already delivered.
+    pub fn store_receipt(
+        &self,
+        id: &EnvelopeId,
+        receipt: &[u8],
+        peer_audit_head: &str,
+    ) -> Result<OutRecord, StoreError> {
+        self.update(id, |r| {
+            if r.state != OutState::Delivered {
+                r.state = OutState::ReceiptStored;
+                r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
+                r.peer_audit_head = Some(peer_audit_head.to_owned());
+                r.last_error = None;
+            }
+            Ok(r.clone())
+        })
+    }
+
+    /// Envelopes to `to` whose receipt is stored but not yet completed (a crash came between
+    /// [`Self::store_receipt`] and [`Self::mark_delivered`]). A full scan of the envelope
+    /// records: run once per peer at start-up.
+    pub fn receipts_stored(&self, to: &AreaId) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.envelopes.iter() {
+            let (k, v) = kv?;
+            let Ok(bytes) = <[u8; 16]>::try_from(&k[..]) else {
+                continue;
+            };
+            let id = EnvelopeId::from_bytes(bytes);
+            let rec: OutRecord = decode(id, &v)?;
+            if rec.state == OutState::ReceiptStored && &rec.to == to {
+                out.push((id, rec));
+            }
+        }
+        Ok(out)
     }
 
     /// Takes a queued envelope out of its queue and keeps it for an operator.

@@ -11,7 +11,8 @@
 //! `audit_before_append`, `audit_after_append`, `audit_checkpoint_write` (chain synced,
 //! checkpoints file not yet written); receiver `receiver_after_stage`, `receiver_after_seen`
 //! (before the inbox rename), `receiver_before_reply` (after it); sender
-//! `sender_before_receipt_stored`; housekeeping `purge_rejected_before_delete`,
+//! `sender_before_receipt_stored`, `sender_after_receipt_stored` (receipt synced, records not
+//! yet written), `sender_between_receipt_and_erasure`; housekeeping `purge_rejected_before_delete`,
 //! `purge_receipts_before_forget` (erasure recorded, not yet made); control
 //! `operator_before_change` (requeue/withdraw recorded, not yet made); `sighup_reload`.
 //! Must not: be set in production (it is only read from the environment; nothing else sets it).

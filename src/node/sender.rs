@@ -3,12 +3,15 @@
 //!
 //! Per envelope, write-ahead (each record durable before what it records takes effect):
 //! audit `disclosure` (transferred) → send → receipt verified against the peer's signing key,
-//! envelope id and the SHA-256 of exactly the bytes we sent → audit `receipt` (with the peer's
-//! audit head, so our log witnesses theirs) → audit `erasure` → `mark_delivered` (receipt kept,
-//! payload erased) → store sync. When the audit log cannot be written nothing is sent and no
-//! receipt is stored: the envelope stays queued and is retried. A crash anywhere before the
-//! store sync leaves the envelope queued: it is sent again and the receiver answers with the
-//! original receipt, so nothing is duplicated (its records may then appear twice).
+//! envelope id and the SHA-256 of exactly the bytes we sent → `store_receipt` + store sync (state
+//! `ReceiptStored`: out of the queue, never sent again) → audit `receipt` (with the peer's audit
+//! head, so our log witnesses theirs) → audit `erasure` → `mark_delivered` (payload erased) →
+//! store sync. When the transfer record cannot be written nothing is sent. A crash before the
+//! receipt's sync leaves the envelope queued: it is sent again and the receiver answers with
+//! the original receipt, so nothing is duplicated (its transfer is then recorded twice, both
+//! before any erasure). A crash after it leaves a `ReceiptStored` envelope, which the peer's
+//! worker completes at start-up: it writes the receipt and erasure records the log does not
+//! already name, then erases — so nothing is recorded about an envelope after its erasure.
 //! Failures: a transient one (peer down, timeout, peer out of disk) backs the whole peer off
 //! (capped exponential backoff with jitter) and blocks no other peer; a permanent refusal (the
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
@@ -44,6 +47,9 @@ enum SendOutcome {
     Permanent(String),
     /// The envelope left the queue (non-delivered, withdrawn) before it was sent.
     Skipped,
+    /// The receipt is stored (the envelope is out of its queue) but its records or the erasure
+    /// failed: the worker completes it once its backoff ends.
+    ReceiptPending(String),
 }
 
 /// Shared by all peer workers: the node, the transport, and the local receiving side.
@@ -69,6 +75,9 @@ impl PeerWorker {
     }
 
     async fn run_inner(self, shutdown: CancellationToken, grace: Duration) {
+        // Receipts stored before a crash (or whose completion failed) are completed, never
+        // re-sent: first at start, then after a failure once the backoff ends.
+        let mut resume = true;
         let mut in_flight: HashSet<EnvelopeId> = HashSet::new();
         let mut tasks: JoinSet<(EnvelopeId, SendOutcome)> = JoinSet::new();
         let mut failures: u32 = 0;
@@ -85,6 +94,12 @@ impl PeerWorker {
                 break;
             }
             let backing_off = backoff_until.is_some_and(|t| t > Instant::now());
+            if resume && !backing_off {
+                resume = complete_stored_receipts(&self.ctx, &self.peer).await > 0;
+                if resume {
+                    backoff_until = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
             if !backing_off && in_flight.len() < max {
                 match self
                     .ctx
@@ -136,6 +151,11 @@ impl PeerWorker {
                             failures = failures.saturating_add(1);
                             backoff_until = Some(Instant::now() + delay);
                         }
+                        SendOutcome::ReceiptPending(why) => {
+                            error!(envelope_id = %id, "receipt stored but its records or erasure failed; completing it again shortly: {}", crate::core::text::escape_for_log(&why));
+                            resume = true;
+                            backoff_until = Some(Instant::now() + Duration::from_secs(1));
+                        }
                         SendOutcome::Skipped => debug!(envelope_id = %id, "no longer queued; not sent"),
                         SendOutcome::Permanent(why) => {
                             error!(envelope_id = %id, "peer refused envelope permanently; kept as non-delivered for an operator: {}", crate::core::text::escape_for_log(&why));
@@ -161,6 +181,118 @@ fn unit_random() -> f64 {
 
 fn still_queued(ctx: &SenderContext, id: &EnvelopeId) -> bool {
     matches!(ctx.node.store.get(id), Ok(Some(r)) if r.state == crate::adapters::store::OutState::Queued)
+}
+
+/// Which of an envelope's completion records the audit log already holds.
+#[derive(Default, Clone, Copy)]
+struct Recorded {
+    receipt: bool,
+    erasure: bool,
+}
+
+/// Writes the receipt and erasure records not yet in `recorded`, then marks the envelope
+/// delivered (payload erased) and syncs. Write-ahead: each record is durable before the next
+/// step; an error leaves the envelope in `ReceiptStored`, out of its queue.
+async fn complete(
+    ctx: &SenderContext,
+    peer: &AreaId,
+    id: EnvelopeId,
+    rec: &OutRecord,
+    peer_head: &str,
+    recorded: Recorded,
+) -> Result<(), String> {
+    let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
+    let event = |op, actor| {
+        let ev = Event::new(op, actor, Outcome::Ok)
+            .envelope(id)
+            .route(ctx.node.me(), peer)
+            .digest(digest);
+        match &rec.subject_key {
+            Some(k) => ev.subject_hex(k),
+            None => ev,
+        }
+    };
+    if !recorded.receipt {
+        let ev = event(Operation::Receipt, Actor::Peer(peer.clone())).peer_head(peer_head);
+        ctx.node
+            .audit
+            .record(ev)
+            .await
+            .map_err(|e| format!("audit unavailable: {e}"))?;
+    }
+    crate::core::failpoint::hit("sender_between_receipt_and_erasure");
+    if !recorded.erasure {
+        let ev = event(Operation::Erasure, Actor::System).reason("payload_erased_after_receipt");
+        ctx.node
+            .audit
+            .record(ev)
+            .await
+            .map_err(|e| format!("audit unavailable: {e}"))?;
+    }
+    let receipt = rec
+        .receipt
+        .as_deref()
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    ctx.node
+        .store
+        .mark_delivered(&id, &receipt, peer_head, Utc::now())
+        .map_err(|e| format!("cannot mark delivered: {e}"))?;
+    ctx.node
+        .store
+        .durable()
+        .await
+        .map_err(|e| format!("cannot sync delivery: {e}"))?;
+    Ok(())
+}
+
+/// Sender recovery for one peer, at its worker's start: envelopes whose receipt was stored
+/// before a crash get the receipt and erasure records the log does not already hold, then are
+/// marked delivered — never sent again. When the log cannot be read, the records are written
+/// again: a second record is better than a missing one. Returns how many could not be
+/// completed (retried later).
+async fn complete_stored_receipts(ctx: &SenderContext, peer: &AreaId) -> usize {
+    let stored = match ctx.node.store.receipts_stored(peer) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot read stored receipts: {e}");
+            return 1;
+        }
+    };
+    if stored.is_empty() {
+        return 0;
+    }
+    let mut found: std::collections::HashMap<String, Recorded> = stored
+        .iter()
+        .map(|(id, _)| (id.to_string(), Recorded::default()))
+        .collect();
+    let read = crate::adapters::audit::for_each_record(&ctx.node.settings.paths.audit, |r, _| {
+        if let Some(f) = r.envelope_id.as_ref().and_then(|e| found.get_mut(e)) {
+            match r.op {
+                Operation::Receipt => f.receipt = true,
+                Operation::Erasure => f.erasure = true,
+                _ => {}
+            }
+        }
+    });
+    if let Err(e) = read {
+        warn!("cannot read the audit log to resume stored receipts; recording them again: {e}");
+        found.values_mut().for_each(|f| *f = Recorded::default());
+    }
+    let mut failed = 0;
+    for (id, rec) in &stored {
+        let recorded = found.get(&id.to_string()).copied().unwrap_or_default();
+        let head = rec.peer_audit_head.clone().unwrap_or_default();
+        info!(envelope_id = %id, receipt_recorded = recorded.receipt, erasure_recorded = recorded.erasure, "completing a receipt stored before a crash");
+        match complete(ctx, peer, *id, rec, &head, recorded).await {
+            Ok(()) => crate::node::metrics::delivered(peer),
+            Err(e) => {
+                failed += 1;
+                error!(envelope_id = %id, "cannot complete a stored receipt; retried shortly: {e}");
+            }
+        }
+    }
+    failed
 }
 
 async fn send_one(
@@ -265,29 +397,29 @@ async fn send_one(
                         return SendOutcome::Transient(format!("invalid receipt: {e}"));
                     }
                 };
-            // Write-ahead: the receipt, then the erasure it allows, are on the record before
-            // the payload is erased; if they cannot be written the envelope stays queued and
-            // the re-send is answered with the original receipt.
-            let receipt_ev =
-                event(Operation::Receipt, Actor::Peer(peer.clone())).peer_head(&body.audit_head);
-            let erasure =
-                event(Operation::Erasure, Actor::System).reason("payload_erased_after_receipt");
-            for ev in [receipt_ev, erasure] {
-                if let Err(e) = ctx.node.audit.record(ev).await {
-                    error!(envelope_id = %id, "audit record of a delivery failed; receipt not stored yet: {e}");
-                    return SendOutcome::Transient(format!("audit unavailable: {e}"));
-                }
-            }
+            // The verified receipt is stored and synced first, taking the envelope out of its
+            // queue: from here on it is never sent again. Then its receipt and erasure records,
+            // then the payload is erased. A crash after the store is completed at start-up
+            // ([`complete_stored_receipts`]) without a re-send, so nothing about the envelope is
+            // recorded after its erasure.
             crate::core::failpoint::hit("sender_before_receipt_stored");
-            if let Err(e) =
-                ctx.node
-                    .store
-                    .mark_delivered(&id, &receipt, &body.audit_head, Utc::now())
+            if let Err(e) = ctx
+                .node
+                .store
+                .store_receipt(&id, &receipt, &body.audit_head)
             {
                 return SendOutcome::Transient(format!("cannot store receipt: {e}"));
             }
             if let Err(e) = ctx.node.store.durable().await {
                 return SendOutcome::Transient(format!("cannot sync receipt: {e}"));
+            }
+            crate::core::failpoint::hit("sender_after_receipt_stored");
+            if let Err(e) =
+                complete(ctx, peer, id, &rec, &body.audit_head, Recorded::default()).await
+            {
+                // The receipt is stored: the envelope is out of the queue, and the worker's next
+                // start completes it. Not a failure of the peer.
+                return SendOutcome::ReceiptPending(e);
             }
             info!(envelope_id = %id, priority = %rec.priority, "delivered; receipt stored");
             SendOutcome::Delivered

@@ -9,7 +9,8 @@
 //! - `ReceiverRecords`: each delivered envelope has collection and inbox-disclosure
 //!   ("written_to_inbox") records in the receiver's chain, in that order.
 //! - `ReceiptHead`: the audit head in each receipt record is a record of the receiver's chain.
-//! - `NothingAfterErasure`: no record names an envelope after that chain's erasure record of it.
+//! - `NothingAfterErasure`: no record names an envelope after that chain's erasure record of it
+//!   (except intake's `collection(duplicate)`: the provider's file read again after a crash).
 //! - `OutboxEmpty`: no referral file is left in the outbox.
 //!
 //! A caller chooses which properties must hold ([`Required`]); all violations are always
@@ -67,19 +68,13 @@ impl Required {
 }
 
 /// Properties not yet true of the code under kill -9 or a power cut, found by this checker, each
-/// with its cause in `src/node` (re-checked 2026-12-02 with REFEX_HISTORY_STRICT=1: the torture
-/// and power-cut runs now hold `SenderRecords` and `ReceiverRecords` since intake, sender and
-/// receiver are write-ahead):
-/// - `NothingAfterErasure`: the sender records the receipt and the payload's erasure before it
-///   stores the receipt (write-ahead); a crash in between leaves the envelope queued, so it is
-///   sent again and its transfer and receipt are recorded a second time, after that erasure
-///   record (the receiver answers with the original receipt; nothing is delivered twice). The
-///   fix is a stored-receipt state before the records, completed at start-up instead of a
-///   re-send.
-///
-/// Tests that kill processes leave these off by this name (they are still checked and printed);
-/// REFEX_HISTORY_STRICT=1 demands them too.
-pub const KNOWN_FAILING_UNDER_CRASHES: &[Property] = &[Property::NothingAfterErasure];
+/// with its cause in `src/node`; tests that kill processes leave these off by this name (they are
+/// still checked and printed); REFEX_HISTORY_STRICT=1 demands them too. Empty since the sender
+/// stores a verified receipt (out of the queue, synced) before its receipt and erasure records
+/// and completes such envelopes at start-up instead of re-sending them (`NothingAfterErasure`
+/// used to fail: a crash between the records and the store re-sent the envelope and recorded
+/// its transfer and receipt again after the erasure).
+pub const KNOWN_FAILING_UNDER_CRASHES: &[Property] = &[];
 
 pub fn required_under_crashes() -> Required {
     if std::env::var("REFEX_HISTORY_STRICT").is_ok_and(|v| v == "1") {
@@ -110,6 +105,7 @@ struct Rec {
     envelope: Option<String>,
     reason: Option<String>,
     peer_head: Option<String>,
+    subject: Option<String>,
 }
 
 impl fmt::Display for Rec {
@@ -147,6 +143,7 @@ fn chain(audit_dir: &Path) -> Vec<Rec> {
                 envelope: s("envelope_id"),
                 reason: s("reason"),
                 peer_head: s("peer_audit_head"),
+                subject: s("subject_key"),
             });
         }
     }
@@ -385,9 +382,13 @@ pub fn check(inp: &Inputs) -> Report {
     for (side, m) in [("sender", &s_env), ("receiver", &r_env)] {
         for (id, recs) in m.iter() {
             if let Some(erased) = recs.iter().find(|r| r.op == "erasure") {
+                // A `collection(duplicate)` is intake reading the provider's file again after a
+                // crash (before it had deleted it) and recording that it maps to this envelope,
+                // which is not sent again: a record of the hand-over, not of the erased payload.
                 let later: Vec<&Rec> = recs
                     .iter()
                     .filter(|r| r.seq > erased.seq)
+                    .filter(|r| !(r.op == "collection" && r.reason.as_deref() == Some("duplicate")))
                     .copied()
                     .collect();
                 if !later.is_empty() {
@@ -419,15 +420,76 @@ pub fn check(inp: &Inputs) -> Report {
     }
 }
 
-/// Checks a two-node run (`sender` → `receiver`) from the nodes' directories.
+/// Checks a two-node run (`sender` → `receiver`) from the nodes' directories. A referral
+/// never delivered is followed to where it was lost: [`loss_trail`].
 pub fn check_nodes(handed_over: &[String], sender: &Node, receiver: &Node) -> Report {
-    check(&Inputs {
+    let mut report = check(&Inputs {
         handed_over,
         sender_audit: &sender.settings.paths.audit,
         receiver_audit: &receiver.settings.paths.audit,
         inbox: receiver.inbox(),
         outbox: sender.outbox(),
-    })
+    });
+    for v in &mut report.violations {
+        if let Some(r) = v.detail.strip_suffix(": handed over, never delivered") {
+            let trail = loss_trail(r, sender, receiver);
+            v.detail = format!("{}; {trail}", v.detail);
+        }
+    }
+    report
+}
+
+/// Where a lost referral got to: every sender record about it (found by its subject key, made
+/// with the sender's subject secret; then every record of the envelopes those name), every
+/// receiver record of those envelopes, whether its file is still in the outbox, and every inbox
+/// entry (published or staged) naming it or its envelopes.
+pub fn loss_trail(source_ref: &str, sender: &Node, receiver: &Node) -> String {
+    let Ok(secret) =
+        refex::adapters::audit::SubjectSecret::load(&sender.settings.keys.subject_secret)
+    else {
+        return "no trail: the sender's subject secret cannot be read".into();
+    };
+    let key = secret.key("test-records", source_ref).0;
+    let s_chain = chain(&sender.settings.paths.audit);
+    let r_chain = chain(&receiver.settings.paths.audit);
+    let envelopes: BTreeSet<String> = s_chain
+        .iter()
+        .filter(|r| r.subject.as_deref() == Some(&key))
+        .filter_map(|r| r.envelope.clone())
+        .collect();
+    let about = |c: &[Rec]| {
+        c.iter()
+            .filter(|r| {
+                r.subject.as_deref() == Some(&key)
+                    || r.envelope.as_ref().is_some_and(|e| envelopes.contains(e))
+            })
+            .map(|r| format!("{r}[{}]", r.envelope.as_deref().unwrap_or("-")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mentions = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                envelopes.iter().any(|id| name.contains(id.as_str()))
+                    || fs::read(e.path()).is_ok_and(|b| {
+                        let needle = format!("\"{source_ref}\"");
+                        b.windows(needle.len()).any(|w| w == needle.as_bytes())
+                    })
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    format!(
+        "envelopes {envelopes:?}; sender records [{}]; receiver records [{}]; outbox files naming it {:?}; inbox entries naming it {:?}",
+        about(&s_chain),
+        about(&r_chain),
+        mentions(sender.outbox()),
+        mentions(receiver.inbox()),
+    )
 }
 
 /// True when `refex status` on a running node reports no envelope queued to any peer.

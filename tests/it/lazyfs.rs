@@ -16,6 +16,11 @@ use crate::harness::wait_until;
 
 pub struct LazyFs {
     pub mnt: PathBuf,
+    bin: PathBuf,
+    cfg: PathBuf,
+    root: PathBuf,
+    /// LazyFS's stderr (its `logfile` is empty, so faults and errors land here).
+    log: PathBuf,
     fifo: PathBuf,
     /// LazyFS's notifier FIFO (`fifo_path_completed`), read end, non-blocking: LazyFS writes
     /// `finished::clear-cache` there once a clear has been applied.
@@ -95,39 +100,55 @@ impl LazyFs {
             ),
         )
         .unwrap();
-        let child = Command::new(bin)
-            .arg(&mnt)
-            .arg("--config-path")
-            .arg(&cfg)
-            .args(["-o", "allow_other", "-o", "modules=subdir"])
-            .arg("-o")
-            .arg(format!("subdir={}", root.display()))
-            .arg("-f")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(work.join("lazyfs.log")).unwrap())
-            .spawn()
-            .expect("start lazyfs");
+        let child = spawn(&bin, &mnt, &cfg, &root, &work.join("lazyfs.log"));
         let me = Self {
+            log: work.join("lazyfs.log"),
+            bin,
+            cfg,
+            root,
             mnt,
             fifo,
             completed,
             child,
         };
+        me.wait_mounted();
+        Some(me)
+    }
+
+    fn wait_mounted(&self) {
         wait_until(Duration::from_secs(30), "the LazyFS mount", || {
             fs::read_to_string("/proc/mounts")
                 .unwrap_or_default()
-                .contains(&*me.mnt.to_string_lossy())
+                .contains(&*self.mnt.to_string_lossy())
         });
-        Some(me)
+    }
+
+    /// Sends one command to LazyFS's fault FIFO (e.g. `lazyfs::crash::timing=before::op=fsync::from_rgx=x`).
+    pub fn command(&self, cmd: &str) {
+        let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
+        writeln!(f, "{cmd}").unwrap();
+    }
+
+    /// After LazyFS has died (a `crash` fault): unmounts the dead mount and mounts the same
+    /// backing directory again; whatever LazyFS had not synced is gone.
+    pub fn remount(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.bin, &self.mnt, &self.cfg, &self.root, &self.log);
+        self.wait_mounted();
     }
 
     /// The power loss: everything not fsynced is gone. Returns only once LazyFS says the clear
     /// is applied: the command FIFO is asynchronous, and a clear that landed after the daemons
     /// had restarted would drop writes of the *running* processes (data they had written and
     /// were about to fsync) — not a power cut, and a loss no daemon could prevent.
-    pub fn clear_cache(&self) {
+    pub fn clear_cache(&mut self) {
         use std::io::Read;
+        self.assert_alive();
         let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
         f.write_all(b"lazyfs::clear-cache\n").unwrap();
         drop(f);
@@ -145,11 +166,85 @@ impl LazyFs {
                 String::from_utf8_lossy(&got).contains("finished::clear-cache")
             },
         );
+        self.assert_alive();
+        eprintln!("LazyFS after clear-cache: {}", self.memory());
     }
+
+    /// Panics, saying why, when the LazyFS process has exited: a dead mount makes every daemon
+    /// I/O fail with ENOTCONN, and a test waiting for a crash point would otherwise only time
+    /// out. Power-cut tests call it in their wait loops.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.try_wait().ok().flatten() {
+            panic!(
+                "LazyFS died ({st}); {}\n--- tail of {} ---\n{}",
+                self.memory(),
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+
+    /// True when the LazyFS process is gone (for a test that kills it on purpose).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
+    /// LazyFS's resident and peak memory (its page cache lives in its heap), from /proc.
+    pub fn memory(&self) -> String {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+        format!("VmRSS {}, VmHWM {}", field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The last 40 lines of LazyFS's log.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+fn spawn(bin: &Path, mnt: &Path, cfg: &Path, root: &Path, log: &Path) -> Child {
+    Command::new(bin)
+        .arg(mnt)
+        .arg("--config-path")
+        .arg(cfg)
+        .args(["-o", "allow_other", "-o", "modules=subdir"])
+        .arg("-o")
+        .arg(format!("subdir={}", root.display()))
+        .arg("-f")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .expect("start lazyfs")
 }
 
 impl Drop for LazyFs {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let st = self.child.try_wait().ok().flatten();
+            eprintln!(
+                "LazyFS at a panicking test's end: {}; {}\n--- tail of {} ---\n{}",
+                st.map_or_else(|| "still running".to_owned(), |s| format!("exited ({s})")),
+                self.memory(),
+                self.log.display(),
+                self.log_tail()
+            );
+        }
         let _ = Command::new("fusermount3")
             .arg("-u")
             .arg(&self.mnt)

@@ -147,7 +147,7 @@ fn power_cuts(cuts: usize, per_cut: usize) {
     let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
     let work = fed.dir.path().join("lazyfs");
     fs::create_dir_all(&work).unwrap();
-    let Some(lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
         return;
     };
     let root = work.join("root");
@@ -193,9 +193,11 @@ fn power_cuts(cuts: usize, per_cut: usize) {
     }
     let wm = fed.node("west-midlands");
     wait_until(Duration::from_secs(90), "the outbox to empty", || {
+        lfs.assert_alive();
         wm.outbox_files().is_empty()
     });
     wait_until(Duration::from_secs(90), "the queue to drain", || {
+        lfs.assert_alive();
         crate::history::queue_is_empty(wm)
     });
     for n in &mut fed.nodes {
@@ -216,6 +218,7 @@ fn power_cuts(cuts: usize, per_cut: usize) {
     // The store opens after the last cut (a daemon start opens it).
     fed.node_mut("london").start();
     assert!(fed.node_mut("london").stop().success());
+    eprintln!("LazyFS at the end: {}", lfs.memory());
     drop(lfs);
 }
 

@@ -33,7 +33,7 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
     );
     let work = fed.dir.path().join("lazyfs");
     fs::create_dir_all(&work).unwrap();
-    let Some(lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
         return;
     };
     let root = work.join("root");
@@ -54,6 +54,7 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
         let needle = format!("aborting at {name}");
         let node = fed.node(area);
         wait_until(Duration::from_secs(60), &needle, || {
+            lfs.assert_alive();
             node.log_text().contains(&needle)
         });
         // The power cut: every process dies at once, then everything unsynced is gone.
@@ -67,9 +68,11 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
     fed.start_all();
     let wm = fed.node("west-midlands");
     wait_until(Duration::from_secs(90), "the outbox to empty", || {
+        lfs.assert_alive();
         wm.outbox_files().is_empty()
     });
     wait_until(Duration::from_secs(90), "the queue to drain", || {
+        lfs.assert_alive();
         crate::history::queue_is_empty(wm)
     });
     for n in &mut fed.nodes {
@@ -85,5 +88,104 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
     .assert(&crate::history::required_under_crashes());
     fed.node_mut("london").start();
     assert!(fed.node_mut("london").stop().success());
+    eprintln!("LazyFS at the end: {}", lfs.memory());
+    drop(lfs);
+}
+
+/// LazyFS itself killed at a named operation (its `crash` fault: the filesystem dies just
+/// before the operation, with everything unsynced): before an inbox file's publishing rename,
+/// then before a fsync of the sender's store. Each time the daemons are killed, the same backing
+/// directory is mounted again and they restart; at the end every referral arrived exactly once.
+#[test]
+#[ignore = "unfinished: in about half of runs the outbox never empties after the fsync crash \
+            (cause not yet found): cargo test --release --test it -- --ignored lazyfs_killed"]
+fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        crate::harness::FAST_CRASH_CONFIG,
+    );
+    let work = fed.dir.path().join("lazyfs");
+    fs::create_dir_all(&work).unwrap();
+    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+        return;
+    };
+    let root = work.join("root");
+    for n in &mut fed.nodes {
+        move_data(n, &root, &lfs.mnt);
+    }
+    let mut provider = Provider::new(&fed.dir.path().join("handed-over.log"));
+    let faults = [
+        // `from_rgx` too: LazyFS (multi-path ops) never fires a crash fault given only `to_rgx`
+        // (its check compares the source path with the literal regex "none").
+        r"lazyfs::crash::timing=before::op=rename::from_rgx=.*::to_rgx=london/inbox/[^./][^/]*\.json",
+        "lazyfs::crash::timing=before::op=fsync::from_rgx=west-midlands/state/",
+    ];
+    let mut k = 0;
+    fed.start_all();
+    for fault in faults {
+        let outbox = fed.node("west-midlands").outbox().to_owned();
+        // Delivered first, so the fault lands mid-run, not at start-up.
+        for _ in 0..3 {
+            provider.hand_over(&outbox, &format!("c-{k}.json"), &format!("LC-{k}"));
+            k += 1;
+        }
+        let wm = fed.node("west-midlands");
+        wait_until(Duration::from_secs(60), "the first batch to drain", || {
+            lfs.assert_alive();
+            wm.outbox_files().is_empty() && crate::history::queue_is_empty(wm)
+        });
+        lfs.command(fault);
+        std::thread::sleep(Duration::from_millis(200));
+        for _ in 0..4 {
+            // The provider's hand-over fails once the mount is dead: not handed over.
+            let name = format!("c-{k}.json");
+            let r = format!("LC-{k}");
+            k += 1;
+            if lfs.has_exited() {
+                break;
+            }
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                provider.hand_over(&outbox, &name, &r)
+            }))
+            .is_err()
+            {
+                break;
+            }
+        }
+        wait_until(
+            Duration::from_secs(60),
+            "LazyFS to die at the fault",
+            || lfs.has_exited(),
+        );
+        for n in &mut fed.nodes {
+            n.kill();
+        }
+        eprintln!(
+            "LazyFS killed at '{fault}', {} handed over so far",
+            provider.handed.len()
+        );
+        lfs.remount();
+        fed.start_all();
+    }
+    let wm = fed.node("west-midlands");
+    wait_until(Duration::from_secs(90), "the outbox to empty", || {
+        lfs.assert_alive();
+        wm.outbox_files().is_empty()
+    });
+    wait_until(Duration::from_secs(90), "the queue to drain", || {
+        lfs.assert_alive();
+        crate::history::queue_is_empty(wm)
+    });
+    for n in &mut fed.nodes {
+        assert!(n.stop().success(), "{} did not exit 0", n.area);
+        let (code, out, err) = n.cli(&["audit", "verify"]);
+        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
+    }
+    crate::history::check_nodes(
+        &provider.handed,
+        fed.node("west-midlands"),
+        fed.node("london"),
+    )
+    .assert(&crate::history::required_under_crashes());
     drop(lfs);
 }
