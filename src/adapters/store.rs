@@ -130,6 +130,10 @@ pub enum OutState {
     ReceiptStored,
     /// A valid signed receipt is stored; the payload is erased.
     Delivered,
+    /// An operator's withdraw is under way: out of the queue (never sent again), payload still
+    /// kept until its `erasure(operator_withdraw)` record is durable; completed at start-up
+    /// after a crash (the record written unless the log already holds it, then `Withdrawn`).
+    WithdrawPending,
     /// Withdrawn by an operator; the payload is erased.
     Withdrawn,
 }
@@ -155,6 +159,10 @@ pub struct OutRecord {
     /// Set once the crossing of `due_by` while queued has been recorded (`deadline_missed`).
     #[serde(default)]
     pub deadline_reported: bool,
+    /// `WithdrawPending`: the operator (kernel account name) who asked, and the state to go
+    /// back to if the withdraw cannot be recorded.
+    #[serde(default)]
+    pub withdraw: Option<(String, OutState)>,
 }
 
 impl OutRecord {
@@ -400,6 +408,7 @@ impl Store {
             finished_at: None,
             // Already past due when queued: intake records it as `late_at_intake` instead.
             deadline_reported: env.due_by < env.created,
+            withdraw: None,
         };
         let value = encode(&rec);
         let id = env.id;
@@ -681,10 +690,39 @@ impl Store {
         })
     }
 
-    /// Withdraws an undelivered envelope and erases its payload (operator action).
-    pub fn withdraw(&self, id: &EnvelopeId, now: DateTime<Utc>) -> Result<OutRecord, StoreError> {
+    /// First step of an operator's withdraw: takes a queued or non-delivered envelope out of
+    /// its queue (`WithdrawPending`, so it is never sent again) and notes who asked; the payload
+    /// stays until [`Self::withdraw`], after the erasure record is durable.
+    pub fn begin_withdraw(&self, id: &EnvelopeId, user: &str) -> Result<OutRecord, StoreError> {
         self.update(id, |r| match r.state {
             OutState::NonDelivered | OutState::Queued => {
+                r.withdraw = Some((user.to_owned(), r.state));
+                r.state = OutState::WithdrawPending;
+                Ok(r.clone())
+            }
+            state => Err(StoreError::WrongState {
+                id: *id,
+                state,
+                action: "withdraw",
+            }),
+        })
+    }
+
+    /// Undoes [`Self::begin_withdraw`] when its record could not be written: back to the state
+    /// it had (queued again, or non-delivered).
+    pub fn cancel_withdraw(&self, id: &EnvelopeId) -> Result<OutRecord, StoreError> {
+        self.update(id, |r| {
+            if r.state == OutState::WithdrawPending {
+                r.state = r.withdraw.take().map_or(OutState::Queued, |(_, prev)| prev);
+            }
+            Ok(r.clone())
+        })
+    }
+
+    /// Completes a withdraw begun by [`Self::begin_withdraw`]: erases the payload.
+    pub fn withdraw(&self, id: &EnvelopeId, now: DateTime<Utc>) -> Result<OutRecord, StoreError> {
+        self.update(id, |r| match r.state {
+            OutState::WithdrawPending => {
                 r.state = OutState::Withdrawn;
                 r.sealed = None;
                 r.finished_at = Some(now.timestamp());
@@ -696,6 +734,24 @@ impl Store {
                 action: "withdraw",
             }),
         })
+    }
+
+    /// Envelopes whose withdraw was begun but not completed (a crash, or a failed record). A
+    /// full scan of the envelope records: run once at start-up.
+    pub fn withdrawals_pending(&self) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.envelopes.iter() {
+            let (k, v) = kv?;
+            let Ok(bytes) = <[u8; 16]>::try_from(&k[..]) else {
+                continue;
+            };
+            let id = EnvelopeId::from_bytes(bytes);
+            let rec: OutRecord = decode(id, &v)?;
+            if rec.state == OutState::WithdrawPending {
+                out.push((id, rec));
+            }
+        }
+        Ok(out)
     }
 
     /// Queued envelopes whose `created` is before `cutoff` (candidates for non-delivery),

@@ -14,6 +14,7 @@
 //! `sender_before_receipt_stored`, `sender_after_receipt_stored` (receipt synced, records not
 //! yet written), `sender_between_receipt_and_erasure`; housekeeping `purge_rejected_before_delete`,
 //! `purge_receipts_before_forget` (erasure recorded, not yet made); control
+//! `operator_withdraw_pending` (a withdraw out of its queue, not yet recorded);
 //! `operator_before_change` (requeue/withdraw recorded, not yet made); `sighup_reload`.
 //! Must not: be set in production (it is only read from the environment; nothing else sets it).
 

@@ -230,7 +230,31 @@ async fn operator_action(h: &Node, cmd: &str, id: EnvelopeId, user: &str) -> Val
         }
         ev
     };
+    if cmd == "withdraw" {
+        // Out of the queue first (never sent again), then the erasure on record, then the
+        // payload erased: a crash between leaves `WithdrawPending`, completed at start-up
+        // ([`complete_withdrawals`]), so nothing is ever delivered after its erasure record.
+        if let Err(e) = async {
+            h.store.begin_withdraw(&id, user)?;
+            h.store.durable().await
+        }
+        .await
+        {
+            return json!({"ok": false, "error": e.to_string()});
+        }
+        crate::core::failpoint::hit("operator_withdraw_pending");
+    }
     if let Err(e) = h.audit.record(event(Outcome::Ok)).await {
+        if cmd == "withdraw" {
+            if let Err(c) = async {
+                h.store.cancel_withdraw(&id)?;
+                h.store.durable().await
+            }
+            .await
+            {
+                warn!(envelope_id = %id, "withdraw not recorded and not undone ({c}); completed at the next start");
+            }
+        }
         return json!({"ok": false, "error": format!("not done: the audit record failed: {e}")});
     }
     crate::core::failpoint::hit("operator_before_change");
@@ -283,4 +307,46 @@ pub async fn call(path: &Path, req: &Request) -> std::io::Result<Value> {
         .read_line(&mut buf)
         .await?;
     serde_json::from_str(&buf).map_err(std::io::Error::other)
+}
+
+/// Completes withdraws a crash (or an unwritable audit log) left `WithdrawPending`: writes the
+/// operator's `erasure(operator_withdraw)` record unless the log already holds it, then erases
+/// the payload. Run at start-up, before any sending; the envelopes are never sent meanwhile.
+pub async fn complete_withdrawals(h: &Node) -> Result<usize, String> {
+    let pending = h.store.withdrawals_pending().map_err(|e| e.to_string())?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let mut recorded = std::collections::HashSet::new();
+    crate::adapters::audit::for_each_record(&h.settings.paths.audit, |r, _| {
+        if r.reason.as_deref() == Some("operator_withdraw") && r.outcome == Some(Outcome::Ok) {
+            if let Some(e) = &r.envelope_id {
+                recorded.insert(e.clone());
+            }
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    for (id, rec) in &pending {
+        if !recorded.contains(&id.to_string()) {
+            let user = rec.withdraw.as_ref().map_or("unknown", |(u, _)| u.as_str());
+            let mut ev = Event::new(
+                Operation::Erasure,
+                Actor::User(user.to_owned()),
+                Outcome::Ok,
+            )
+            .envelope(*id)
+            .route(&h.settings.area, &rec.to)
+            .reason("operator_withdraw");
+            if let Some(k) = &rec.subject_key {
+                ev = ev.subject_hex(k);
+            }
+            h.audit.record(ev).await.map_err(|e| e.to_string())?;
+        }
+        h.store
+            .withdraw(id, Utc::now())
+            .map_err(|e| e.to_string())?;
+        info!(envelope_id = %id, "withdraw completed at start-up");
+    }
+    h.store.durable().await.map_err(|e| e.to_string())?;
+    Ok(pending.len())
 }

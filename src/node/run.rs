@@ -47,6 +47,9 @@ pub async fn run(
     let s = node.settings.clone();
     let receiver = Arc::new(Receiver::new(node.clone()));
     receiver.recover().map_err(StartError::Inbox)?;
+    if let Err(e) = control::complete_withdrawals(&node).await {
+        error!("withdraws begun before a crash could not be completed (they stay unsent): {e}");
+    }
     let transport = Transport::bind(s.listen, &load_tls(&s)?, s.limits.transport.clone())?;
     transport.know_peers(s.directory.areas().map(|e| e.address));
     let watcher = OutboxWatcher::new(WatchConfig {

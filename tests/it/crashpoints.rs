@@ -130,18 +130,22 @@ fn a_crash_between_the_purge_record_and_the_delete_keeps_the_record() {
     finish(&mut fed, &handed);
 }
 
-#[test]
-fn a_crash_between_a_withdraw_record_and_the_change_leaves_the_envelope_queued() {
+/// A crash inside an operator's withdraw, at `point`: after the envelope left its queue
+/// (`operator_withdraw_pending`, before the record) or after the erasure record (before the
+/// payload is erased). Either way the restart completes the withdraw — one
+/// `erasure(operator_withdraw)` record, by the operator — and the referral is never delivered,
+/// so nothing is recorded after its erasure; a referral handed over later still arrives.
+fn a_crash_inside_a_withdraw_completes_it_at_restart(point: &str) {
     let mut fed = Federation::with_config(
         &["west-midlands", "london"],
         crate::harness::FAST_CRASH_CONFIG,
     );
     // London is down, so the envelope stays queued.
     let wm = fed.node_mut("west-midlands");
-    wm.extra_env = vec![("REFEX_CRASH_AT".into(), "operator_before_change".into())];
+    wm.extra_env = vec![("REFEX_CRASH_AT".into(), point.into())];
     wm.start();
-    let mut handed = Vec::new();
-    hand_over(&fed, &mut handed, "WD", 1);
+    let mut withdrawn = Vec::new();
+    hand_over(&fed, &mut withdrawn, "WD", 1);
     let wm = fed.node("west-midlands");
     wait_until(WAIT, "the referral to be collected", || {
         wm.outbox_files().is_empty()
@@ -157,24 +161,46 @@ fn a_crash_between_a_withdraw_record_and_the_change_leaves_the_envelope_queued()
         "the withdraw cannot report success when the daemon died"
     );
     let wm = fed.node_mut("west-midlands");
-    wait_crash(wm, "operator_before_change");
+    wait_crash(wm, point);
+    wm.start();
+    fed.node_mut("london").start();
+    let mut handed = Vec::new();
+    hand_over(&fed, &mut handed, "AFTER", 2);
+    let wm = fed.node("west-midlands");
+    assert!(
+        wm.log_text().contains("withdraw completed at start-up"),
+        "the restart completes the withdraw"
+    );
+    finish(&mut fed, &handed);
+    let wm = fed.node("west-midlands");
     assert_eq!(
         count_reason(wm, "operator_withdraw"),
         1,
-        "the operator's action is on record before the change"
+        "one erasure record for the withdraw, whichever side of it the crash came"
     );
-    wm.start();
-    fed.node_mut("london").start();
-    // The change was never made: the envelope is still queued and is delivered, once.
-    // Not yet true here: the withdraw's `erasure(operator_withdraw)` record is written before
-    // the change (record before change), the crash leaves the envelope queued, and its later
-    // delivery is recorded after that erasure record (src/node/control.rs; a fix would record
-    // the withdraw as requested and the erasure once made). Every other property is required.
-    finish_requiring(
-        &mut fed,
-        &handed,
-        crate::history::Required::all_but(&[crate::history::Property::NothingAfterErasure]),
+    let by_operator = records(&wm.settings.paths.audit)
+        .iter()
+        .filter(|r| r["reason"] == "operator_withdraw")
+        .all(|r| r["actor"].as_str().is_some_and(|a| a.starts_with("user:")));
+    assert!(by_operator, "the record names the operator");
+    let london = fed.node("london");
+    assert!(
+        !london
+            .inbox_docs()
+            .iter()
+            .any(|d| d["source_ref"] == withdrawn[0].as_str()),
+        "a withdrawn referral is never delivered"
     );
+}
+
+#[test]
+fn a_crash_after_a_withdraw_left_the_queue_completes_it_at_restart() {
+    a_crash_inside_a_withdraw_completes_it_at_restart("operator_withdraw_pending");
+}
+
+#[test]
+fn a_crash_between_the_withdraw_record_and_the_erasure_completes_it_at_restart() {
+    a_crash_inside_a_withdraw_completes_it_at_restart("operator_before_change");
 }
 
 #[test]

@@ -115,7 +115,16 @@ async fn non_delivered_envelopes_can_be_requeued_or_withdrawn() {
         .unwrap()
         .is_empty());
     store.requeue(&ida).unwrap();
+    // A withdraw not yet begun cannot be completed; a begun one is out of the queue at once.
+    assert!(store.withdraw(&idb, Utc::now()).is_err());
+    store.begin_withdraw(&idb, "operator").unwrap();
+    assert_eq!(store.withdrawals_pending().unwrap().len(), 1);
+    assert!(
+        store.get(&idb).unwrap().unwrap().sealed.is_some(),
+        "payload kept until the record"
+    );
     store.withdraw(&idb, Utc::now()).unwrap();
+    assert!(store.withdrawals_pending().unwrap().is_empty());
     let queued = store
         .next_queued(&area("london"), 10, &HashSet::new())
         .unwrap();
@@ -326,5 +335,40 @@ async fn concurrent_waiters_share_syncs() {
             .unwrap()
             .queued,
         200
+    );
+}
+
+#[tokio::test]
+async fn a_withdraw_that_cannot_be_recorded_goes_back_to_the_state_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let id = queue(&store, env("london", PriorityClass::Standard, 10), &[9; 32]).id();
+    store.durable().await.unwrap();
+    assert_eq!(
+        store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()
+            .len(),
+        1
+    );
+    store.begin_withdraw(&id, "operator").unwrap();
+    store.durable().await.unwrap();
+    assert!(
+        store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()
+            .is_empty(),
+        "a withdraw under way is never sent"
+    );
+    store.cancel_withdraw(&id).unwrap();
+    store.durable().await.unwrap();
+    let rec = store.get(&id).unwrap().unwrap();
+    assert_eq!(rec.state, OutState::Queued);
+    assert_eq!(
+        store
+            .next_queued(&area("london"), 10, &HashSet::new())
+            .unwrap()
+            .len(),
+        1
     );
 }
