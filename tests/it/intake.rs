@@ -452,7 +452,7 @@ fn a_name_that_is_not_utf8_is_refused_with_its_rule_and_a_good_file_beside_it_ar
             .iter()
             .any(|r| r["op"] == "refusal" && r["reason"] == "name_not_utf8")
     });
-    let left: Vec<_> = fs::read_dir(&outbox)
+    let left: Vec<_> = fs::read_dir(outbox)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .filter(|n| n != "rejected")
