@@ -77,8 +77,9 @@
 //! suffix for the file and its error document). The error document is placed first: a crash
 //! between the two leaves an error document without its file and the original still in the
 //! outbox, which is refused again under the next suffix.
-//! Must not: delete or move anything except through [`remove_taken`] and [`reject`]; parse
-//! file contents; log file contents.
+//! Must not: delete or move anything except through [`remove_taken`] and [`reject`] (and the
+//! rename of a name that is not UTF-8, above, which never replaces a file); parse file
+//! contents; log file contents or raw name bytes.
 
 use std::fs::{self};
 use std::io;
