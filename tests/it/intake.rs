@@ -5,7 +5,7 @@ use std::fs;
 use std::io::Write;
 use std::time::Duration;
 
-use crate::harness::{referral, wait_until, Federation};
+use crate::harness::{audit_records, referral, wait_until, Federation};
 
 const WAIT: Duration = Duration::from_secs(60);
 const FAST: &str = "[intake]\nsettle_ms = 300\nrescan_ms = 1000\n";
@@ -404,4 +404,68 @@ fn hostile_provider_files_are_refused_with_their_rule_and_a_good_one_still_arriv
     });
     assert_eq!(fed.node("london").inbox_docs()[0]["source_ref"], "GOOD-1");
     assert!(wm.outbox_files().is_empty(), "{:?}", wm.outbox_files());
+}
+
+/// Issue 10.7: a file whose name is not UTF-8 is renamed to its escaped form and refused with
+/// `name_not_utf8` into `rejected/`, audited, and never logged raw; a temporary name that is
+/// not UTF-8 is left alone; a good file dropped beside it is still delivered.
+#[test]
+fn a_name_that_is_not_utf8_is_refused_with_its_rule_and_a_good_file_beside_it_arrives() {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_owned();
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    fed.start_all();
+    let wm = fed.node("west-midlands");
+    let outbox = wm.outbox();
+    let tmp = outbox.join(".latin1.tmp");
+    fs::write(&tmp, referral("LATIN1-1", "london")).unwrap();
+    fs::rename(&tmp, outbox.join(raw(b"r\xe9f\xe9rence-1.json"))).unwrap();
+    let temporary = outbox.join(raw(b"r\xe9f-2.json.part"));
+    fs::write(&temporary, b"half written").unwrap();
+    wm.drop_file("good.json", referral("GOOD-1", "london").as_bytes());
+
+    let name = r"r\xe9f\xe9rence-1.json.not-utf8";
+    let rejected = outbox.join("rejected");
+    wait_until(WAIT, "the refusal in rejected/", || {
+        rejected.join(format!("{name}.error.json")).exists()
+    });
+    let doc: serde_json::Value =
+        serde_json::from_slice(&fs::read(rejected.join(format!("{name}.error.json"))).unwrap())
+            .unwrap();
+    assert_eq!(doc["errors"][0]["field"], "file", "{doc}");
+    assert_eq!(doc["errors"][0]["rule"], "name_not_utf8", "{doc}");
+    assert!(
+        doc.to_string().contains(r"r\\xe9f\\xe9rence-1.json"),
+        "{doc}"
+    );
+    assert_eq!(
+        fs::read_to_string(rejected.join(name)).unwrap(),
+        referral("LATIN1-1", "london"),
+        "the refused file itself is in rejected/"
+    );
+    wait_until(WAIT, "the good referral to arrive", || {
+        fed.node("london").inbox_files().len() == 1
+    });
+    assert_eq!(fed.node("london").inbox_docs()[0]["source_ref"], "GOOD-1");
+    wait_until(WAIT, "the refusal audited", || {
+        audit_records(&wm.settings.paths.audit)
+            .iter()
+            .any(|r| r["op"] == "refusal" && r["reason"] == "name_not_utf8")
+    });
+    let left: Vec<_> = fs::read_dir(outbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "rejected")
+        .collect();
+    assert_eq!(
+        left,
+        [temporary.file_name().unwrap()],
+        "only the temporary name is left"
+    );
+    // `read_to_string` fails on a log holding raw bytes that are not UTF-8.
+    let log = fs::read_to_string(&wm.log).expect("the log is UTF-8 throughout");
+    assert!(
+        log.contains(r"r\\xe9f\\xe9rence-1.json"),
+        "the new name is logged escaped"
+    );
 }

@@ -18,8 +18,16 @@
 //! - Everything else is refused as [`PickupRefusal::UnsupportedName`] (and so moved to
 //!   `rejected/` by the caller), so a provider notices a misnamed file instead of it lying in
 //!   the outbox forever.
-//! - Names that are not UTF-8 cannot be carried as a `String`: they are left alone and counted in
-//!   a warning at each rescan.
+//! - Refused by name ([`PickupRefusal::NotUtf8Name`]): a name that is not UTF-8 (judged on the
+//!   raw bytes: the temporary and lock endings and the one-leading-dot form are ignored as
+//!   above). It cannot be carried as a `String`, so the watcher first renames it inside the
+//!   outbox, never replacing anything (`RENAME_NOREPLACE`, or link + unlink where that is not
+//!   supported), to [`not_utf8_name`]: each byte that is not UTF-8, each control character
+//!   and each `\` written `\xNN`, then the ending [`NOT_UTF8_ENDING`] (`.N` before it if the
+//!   name is taken). A name with that ending is refused by name alone, so a file renamed just
+//!   before a crash is still refused after the restart, never taken. The raw bytes are never
+//!   logged. A name that cannot be renamed (permission denied) is left alone and counted in a
+//!   warning at each rescan.
 //!
 //! # When a file is taken
 //! All of these hold:
@@ -69,8 +77,9 @@
 //! suffix for the file and its error document). The error document is placed first: a crash
 //! between the two leaves an error document without its file and the original still in the
 //! outbox, which is refused again under the next suffix.
-//! Must not: delete or move anything except through [`remove_taken`] and [`reject`]; parse
-//! file contents; log file contents.
+//! Must not: delete or move anything except through [`remove_taken`] and [`reject`] (and the
+//! rename of a name that is not UTF-8, above, which never replaces a file); parse file
+//! contents; log file contents or raw name bytes.
 
 use std::fs::{self};
 use std::io;
@@ -99,6 +108,13 @@ const MAX_REJECTED_BASE: usize = 200;
 
 /// How many `NAME.N` slots are tried before giving up on filing a rejection.
 const MAX_REJECTED_SUFFIX: u32 = 10_000;
+
+/// The ending given to a name that was not UTF-8 when the watcher renamed it.
+pub const NOT_UTF8_ENDING: &str = ".not-utf8";
+
+/// Longest escaped part of a renamed non-UTF-8 name, so that it plus a numeric suffix plus
+/// [`NOT_UTF8_ENDING`] stays well under the 255-byte file name limit.
+const MAX_NOT_UTF8_BASE: usize = 200;
 
 /// Shortest wait between two looks, a guard against spinning on a deadline already past.
 const MIN_WAIT: Duration = Duration::from_millis(1);
@@ -216,6 +232,8 @@ pub enum PickupRefusal {
     ControlCharName,
     /// A dot-name that is not the temporary convention (`..x`, `.json`, `.csv`).
     DotName,
+    /// The name was not UTF-8 (it was renamed to its escaped form, see the module doc).
+    NotUtf8Name,
 }
 
 impl PickupRefusal {
@@ -230,6 +248,7 @@ impl PickupRefusal {
             Self::HardLink => "hard_link",
             Self::ControlCharName => "control_character_in_name",
             Self::DotName => "hidden_file_name",
+            Self::NotUtf8Name => "name_not_utf8",
         }
     }
 }
@@ -267,6 +286,12 @@ impl std::fmt::Display for PickupRefusal {
                 "names starting with '.' are temporary names and are never taken, but this one \
                  cannot be renamed into a takeable name; name the file like ref-123.json",
             ),
+            Self::NotUtf8Name => f.write_str(
+                "the file name was not UTF-8 text; refex renamed it to this name, which is the \
+                 original with each byte that is not UTF-8 (and each control character and \
+                 '\\') written \\xNN, and the ending .not-utf8 (a .N before it when the name \
+                 was taken); use letters, digits, '-', '_' and '.'",
+            ),
         }
     }
 }
@@ -298,6 +323,8 @@ fn classify_name(name: &str) -> NameClass {
         NameClass::Ignore
     } else if name.chars().any(char::is_control) {
         NameClass::Refused(PickupRefusal::ControlCharName)
+    } else if lower.ends_with(NOT_UTF8_ENDING) {
+        NameClass::Refused(PickupRefusal::NotUtf8Name)
     } else if name.starts_with("..") || lower == ".json" || lower == ".csv" {
         NameClass::Refused(PickupRefusal::DotName)
     } else if name.starts_with('.') {
@@ -309,6 +336,57 @@ fn classify_name(name: &str) -> NameClass {
     } else {
         NameClass::Refused(PickupRefusal::UnsupportedName)
     }
+}
+
+/// True for a raw (not UTF-8) name that the rules above ignore: a temporary or lock ending, or
+/// one leading dot followed by anything but a dot. Judged on the bytes, as [`classify_name`]
+/// judges a `String`.
+fn raw_name_ignored(name: &[u8]) -> bool {
+    let ends =
+        |s: &[u8]| name.len() >= s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s);
+    [b".tmp".as_slice(), b".part", b".lock"]
+        .iter()
+        .any(|s| ends(s))
+        || (name.first() == Some(&b'.') && name.get(1) != Some(&b'.'))
+}
+
+/// The UTF-8 name a raw name is renamed to before it is refused (without [`NOT_UTF8_ENDING`]):
+/// valid text is kept except control characters and `\`, which, like each byte that is not
+/// UTF-8, become `\xNN` per byte. At most [`MAX_NOT_UTF8_BASE`] bytes (whole escapes only).
+pub fn not_utf8_name(name: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut push = |piece: &str| {
+        if out.len() + piece.len() > MAX_NOT_UTF8_BASE {
+            return false;
+        }
+        out.push_str(piece);
+        true
+    };
+    let escape = |bytes: &[u8]| {
+        bytes.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "\\x{b:02x}");
+            s
+        })
+    };
+    'chunks: for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let mut buf = [0u8; 4];
+            let text = c.encode_utf8(&mut buf);
+            let piece = if c.is_control() || c == '\\' {
+                escape(text.as_bytes())
+            } else {
+                text.to_owned()
+            };
+            if !push(&piece) {
+                break 'chunks;
+            }
+        }
+        if !push(&escape(chunk.invalid())) {
+            break;
+        }
+    }
+    out
 }
 
 /// A name the watcher is waiting on.

@@ -640,3 +640,87 @@ fn no_space_and_no_quota_are_disk_full() {
     assert!(!err(Errno::ACCESS).is_disk_full());
     assert!(!OutboxError::BadName("x".into()).is_disk_full());
 }
+
+fn raw(bytes: &[u8]) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(bytes).to_owned()
+}
+
+/// Issue 10.7: a name that is not UTF-8 is renamed within the outbox to its escaped form (never
+/// over a file already there) and refused by name; temporary and dot-names stay ignored.
+async fn not_utf8_names_are_renamed_escaped_and_refused(events: bool) {
+    let dir = outbox();
+    let mut w = OutboxWatcher::with_events(cfg(dir.path()), events).unwrap();
+    // Already taken: the renamed file must take the next name, and this one stays as it is.
+    fs::write(dir.path().join("ref-\\xff\\xfe.json.not-utf8"), b"first").unwrap();
+    fs::write(dir.path().join(raw(b"ref-\xff\xfe.json")), b"second").unwrap();
+    fs::write(dir.path().join(raw(b"a\\b\n\xc3.csv")), b"third").unwrap();
+    for ignored in [&b".\xff.json"[..], b"x\xff.json.tmp", b"x\xff.JSON.Part"] {
+        fs::write(dir.path().join(raw(ignored)), b"tmp").unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_refusal(&mut w).await);
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let want = [
+        ("a\\x5cb\\x0a\\xc3.csv.not-utf8", PickupRefusal::NotUtf8Name),
+        ("ref-\\xff\\xfe.json.1.not-utf8", PickupRefusal::NotUtf8Name),
+        ("ref-\\xff\\xfe.json.not-utf8", PickupRefusal::NotUtf8Name),
+    ];
+    let got: Vec<(&str, PickupRefusal)> =
+        got.iter().map(|(n, r)| (n.as_str(), r.clone())).collect();
+    assert_eq!(got, want);
+    assert_eq!(got[0].1.rule(), "name_not_utf8");
+    let read = |n: &str| fs::read(dir.path().join(n)).unwrap();
+    assert_eq!(
+        read("ref-\\xff\\xfe.json.not-utf8"),
+        b"first",
+        "never overwritten"
+    );
+    assert_eq!(read("ref-\\xff\\xfe.json.1.not-utf8"), b"second");
+    assert_eq!(read("a\\x5cb\\x0a\\xc3.csv.not-utf8"), b"third");
+    assert!(quiet(&mut w).await, "refused once each");
+    let mut left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_str().is_none())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            raw(b".\xff.json"),
+            raw(b"x\xff.JSON.Part"),
+            raw(b"x\xff.json.tmp")
+        ],
+        "temporary names are left alone"
+    );
+}
+
+#[tokio::test]
+async fn not_utf8_names_announced_by_events_are_renamed_and_refused() {
+    not_utf8_names_are_renamed_escaped_and_refused(true).await;
+}
+
+#[tokio::test]
+async fn not_utf8_names_found_by_a_rescan_are_renamed_and_refused() {
+    not_utf8_names_are_renamed_escaped_and_refused(false).await;
+}
+
+#[test]
+fn an_escaped_not_utf8_name_stays_short_and_holds_no_control_characters() {
+    let long = not_utf8_name(&[0xff; 250]);
+    assert!(long.len() <= 200, "{}", long.len());
+    assert!(
+        long.ends_with("\\xff") && long.len() % 4 == 0,
+        "whole escapes only"
+    );
+    let name = not_utf8_name(b"ok-\x1b[2J\xe2\x80\xaeq\xc2\x85\xf0.json");
+    assert_eq!(name, "ok-\\x1b[2J\u{202e}q\\xc2\\x85\\xf0.json");
+    assert!(!name.chars().any(char::is_control));
+    assert!(matches!(
+        classify_name("x.NOT-UTF8"),
+        NameClass::Refused(PickupRefusal::NotUtf8Name)
+    ));
+}

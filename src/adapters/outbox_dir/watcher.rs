@@ -1,6 +1,7 @@
 //! The watcher: inotify events, rescans, settling and reading (rules in the module doc).
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::FileTypeExt;
@@ -160,12 +161,10 @@ impl OutboxWatcher {
             let Some(fd) = self.events.as_mut() else {
                 return;
             };
-            let batch: Vec<(Option<String>, EventMask)> = match fd.get_mut().read_events(&mut buf) {
+            let batch: Vec<(Option<OsString>, EventMask)> = match fd.get_mut().read_events(&mut buf)
+            {
                 Ok(events) => events
-                    .map(|ev| {
-                        let name = ev.name.and_then(|n| n.to_str()).map(str::to_owned);
-                        (name, ev.mask)
-                    })
+                    .map(|ev| (ev.name.map(OsStr::to_owned), ev.mask))
                     .collect(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -184,7 +183,7 @@ impl OutboxWatcher {
         }
     }
 
-    fn on_event(&mut self, name: Option<String>, mask: EventMask, now: Instant) {
+    fn on_event(&mut self, name: Option<OsString>, mask: EventMask, now: Instant) {
         if mask.contains(EventMask::Q_OVERFLOW) {
             warn!("outbox event queue overflowed; rescanning");
             // Close events may be among the lost ones: everything tracked is now "found by a
@@ -205,11 +204,20 @@ impl OutboxWatcher {
             self.rescan_now = true;
             return;
         }
-        // Names that are not UTF-8 are counted by the rescan.
         let Some(name) = name else {
             return;
         };
         let gone = mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM);
+        let name = match name.into_string() {
+            Ok(name) => name,
+            Err(raw) => {
+                if !gone {
+                    // A failure is retried (and counted) by the rescans.
+                    let _ = self.rename_not_utf8(&raw, now);
+                }
+                return;
+            }
+        };
         if let Some(base) = name.strip_suffix(".lock") {
             // A lock released: look at the file it held at once.
             if gone {
@@ -287,14 +295,21 @@ impl OutboxWatcher {
         let generation = self.generation;
         let stale_after = self.stale_after();
         let (mut complete, mut deferred, mut not_utf8) = (true, 0usize, 0usize);
+        let mut not_utf8_error = None;
         for entry in entries {
             let Ok(entry) = entry else {
                 complete = false;
                 break;
             };
-            let Ok(name) = entry.file_name().into_string() else {
-                not_utf8 += 1;
-                continue;
+            let name = match entry.file_name().into_string() {
+                Ok(name) => name,
+                Err(raw) => {
+                    if let Err(e) = self.rename_not_utf8(&raw, now) {
+                        not_utf8 += 1;
+                        not_utf8_error = Some(e);
+                    }
+                    continue;
+                }
             };
             if matches!(classify_name(&name), NameClass::Ignore) {
                 continue;
@@ -350,12 +365,62 @@ impl OutboxWatcher {
                 "outbox holds more files than are tracked at once; the rest wait for a later rescan"
             );
         }
-        if not_utf8 > 0 {
+        if let Some(e) = not_utf8_error {
             warn!(
                 count = not_utf8,
-                "outbox file names that are not UTF-8 are left alone; rename them"
+                error = %e,
+                "outbox file names that are not UTF-8 could not be renamed to be refused; they are left alone"
             );
         }
+    }
+
+    /// Renames an outbox name that is not UTF-8 to its escaped form (module doc) and tracks the
+    /// new name, which is then refused by name. Names the rules ignore, names held by a lock
+    /// sidecar, and names already gone are left alone (`Ok`); `Err` when the rename failed.
+    fn rename_not_utf8(&mut self, raw: &OsStr, now: Instant) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = raw.as_bytes();
+        if raw_name_ignored(bytes) || !self.has_room() {
+            return Ok(());
+        }
+        let mut lock = raw.to_owned();
+        lock.push(".lock");
+        if leave::exists(&self.cfg.dir.join(lock)) {
+            return Ok(());
+        }
+        let base = not_utf8_name(bytes);
+        let from = self.cfg.dir.join(raw);
+        for n in 0..=MAX_REJECTED_SUFFIX {
+            let target = if n == 0 {
+                format!("{base}{NOT_UTF8_ENDING}")
+            } else {
+                format!("{base}.{n}{NOT_UTF8_ENDING}")
+            };
+            match rename_in_outbox(&from, &self.cfg.dir.join(&target)) {
+                Ok(false) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(true) => {}
+            }
+            warn!(file = %escape_for_log(&target), "an outbox file name was not UTF-8; renamed to this and refused");
+            // The name alone decides, so no settle window (a later write event still waits
+            // for its writer).
+            let t = self.tracked.entry(target).or_insert(Tracked {
+                closed: true,
+                renamed: true,
+                last_event: now,
+                last_id: None,
+                stable_since: now,
+                due: now,
+                listed: self.generation,
+            });
+            t.due = now;
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "every escaped name is taken",
+        ))
     }
 
     /// Looks at every name whose time has come, oldest-stable first. Refusals are queued; the
@@ -579,6 +644,28 @@ impl OutboxWatcher {
             .map(|t| t.due)
             .fold(self.next_rescan, Instant::min);
         earliest.max(now + MIN_WAIT)
+    }
+}
+
+/// Renames inside the outbox without ever replacing a file a provider may have put there:
+/// `RENAME_NOREPLACE`, or a hard link and unlink where the filesystem lacks it. `Ok(false)` when
+/// `to` exists.
+fn rename_in_outbox(from: &Path, to: &Path) -> io::Result<bool> {
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) => Ok(false),
+        Err(Errno::INVAL | Errno::NOSYS) => match fs::hard_link(from, to) {
+            Ok(()) => fs::remove_file(from).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e.into()),
     }
 }
 
