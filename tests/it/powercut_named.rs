@@ -97,8 +97,6 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
 /// then before a fsync of the sender's store. Each time the daemons are killed, the same backing
 /// directory is mounted again and they restart; at the end every referral arrived exactly once.
 #[test]
-#[ignore = "unfinished: in about half of runs the outbox never empties after the fsync crash \
-            (cause not yet found): cargo test --release --test it -- --ignored lazyfs_killed"]
 fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
     let mut fed = Federation::with_config(
         &["west-midlands", "london"],
@@ -121,6 +119,7 @@ fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
         "lazyfs::crash::timing=before::op=fsync::from_rgx=west-midlands/state/",
     ];
     let mut k = 0;
+    let mut uncertain = Vec::new();
     fed.start_all();
     for fault in faults {
         let outbox = fed.node("west-midlands").outbox().to_owned();
@@ -149,6 +148,9 @@ fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
             }))
             .is_err()
             {
+                // Its outcome is unknown to the provider (the rename may have landed before
+                // the directory fsync failed): delivered at most once, checked at the end.
+                uncertain.push(r);
                 break;
             }
         }
@@ -165,6 +167,15 @@ fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
             provider.handed.len()
         );
         lfs.remount();
+        // The provider's own recovery: a hand-over that failed when the mount died may have
+        // left its temporary file (fsynced before the rename). refex rightly ignores it (a
+        // provider's temp name); the provider removes it, as it would after its own crash.
+        for e in fs::read_dir(&outbox).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                fs::remove_file(e.path()).unwrap();
+            }
+        }
         fed.start_all();
     }
     let wm = fed.node("west-midlands");
@@ -181,11 +192,16 @@ fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
         let (code, out, err) = n.cli(&["audit", "verify"]);
         assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
     }
-    crate::history::check_nodes(
-        &provider.handed,
-        fed.node("west-midlands"),
-        fed.node("london"),
-    )
-    .assert(&crate::history::required_under_crashes());
+    // An interrupted hand-over that did land counts as handed over: exactly once, like any other.
+    let delivered: Vec<String> = fed
+        .node("london")
+        .inbox_docs()
+        .iter()
+        .filter_map(|d| d["source_ref"].as_str().map(str::to_owned))
+        .collect();
+    let mut handed = provider.handed.clone();
+    handed.extend(uncertain.into_iter().filter(|r| delivered.contains(r)));
+    crate::history::check_nodes(&handed, fed.node("west-midlands"), fed.node("london"))
+        .assert(&crate::history::required_under_crashes());
     drop(lfs);
 }
