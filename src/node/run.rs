@@ -15,6 +15,7 @@
 //! Must not: hold referral content itself, or expose any network admin interface (control is a
 //! Unix socket with mode 0660, see `control`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +25,9 @@ use tracing::{error, info, warn};
 
 use crate::adapters::metrics_http;
 use crate::adapters::outbox_dir::{OutboxWatcher, WatchConfig};
+use crate::adapters::store::OutState;
 use crate::adapters::transport::Transport;
+use crate::core::types::AreaId;
 use crate::node::build::{load_tls, Node, Peers, StartError};
 use crate::node::control;
 use crate::node::housekeeping;
@@ -108,11 +111,26 @@ pub async fn run(
         transport: transport.clone(),
         local: receiver.clone(),
     });
+    // One scan for receipts a crash left stored, shared out to the workers (see `PeerWorker`).
+    let mut stored = match node.store.in_state(OutState::ReceiptStored) {
+        Ok(all) => {
+            let mut by_peer: HashMap<AreaId, Vec<_>> = HashMap::new();
+            for (id, rec) in all {
+                by_peer.entry(rec.to.clone()).or_default().push((id, rec));
+            }
+            Some(by_peer)
+        }
+        Err(e) => {
+            warn!("cannot scan for stored receipts once; each sender worker will: {e}");
+            None
+        }
+    };
     for (peer, wake) in &node.wake {
         let worker = PeerWorker {
             ctx: sender.clone(),
             peer: peer.clone(),
             wake: wake.clone(),
+            stored: stored.as_mut().map(|m| m.remove(peer).unwrap_or_default()),
         };
         tracker.spawn(worker.run(shutdown.clone(), SHUTDOWN_GRACE));
     }
@@ -268,6 +286,7 @@ fn reload(ctx: &Arc<SenderContext>, tracker: &TaskTracker, shutdown: &Cancellati
                 ctx: ctx.clone(),
                 peer: area.clone(),
                 wake,
+                stored: None,
             };
             tracker.spawn(worker.run(shutdown.clone(), SHUTDOWN_GRACE));
         }

@@ -65,6 +65,10 @@ pub struct PeerWorker {
     pub ctx: Arc<SenderContext>,
     pub peer: AreaId,
     pub wake: Arc<Notify>,
+    /// This peer's envelopes left `ReceiptStored` by a crash, when the caller has already
+    /// scanned the store once for every peer (`run` does, so 42 workers do not each scan it);
+    /// `None`: the worker scans for itself.
+    pub stored: Option<Vec<(EnvelopeId, OutRecord)>>,
 }
 
 impl PeerWorker {
@@ -74,7 +78,7 @@ impl PeerWorker {
         self.run_inner(shutdown, grace).instrument(span).await
     }
 
-    async fn run_inner(self, shutdown: CancellationToken, grace: Duration) {
+    async fn run_inner(mut self, shutdown: CancellationToken, grace: Duration) {
         // Receipts stored before a crash (or whose completion failed) are completed, never
         // re-sent: first at start, then after a failure once the backoff ends.
         let mut resume = true;
@@ -95,7 +99,8 @@ impl PeerWorker {
             }
             let backing_off = backoff_until.is_some_and(|t| t > Instant::now());
             if resume && !backing_off {
-                resume = complete_stored_receipts(&self.ctx, &self.peer).await > 0;
+                let known = self.stored.take();
+                resume = complete_stored_receipts(&self.ctx, &self.peer, known).await > 0;
                 if resume {
                     backoff_until = Some(Instant::now() + Duration::from_secs(1));
                 }
@@ -251,8 +256,12 @@ async fn complete(
 /// marked delivered — never sent again. When the log cannot be read, the records are written
 /// again: a second record is better than a missing one. Returns how many could not be
 /// completed (retried later).
-async fn complete_stored_receipts(ctx: &SenderContext, peer: &AreaId) -> usize {
-    let stored = match ctx.node.store.receipts_stored(peer) {
+async fn complete_stored_receipts(
+    ctx: &SenderContext,
+    peer: &AreaId,
+    known: Option<Vec<(EnvelopeId, OutRecord)>>,
+) -> usize {
+    let stored = match known.map_or_else(|| ctx.node.store.receipts_stored(peer), Ok) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot read stored receipts: {e}");

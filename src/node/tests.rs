@@ -376,6 +376,7 @@ async fn the_sender_delivers_a_local_referral_and_keeps_only_the_receipt() {
         ctx,
         peer: me.clone(),
         wake: node.wake[&me].clone(),
+        stored: None,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(5)));
@@ -467,6 +468,7 @@ async fn a_down_peer_is_retried_on_the_backoff_schedule_not_in_a_tight_loop() {
         }),
         peer: london.clone(),
         wake: node.wake[&london].clone(),
+        stored: None,
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));
