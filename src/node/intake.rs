@@ -173,18 +173,30 @@ impl Intake {
         // Names in flight, and pickups of such a name waiting for the first to finish.
         let mut in_flight: HashSet<String> = HashSet::new();
         let mut waiting: HashMap<String, VecDeque<Pickup>> = HashMap::new();
+        let mut task_names: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut poisoned: HashSet<String> = HashSet::new();
         let beat = self.node.heartbeats.register("intake");
         loop {
             beat.beat();
             let can_take = hold.is_none() && in_flight.len() < limit;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => Next::Stop,
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
-                    Ok((name, r)) => Next::Done(name, r),
-                    // A panicking file task: its name is unknown here, so it stays "in flight"
-                    // (never taken twice); the daemon keeps running.
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
+                    Ok((id, (name, r))) => {
+                        task_names.remove(&id);
+                        Next::Done(name, r)
+                    }
+                    // A panicking file task: its slot is freed, its file left in the outbox and
+                    // not taken again until restart (it would panic again); others go on.
                     Err(e) => {
-                        error!("intake worker ended abnormally: {e}");
+                        if let Some(name) = task_names.remove(&e.id()) {
+                            error!(file = %crate::core::text::escape_for_log(&name), "intake worker ended abnormally ({e}); the file stays in the outbox and is not taken again until refex restarts");
+                            in_flight.remove(&name);
+                            waiting.remove(&name);
+                            poisoned.insert(name);
+                        } else {
+                            error!("intake worker ended abnormally: {e}");
+                        }
                         Next::Beat
                     }
                 },
@@ -199,12 +211,16 @@ impl Intake {
                 Next::Resume => hold = None,
                 Next::Picked(p) => {
                     let name = pickup_name(&p).to_owned();
-                    if in_flight.contains(&name) {
+                    if poisoned.contains(&name) {
+                        // Reported once when its worker failed.
+                    } else if in_flight.contains(&name) {
                         waiting.entry(name).or_default().push_back(p);
                     } else {
                         in_flight.insert(name.clone());
                         let work = work.clone();
-                        tasks.spawn(async move { (name, work.take(p).await) });
+                        let n = name.clone();
+                        let h = tasks.spawn(async move { (n, work.take(p).await) });
+                        task_names.insert(h.id(), name);
                     }
                 }
                 Next::Done(name, result) => {
@@ -216,7 +232,8 @@ impl Intake {
                         in_flight.insert(name.clone());
                         let work = work.clone();
                         let n = name.clone();
-                        tasks.spawn(async move { (n, work.take(p).await) });
+                        let h = tasks.spawn(async move { (n, work.take(p).await) });
+                        task_names.insert(h.id(), name.clone());
                     }
                     if waiting.get(&name).is_some_and(VecDeque::is_empty) {
                         waiting.remove(&name);
