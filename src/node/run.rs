@@ -2,8 +2,9 @@
 //! cancellation token, and shutdown drains them under a deadline.
 //!
 //! Start order: [`Node::open`] (directories, keys, store, audit log, inbox) → inbox recovery
-//! (finish what a crash interrupted) → transport bound → tasks spawned (receiving side, one
-//! sender per area, intake, housekeeping, metrics listener when configured, control socket and
+//! and withdraws a crash interrupted completed (finish what a crash interrupted) → transport
+//! bound → one store scan for receipts stored before a crash → tasks spawned (receiving side,
+//! framing-violation audit, one sender per area, each first completing its stored receipts, intake, housekeeping, metrics listener when configured, control socket and
 //! its connections, SIGHUP, watchdog) → `READY=1` to systemd (`RELOADING=1` + `MONOTONIC_USEC`,
 //! then `READY=1`, around each SIGHUP; `STOPPING=1` when shutdown starts; `WATCHDOG=1` only
 //! while the loops make progress).
