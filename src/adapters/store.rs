@@ -523,19 +523,37 @@ impl Store {
     pub fn queue_stats(&self, to: &AreaId, now: DateTime<Utc>) -> Result<QueueStats, StoreError> {
         let mut s = QueueStats::default();
         for kv in self.inner.queue.scan_prefix(queue_prefix(to)) {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             let Some(id) = id_from_queue_key(&k) else {
                 continue;
             };
-            let Some(rec) = self.get(&id)? else { continue };
+            // Priority, due time (key) and created (value) without decoding the record; entries
+            // written before the value carried `created` fall back to the record.
+            let from_key = (|| {
+                let priority = *k.get(k.len().checked_sub(25)?)?;
+                let due = due_from_queue_key(&k)?;
+                let created = i64::from_be_bytes(v.as_ref().try_into().ok()?);
+                Some((priority == 0, due, created))
+            })();
+            let (enhanced, due, created) = match from_key {
+                Some(t) => t,
+                None => {
+                    let Some(rec) = self.get(&id)? else { continue };
+                    (
+                        rec.priority == PriorityClass::Enhanced,
+                        rec.due_by,
+                        rec.created,
+                    )
+                }
+            };
             s.queued += 1;
-            if rec.priority == PriorityClass::Enhanced {
+            if enhanced {
                 s.enhanced += 1;
             }
-            if rec.due_by < now.timestamp() {
+            if due < now.timestamp() {
                 s.past_due += 1;
             }
-            let created = rec.created_at();
+            let created = Utc.timestamp_opt(created, 0).single().unwrap_or_default();
             if s.oldest_created.is_none_or(|o| created < o) {
                 s.oldest_created = Some(created);
             }
@@ -584,7 +602,8 @@ impl Store {
                     queue.remove(qk)?;
                 }
                 (false, true) => {
-                    queue.insert(qk, &[][..])?;
+                    // The value carries `created`, so queue figures need no record decode.
+                    queue.insert(qk, &rec.created.to_be_bytes()[..])?;
                 }
                 _ => {}
             }

@@ -372,3 +372,35 @@ async fn a_withdraw_that_cannot_be_recorded_goes_back_to_the_state_it_had() {
         1
     );
 }
+
+#[test]
+fn queue_figures_come_from_the_queue_entries_and_match_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = Utc::now();
+    let mut oldest = env("london", PriorityClass::Standard, now.timestamp() - 60);
+    oldest.created = now - chrono::Duration::hours(3);
+    let enhanced = env("london", PriorityClass::Enhanced, now.timestamp() + 3_600);
+    let later = env("london", PriorityClass::Standard, now.timestamp() + 7_200);
+    for (i, e) in [oldest, enhanced, later].into_iter().enumerate() {
+        queue(&store, e, &[i as u8; 32]);
+    }
+    let expect = |s: QueueStats| {
+        assert_eq!((s.queued, s.enhanced, s.past_due), (3, 1, 1));
+        assert_eq!(
+            s.oldest_created.map(|t| t.timestamp()),
+            Some((now - chrono::Duration::hours(3)).timestamp())
+        );
+    };
+    assert!(
+        store.inner.queue.iter().all(|kv| kv.unwrap().1.len() == 8),
+        "each queue entry carries its envelope's created time"
+    );
+    expect(store.queue_stats(&area("london"), now).unwrap());
+    // Entries written before the value carried `created` (empty values) give the same figures.
+    let keys: Vec<_> = store.inner.queue.iter().map(|kv| kv.unwrap().0).collect();
+    for k in keys {
+        store.inner.queue.insert(k, &[][..]).unwrap();
+    }
+    expect(store.queue_stats(&area("london"), now).unwrap());
+}
