@@ -246,6 +246,11 @@ struct Inner {
     idem: sled::Tree,
     seen: sled::Tree,
     referrals: sled::Tree,
+    /// Index of the rare states an operator or a restart must find without scanning every
+    /// envelope: `[tag][id]` for `NonDelivered`, `ReceiptStored` and `WithdrawPending`
+    /// (see [`rare_tag`]); kept in the same transaction as the record. `BUILT` marks it complete
+    /// (built once from the records when a store from before it is opened).
+    states: sled::Tree,
     commit_tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
     syncs: Arc<AtomicU64>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
@@ -312,6 +317,26 @@ fn due_from_queue_key(k: &[u8]) -> Option<i64> {
     Some((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
 }
 
+/// The rare-state index's completion marker (shorter than any `[tag][id]` key).
+const STATES_BUILT: &[u8] = b"built";
+
+/// The index tag of a state operators and restarts look for; `None` for the common states.
+fn rare_tag(state: OutState) -> Option<u8> {
+    match state {
+        OutState::NonDelivered => Some(1),
+        OutState::ReceiptStored => Some(2),
+        OutState::WithdrawPending => Some(3),
+        _ => None,
+    }
+}
+
+fn state_key(tag: u8, id: &EnvelopeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(tag);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 fn queue_prefix(to: &AreaId) -> Vec<u8> {
     let mut k = to.as_str().as_bytes().to_vec();
     k.push(0);
@@ -352,6 +377,7 @@ impl Store {
             idem: db.open_tree("idem")?,
             seen: db.open_tree("seen")?,
             referrals: db.open_tree("referrals")?,
+            states: db.open_tree("states")?,
             _db: db.clone(),
             commit_tx: std::sync::Mutex::new(Some(commit_tx)),
             syncs,
@@ -359,9 +385,32 @@ impl Store {
             pending,
             gate: std::sync::RwLock::new(()),
         };
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(inner),
-        })
+        };
+        store.build_state_index()?;
+        Ok(store)
+    }
+
+    /// Builds the rare-state index from the records, once, for a store written before it
+    /// existed (the marker is written last, so an interrupted build is redone).
+    fn build_state_index(&self) -> Result<(), StoreError> {
+        let i = &self.inner;
+        if i.states.contains_key(STATES_BUILT)? {
+            return Ok(());
+        }
+        for kv in i.envelopes.iter() {
+            let (k, v) = kv?;
+            let Ok(id) = EnvelopeId::from_slice(&k) else {
+                continue;
+            };
+            let rec: OutRecord = decode(id, &v)?;
+            if let Some(tag) = rare_tag(rec.state) {
+                i.states.insert(state_key(tag, &id), &[][..])?;
+            }
+        }
+        i.states.insert(STATES_BUILT, &[][..])?;
+        Ok(())
     }
 
     /// Returns once everything written before the call is on the device.
@@ -563,21 +612,9 @@ impl Store {
 
     /// Envelopes in state `NonDelivered` (for status and operators).
     pub fn non_delivered(&self, limit: usize) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.inner.envelopes.iter() {
-            let (k, v) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k) else {
-                continue;
-            };
-            let rec: OutRecord = decode(id, &v)?;
-            if rec.state == OutState::NonDelivered {
-                out.push((id, rec));
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        let mut all = self.in_state(OutState::NonDelivered)?;
+        all.truncate(limit);
+        Ok(all)
     }
 
     fn update<T>(
@@ -587,29 +624,41 @@ impl Store {
     ) -> Result<T, StoreError> {
         let i = &self.inner;
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
-        let out = (&i.envelopes, &i.queue).transaction(|(envelopes, queue)| {
-            let Some(v) = envelopes.get(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(StoreError::NotFound(
-                    *id,
-                )));
-            };
-            let mut rec: OutRecord = decode(id, &v).map_err(ConflictableTransactionError::Abort)?;
-            let was_queued = rec.state == OutState::Queued;
-            let qk = queue_key(&rec.to, rec.priority, rec.due_by, id);
-            let out = f(&mut rec).map_err(ConflictableTransactionError::Abort)?;
-            match (was_queued, rec.state == OutState::Queued) {
-                (true, false) => {
-                    queue.remove(qk)?;
+        let out =
+            (&i.envelopes, &i.queue, &i.states).transaction(|(envelopes, queue, states)| {
+                let Some(v) = envelopes.get(id.as_bytes())? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::NotFound(
+                        *id,
+                    )));
+                };
+                let mut rec: OutRecord =
+                    decode(id, &v).map_err(ConflictableTransactionError::Abort)?;
+                let was_queued = rec.state == OutState::Queued;
+                let was_tag = rare_tag(rec.state);
+                let qk = queue_key(&rec.to, rec.priority, rec.due_by, id);
+                let out = f(&mut rec).map_err(ConflictableTransactionError::Abort)?;
+                match (was_queued, rec.state == OutState::Queued) {
+                    (true, false) => {
+                        queue.remove(qk)?;
+                    }
+                    (false, true) => {
+                        // The value carries `created`, so queue figures need no record decode.
+                        queue.insert(qk, &rec.created.to_be_bytes()[..])?;
+                    }
+                    _ => {}
                 }
-                (false, true) => {
-                    // The value carries `created`, so queue figures need no record decode.
-                    queue.insert(qk, &rec.created.to_be_bytes()[..])?;
+                let tag = rare_tag(rec.state);
+                if tag != was_tag {
+                    if let Some(t) = was_tag {
+                        states.remove(state_key(t, id))?;
+                    }
+                    if let Some(t) = tag {
+                        states.insert(state_key(t, id), &[][..])?;
+                    }
                 }
-                _ => {}
-            }
-            envelopes.insert(&id.as_bytes()[..], encode(&rec))?;
-            Ok(out)
-        })?;
+                envelopes.insert(&id.as_bytes()[..], encode(&rec))?;
+                Ok(out)
+            })?;
         Ok(out)
     }
 
@@ -672,18 +721,32 @@ impl Store {
         Ok(all)
     }
 
-    /// Every envelope in `state`: a full scan of the envelope records (start-up recovery only).
+    /// Every envelope in `state`: through the rare-state index for `NonDelivered`,
+    /// `ReceiptStored` and `WithdrawPending`; a full scan of the records for any other state.
     pub fn in_state(&self, state: OutState) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.inner.envelopes.iter() {
-            let (k, v) = kv?;
-            let Ok(bytes) = <[u8; 16]>::try_from(&k[..]) else {
+        let Some(tag) = rare_tag(state) else {
+            for kv in self.inner.envelopes.iter() {
+                let (k, v) = kv?;
+                let Ok(id) = EnvelopeId::from_slice(&k) else {
+                    continue;
+                };
+                let rec: OutRecord = decode(id, &v)?;
+                if rec.state == state {
+                    out.push((id, rec));
+                }
+            }
+            return Ok(out);
+        };
+        for kv in self.inner.states.scan_prefix([tag]) {
+            let (k, _) = kv?;
+            let Ok(id) = EnvelopeId::from_slice(&k[1..]) else {
                 continue;
             };
-            let id = EnvelopeId::from_bytes(bytes);
-            let rec: OutRecord = decode(id, &v)?;
-            if rec.state == state {
-                out.push((id, rec));
+            if let Some(rec) = self.get(&id)? {
+                if rec.state == state {
+                    out.push((id, rec));
+                }
             }
         }
         Ok(out)

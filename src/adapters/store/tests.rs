@@ -404,3 +404,32 @@ fn queue_figures_come_from_the_queue_entries_and_match_the_records() {
     }
     expect(store.queue_stats(&area("london"), now).unwrap());
 }
+
+#[tokio::test]
+async fn rare_states_are_found_through_their_index_which_an_older_store_gets_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = {
+        let store = Store::open(dir.path()).unwrap();
+        let a = queue(&store, env("london", PriorityClass::Standard, 10), &[1; 32]).id();
+        let b = queue(&store, env("london", PriorityClass::Standard, 20), &[2; 32]).id();
+        queue(&store, env("london", PriorityClass::Standard, 30), &[3; 32]);
+        store.mark_non_delivered(&a, "window passed").unwrap();
+        store.begin_withdraw(&b, "operator").unwrap();
+        let ids =
+            |v: Vec<(EnvelopeId, OutRecord)>| v.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(ids(store.non_delivered(10).unwrap()), [a]);
+        assert_eq!(ids(store.withdrawals_pending().unwrap()), [b]);
+        // Leaving a rare state takes it out of the index.
+        store.requeue(&a).unwrap();
+        assert!(store.non_delivered(10).unwrap().is_empty());
+        store.mark_non_delivered(&a, "window passed").unwrap();
+        // As a store written before the index existed: no index, no marker.
+        store.inner.states.clear().unwrap();
+        store.close().await.unwrap();
+        (a, b)
+    };
+    let store = Store::open(dir.path()).unwrap();
+    let ids = |v: Vec<(EnvelopeId, OutRecord)>| v.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+    assert_eq!(ids(store.non_delivered(10).unwrap()), [a]);
+    assert_eq!(ids(store.withdrawals_pending().unwrap()), [b]);
+}
