@@ -11,32 +11,19 @@
 
 #[path = "../it/harness.rs"]
 mod harness;
+#[path = "queue_fill.rs"]
+mod queue_fill;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use refex::adapters::store::{NewEnvelope, Store};
-use refex::core::envelope::{Header, CONTENT_TYPE_REFERRAL_V1};
 use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
 
 use harness::{referral, wait_until, Federation};
-
-fn header(from: &AreaId, to: &AreaId, len: usize) -> Header {
-    Header {
-        v: 1,
-        id: EnvelopeId::generate(),
-        from: from.clone(),
-        to: to.clone(),
-        created: Utc::now(),
-        priority: PriorityClass::Standard,
-        due_by: Utc::now(),
-        content_type: CONTENT_TYPE_REFERRAL_V1.into(),
-        payload_len: len as u64,
-    }
-}
+use queue_fill::header;
 
 fn bench_crypto() {
     let (signer, _) = SigningKey::generate().unwrap();
@@ -208,45 +195,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 async fn bench_startup(n: u32) {
     let mut fed = Federation::new(&["west-midlands", "london"]);
     let wm = fed.node("west-midlands");
-    {
-        let store = Store::open(&wm.settings.paths.state.join("db")).unwrap();
-        let to: AreaId = "london".parse().unwrap();
-        let (signer, _) = SigningKey::generate().unwrap();
-        let kem = wm.settings.directory.get(&to).unwrap().encryption_key;
-        let payload = parse_json(referral("BENCH", "london").as_bytes())
-            .unwrap()
-            .to_cbor();
-        for i in 0..n {
-            let sealed = crypto::seal(
-                header(&wm.area, &to, payload.len()),
-                &payload,
-                &signer,
-                &kem,
-            )
-            .unwrap();
-            let mut key = [0u8; 32];
-            key[..4].copy_from_slice(&i.to_be_bytes());
-            let e = NewEnvelope {
-                id: sealed.id(),
-                to: to.clone(),
-                priority: if i % 7 == 0 {
-                    PriorityClass::Enhanced
-                } else {
-                    PriorityClass::Standard
-                },
-                due_by: Utc::now(),
-                created: Utc::now(),
-                digest: [0; 32],
-                sealed: sealed.to_bytes(),
-                subject_key: None,
-            };
-            let id = store.enqueue(e, &key).unwrap().id();
-            store.release(&[id]).unwrap();
-        }
-        store.close().await.unwrap();
-        let queued = store.next_queued(&to, 10, &HashSet::new()).unwrap().len();
-        assert_eq!(queued, 10);
-    }
+    queue_fill::fill(wm, n).await;
     let start = Instant::now();
     fed.node_mut("west-midlands").start();
     let serving = start.elapsed();
