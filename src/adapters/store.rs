@@ -48,7 +48,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 mod commit;
 mod export;
+mod index;
 mod operator;
+
+use index::{rare_tag, state_key};
 mod seen;
 
 use commit::committer;
@@ -248,7 +251,7 @@ struct Inner {
     referrals: sled::Tree,
     /// Index of the rare states an operator or a restart must find without scanning every
     /// envelope: `[tag][id]` for `NonDelivered`, `ReceiptStored` and `WithdrawPending`
-    /// (see [`rare_tag`]); kept in the same transaction as the record. `BUILT` marks it complete
+    /// (see `index`); kept in the same transaction as the record. `BUILT` marks it complete
     /// (built once from the records when a store from before it is opened).
     states: sled::Tree,
     commit_tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
@@ -317,26 +320,6 @@ fn due_from_queue_key(k: &[u8]) -> Option<i64> {
     Some((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
 }
 
-/// The rare-state index's completion marker (shorter than any `[tag][id]` key).
-const STATES_BUILT: &[u8] = b"built";
-
-/// The index tag of a state operators and restarts look for; `None` for the common states.
-fn rare_tag(state: OutState) -> Option<u8> {
-    match state {
-        OutState::NonDelivered => Some(1),
-        OutState::ReceiptStored => Some(2),
-        OutState::WithdrawPending => Some(3),
-        _ => None,
-    }
-}
-
-fn state_key(tag: u8, id: &EnvelopeId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
-    k.push(tag);
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
 fn queue_prefix(to: &AreaId) -> Vec<u8> {
     let mut k = to.as_str().as_bytes().to_vec();
     k.push(0);
@@ -390,27 +373,6 @@ impl Store {
         };
         store.build_state_index()?;
         Ok(store)
-    }
-
-    /// Builds the rare-state index from the records, once, for a store written before it
-    /// existed (the marker is written last, so an interrupted build is redone).
-    fn build_state_index(&self) -> Result<(), StoreError> {
-        let i = &self.inner;
-        if i.states.contains_key(STATES_BUILT)? {
-            return Ok(());
-        }
-        for kv in i.envelopes.iter() {
-            let (k, v) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k) else {
-                continue;
-            };
-            let rec: OutRecord = decode(id, &v)?;
-            if let Some(tag) = rare_tag(rec.state) {
-                i.states.insert(state_key(tag, &id), &[][..])?;
-            }
-        }
-        i.states.insert(STATES_BUILT, &[][..])?;
-        Ok(())
     }
 
     /// Returns once everything written before the call is on the device.
@@ -568,55 +530,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Counts one peer's queue.
-    pub fn queue_stats(&self, to: &AreaId, now: DateTime<Utc>) -> Result<QueueStats, StoreError> {
-        let mut s = QueueStats::default();
-        for kv in self.inner.queue.scan_prefix(queue_prefix(to)) {
-            let (k, v) = kv?;
-            let Some(id) = id_from_queue_key(&k) else {
-                continue;
-            };
-            // Priority, due time (key) and created (value) without decoding the record; entries
-            // written before the value carried `created` fall back to the record.
-            let from_key = (|| {
-                let priority = *k.get(k.len().checked_sub(25)?)?;
-                let due = due_from_queue_key(&k)?;
-                let created = i64::from_be_bytes(v.as_ref().try_into().ok()?);
-                Some((priority == 0, due, created))
-            })();
-            let (enhanced, due, created) = match from_key {
-                Some(t) => t,
-                None => {
-                    let Some(rec) = self.get(&id)? else { continue };
-                    (
-                        rec.priority == PriorityClass::Enhanced,
-                        rec.due_by,
-                        rec.created,
-                    )
-                }
-            };
-            s.queued += 1;
-            if enhanced {
-                s.enhanced += 1;
-            }
-            if due < now.timestamp() {
-                s.past_due += 1;
-            }
-            let created = Utc.timestamp_opt(created, 0).single().unwrap_or_default();
-            if s.oldest_created.is_none_or(|o| created < o) {
-                s.oldest_created = Some(created);
-            }
-        }
-        Ok(s)
-    }
-
-    /// Envelopes in state `NonDelivered` (for status and operators).
-    pub fn non_delivered(&self, limit: usize) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
-        let mut all = self.in_state(OutState::NonDelivered)?;
-        all.truncate(limit);
-        Ok(all)
-    }
-
     fn update<T>(
         &self,
         id: &EnvelopeId,
@@ -710,46 +623,6 @@ impl Store {
             }
             Ok(r.clone())
         })
-    }
-
-    /// Envelopes to `to` whose receipt is stored but not yet completed (a crash came between
-    /// [`Self::store_receipt`] and [`Self::mark_delivered`]). A full scan of the envelope
-    /// records: run once per peer at start-up.
-    pub fn receipts_stored(&self, to: &AreaId) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
-        let mut all = self.in_state(OutState::ReceiptStored)?;
-        all.retain(|(_, r)| &r.to == to);
-        Ok(all)
-    }
-
-    /// Every envelope in `state`: through the rare-state index for `NonDelivered`,
-    /// `ReceiptStored` and `WithdrawPending`; a full scan of the records for any other state.
-    pub fn in_state(&self, state: OutState) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
-        let mut out = Vec::new();
-        let Some(tag) = rare_tag(state) else {
-            for kv in self.inner.envelopes.iter() {
-                let (k, v) = kv?;
-                let Ok(id) = EnvelopeId::from_slice(&k) else {
-                    continue;
-                };
-                let rec: OutRecord = decode(id, &v)?;
-                if rec.state == state {
-                    out.push((id, rec));
-                }
-            }
-            return Ok(out);
-        };
-        for kv in self.inner.states.scan_prefix([tag]) {
-            let (k, _) = kv?;
-            let Ok(id) = EnvelopeId::from_slice(&k[1..]) else {
-                continue;
-            };
-            if let Some(rec) = self.get(&id)? {
-                if rec.state == state {
-                    out.push((id, rec));
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Queued envelopes whose `created` is before `cutoff` (candidates for non-delivery),
