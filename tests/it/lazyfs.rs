@@ -129,15 +129,20 @@ impl LazyFs {
         writeln!(f, "{cmd}").unwrap();
     }
 
-    /// After LazyFS has died (a `crash` fault): unmounts the dead mount and mounts the same
-    /// backing directory again; whatever LazyFS had not synced is gone.
-    pub fn remount(&mut self) {
+    /// Unmounts (a dead mount too) and reaps the LazyFS process.
+    fn unmount(&mut self) {
         let _ = Command::new("fusermount3")
             .arg("-u")
             .arg(&self.mnt)
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// After LazyFS has died (a `crash` fault): unmounts the dead mount and mounts the same
+    /// backing directory again; whatever LazyFS had not synced is gone.
+    pub fn remount(&mut self) {
+        self.unmount();
         self.child = spawn(&self.bin, &self.mnt, &self.cfg, &self.root, &self.log);
         self.wait_mounted();
     }
@@ -245,11 +250,6 @@ impl Drop for LazyFs {
                 self.log_tail()
             );
         }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.unmount();
     }
 }

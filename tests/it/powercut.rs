@@ -140,21 +140,48 @@ pub(crate) fn move_data(node: &mut crate::harness::Node, root: &Path, mnt: &Path
     node.settings = refex::node::settings::Settings::load(&node.config).unwrap();
 }
 
-/// `cuts` power cuts: both daemons killed with SIGKILL and everything unsynced dropped, at a
-/// random moment while a provider keeps handing referrals over; then remount state, restart,
-/// and at the end the history checker and `refex audit verify` on both sides.
-fn power_cuts(cuts: usize, per_cut: usize) {
+/// A two-area federation (the crash-test config) with its data directories on a fresh LazyFS
+/// mount, and a provider that logs its hand-overs outside it; `None` (the test skips, saying
+/// why) where LazyFS cannot run.
+pub(crate) fn on_lazyfs() -> Option<(Federation, crate::lazyfs::LazyFs, Provider)> {
     let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
     let work = fed.dir.path().join("lazyfs");
     fs::create_dir_all(&work).unwrap();
-    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
-        return;
-    };
+    let lfs = crate::lazyfs::LazyFs::mount(&work)?;
     let root = work.join("root");
     for n in &mut fed.nodes {
         move_data(n, &root, &lfs.mnt);
     }
-    let mut provider = Provider::new(&fed.dir.path().join("handed-over.log"));
+    let provider = Provider::new(&fed.dir.path().join("handed-over.log"));
+    Some((fed, lfs, provider))
+}
+
+/// The end of a power-cut run: the sender's outbox and queue drain (LazyFS still alive), then
+/// every node stops with exit 0 and its chain verifies.
+pub(crate) fn drain_stop_and_verify(fed: &mut Federation, lfs: &mut crate::lazyfs::LazyFs) {
+    let wm = fed.node("west-midlands");
+    wait_until(Duration::from_secs(90), "the outbox to empty", || {
+        lfs.assert_alive();
+        wm.outbox_files().is_empty()
+    });
+    wait_until(Duration::from_secs(90), "the queue to drain", || {
+        lfs.assert_alive();
+        crate::history::queue_is_empty(wm)
+    });
+    for n in &mut fed.nodes {
+        assert!(n.stop().success(), "{} did not exit 0", n.area);
+        let (code, out, err) = n.cli(&["audit", "verify"]);
+        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
+    }
+}
+
+/// `cuts` power cuts: both daemons killed with SIGKILL and everything unsynced dropped, at a
+/// random moment while a provider keeps handing referrals over; then remount state, restart,
+/// and at the end the history checker and `refex audit verify` on both sides.
+fn power_cuts(cuts: usize, per_cut: usize) {
+    let Some((mut fed, mut lfs, mut provider)) = crate::powercut::on_lazyfs() else {
+        return;
+    };
     fed.start_all();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -191,20 +218,7 @@ fn power_cuts(cuts: usize, per_cut: usize) {
         );
         fed.start_all();
     }
-    let wm = fed.node("west-midlands");
-    wait_until(Duration::from_secs(90), "the outbox to empty", || {
-        lfs.assert_alive();
-        wm.outbox_files().is_empty()
-    });
-    wait_until(Duration::from_secs(90), "the queue to drain", || {
-        lfs.assert_alive();
-        crate::history::queue_is_empty(wm)
-    });
-    for n in &mut fed.nodes {
-        assert!(n.stop().success(), "{} did not exit 0", n.area);
-        let (code, out, err) = n.cli(&["audit", "verify"]);
-        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
-    }
+    crate::powercut::drain_stop_and_verify(&mut fed, &mut lfs);
     eprintln!(
         "power cuts: {cuts} cuts, {} referrals handed over",
         provider.handed.len()

@@ -8,8 +8,7 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::harness::{wait_until, Federation};
-use crate::powercut::{move_data, Provider};
+use crate::harness::wait_until;
 
 /// (node, crash point[:pass]) — before and after each named operation.
 const CUTS: &[(&str, &str)] = &[
@@ -27,20 +26,9 @@ const CUTS: &[(&str, &str)] = &[
 
 #[test]
 fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
-    let mut fed = Federation::with_config(
-        &["west-midlands", "london"],
-        crate::harness::FAST_CRASH_CONFIG,
-    );
-    let work = fed.dir.path().join("lazyfs");
-    fs::create_dir_all(&work).unwrap();
-    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+    let Some((mut fed, mut lfs, mut provider)) = crate::powercut::on_lazyfs() else {
         return;
     };
-    let root = work.join("root");
-    for n in &mut fed.nodes {
-        move_data(n, &root, &lfs.mnt);
-    }
-    let mut provider = Provider::new(&fed.dir.path().join("handed-over.log"));
     let mut k = 0;
     for (cut, (area, point)) in CUTS.iter().enumerate() {
         fed.node_mut(area).extra_env = vec![("REFEX_CRASH_AT".into(), (*point).into())];
@@ -66,20 +54,7 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
         eprintln!("named power cut {cut}: {area} at {point}, {k} handed over so far");
     }
     fed.start_all();
-    let wm = fed.node("west-midlands");
-    wait_until(Duration::from_secs(90), "the outbox to empty", || {
-        lfs.assert_alive();
-        wm.outbox_files().is_empty()
-    });
-    wait_until(Duration::from_secs(90), "the queue to drain", || {
-        lfs.assert_alive();
-        crate::history::queue_is_empty(wm)
-    });
-    for n in &mut fed.nodes {
-        assert!(n.stop().success(), "{} did not exit 0", n.area);
-        let (code, out, err) = n.cli(&["audit", "verify"]);
-        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
-    }
+    crate::powercut::drain_stop_and_verify(&mut fed, &mut lfs);
     crate::history::check_nodes(
         &provider.handed,
         fed.node("west-midlands"),
@@ -101,20 +76,9 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
             next batch never drained (cause not found yet; the panic now lists what is left): \
             cargo test --release --test it -- --ignored lazyfs_killed"]
 fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
-    let mut fed = Federation::with_config(
-        &["west-midlands", "london"],
-        crate::harness::FAST_CRASH_CONFIG,
-    );
-    let work = fed.dir.path().join("lazyfs");
-    fs::create_dir_all(&work).unwrap();
-    let Some(mut lfs) = crate::lazyfs::LazyFs::mount(&work) else {
+    let Some((mut fed, mut lfs, mut provider)) = crate::powercut::on_lazyfs() else {
         return;
     };
-    let root = work.join("root");
-    for n in &mut fed.nodes {
-        move_data(n, &root, &lfs.mnt);
-    }
-    let mut provider = Provider::new(&fed.dir.path().join("handed-over.log"));
     let faults = [
         // `from_rgx` too: LazyFS (multi-path ops) never fires a crash fault given only `to_rgx`
         // (its check compares the source path with the literal regex "none").
@@ -191,20 +155,7 @@ fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
         }
         fed.start_all();
     }
-    let wm = fed.node("west-midlands");
-    wait_until(Duration::from_secs(90), "the outbox to empty", || {
-        lfs.assert_alive();
-        wm.outbox_files().is_empty()
-    });
-    wait_until(Duration::from_secs(90), "the queue to drain", || {
-        lfs.assert_alive();
-        crate::history::queue_is_empty(wm)
-    });
-    for n in &mut fed.nodes {
-        assert!(n.stop().success(), "{} did not exit 0", n.area);
-        let (code, out, err) = n.cli(&["audit", "verify"]);
-        assert_eq!(code, 0, "{}: audit verify: {out}{err}", n.area);
-    }
+    crate::powercut::drain_stop_and_verify(&mut fed, &mut lfs);
     // An interrupted hand-over that did land counts as handed over: exactly once, like any other.
     let delivered: Vec<String> = fed
         .node("london")
