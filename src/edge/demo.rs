@@ -67,19 +67,7 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
     }
 
     println!("2. Starting one `refex run` per area");
-    let exe = std::env::current_exe().context("cannot find the refex binary")?;
-    // Each daemon is killed when dropped, so an error on any path leaves none behind.
-    let mut daemons: Vec<Daemon> = settings
-        .iter()
-        .zip(&configs)
-        .map(|(s, config)| {
-            let log = dir.join(format!("{}.log", s.area));
-            Daemon::new(exe.clone(), config.clone(), s.clone(), log)
-        })
-        .collect();
-    for d in &mut daemons {
-        d.start()?;
-    }
+    let mut daemons = start_daemons(dir, &settings, &configs)?;
 
     let sender = &settings[0];
     println!(
@@ -165,6 +153,28 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
         "Demo finished: {expected} referrals delivered exactly once, all audit logs verified."
     );
     Ok(())
+}
+
+/// Starts one `refex run` per area (its log in `dir/AREA.log`), each serving before the next
+/// starts. Each daemon is killed when dropped, so an error on any path leaves none behind.
+pub(crate) fn start_daemons(
+    dir: &Path,
+    settings: &[Settings],
+    configs: &[PathBuf],
+) -> Result<Vec<Daemon>> {
+    let exe = std::env::current_exe().context("cannot find the refex binary")?;
+    let mut daemons: Vec<Daemon> = settings
+        .iter()
+        .zip(configs)
+        .map(|(s, config)| {
+            let log = dir.join(format!("{}.log", s.area));
+            Daemon::new(exe.clone(), config.clone(), s.clone(), log)
+        })
+        .collect();
+    for d in &mut daemons {
+        d.start()?;
+    }
+    Ok(daemons)
 }
 
 /// How many inbox files the samples should produce: every sample referral that validates and

@@ -88,19 +88,8 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         .collect::<Result<_>>()?;
 
     println!("2. Starting one `refex run` per area");
-    let exe = std::env::current_exe().context("cannot find the refex binary")?;
     let started = Instant::now();
-    let mut daemons: Vec<Daemon> = settings
-        .iter()
-        .zip(&configs)
-        .map(|(s, config)| {
-            let log = dir.join(format!("{}.log", s.area));
-            Daemon::new(exe.clone(), config.clone(), s.clone(), log)
-        })
-        .collect();
-    for d in &mut daemons {
-        d.start()?;
-    }
+    let mut daemons = crate::edge::demo::start_daemons(dir, &settings, &configs)?;
     println!(
         "   {n} daemons serving after {:.1} s",
         started.elapsed().as_secs_f64()
