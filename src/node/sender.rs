@@ -188,6 +188,26 @@ fn still_queued(ctx: &SenderContext, id: &EnvelopeId) -> bool {
     matches!(ctx.node.store.get(id), Ok(Some(r)) if r.state == crate::adapters::store::OutState::Queued)
 }
 
+/// An audit event about outgoing envelope `id` to `peer`: route, payload digest, subject key.
+fn envelope_event(
+    ctx: &SenderContext,
+    peer: &AreaId,
+    id: EnvelopeId,
+    rec: &OutRecord,
+    op: Operation,
+    actor: Actor,
+) -> Event {
+    let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
+    let ev = Event::new(op, actor, Outcome::Ok)
+        .envelope(id)
+        .route(ctx.node.me(), peer)
+        .digest(digest);
+    match &rec.subject_key {
+        Some(k) => ev.subject_hex(k),
+        None => ev,
+    }
+}
+
 /// Which of an envelope's completion records the audit log already holds.
 #[derive(Default, Clone, Copy)]
 struct Recorded {
@@ -206,17 +226,7 @@ async fn complete(
     peer_head: &str,
     recorded: Recorded,
 ) -> Result<(), String> {
-    let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
-    let event = |op, actor| {
-        let ev = Event::new(op, actor, Outcome::Ok)
-            .envelope(id)
-            .route(ctx.node.me(), peer)
-            .digest(digest);
-        match &rec.subject_key {
-            Some(k) => ev.subject_hex(k),
-            None => ev,
-        }
-    };
+    let event = |op, actor| envelope_event(ctx, peer, id, rec, op, actor);
     if !recorded.receipt {
         let ev = event(Operation::Receipt, Actor::Peer(peer.clone())).peer_head(peer_head);
         ctx.node
@@ -321,16 +331,7 @@ async fn send_one(
         return SendOutcome::Transient("peer is not in the directory".into());
     };
     let digest: [u8; 32] = rec.digest.as_slice().try_into().unwrap_or([0; 32]);
-    let event = |op, actor| {
-        let ev = Event::new(op, actor, Outcome::Ok)
-            .envelope(id)
-            .route(ctx.node.me(), peer)
-            .digest(digest);
-        match &rec.subject_key {
-            Some(k) => ev.subject_hex(k),
-            None => ev,
-        }
-    };
+    let event = |op, actor| envelope_event(ctx, peer, id, &rec, op, actor);
     // Write-ahead: the transfer is on the record before the bytes leave; if it cannot be
     // written, nothing is sent (the envelope stays queued and is retried).
     let transfer = event(Operation::Disclosure, Actor::Peer(peer.clone()))
