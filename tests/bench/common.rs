@@ -1,5 +1,6 @@
 //! Shared by the benches: a store filled with `n` sealed, queued envelopes for london (one in
-//! seven enhanced), written directly before the daemon starts (the restart figures).
+//! seven enhanced), written directly before the daemon starts (the restart figures), and a
+//! process's memory figures from `/proc`.
 
 use std::collections::HashSet;
 
@@ -66,4 +67,15 @@ pub async fn fill(wm: &Node, n: u32) {
     store.close().await.unwrap();
     let queued = store.next_queued(&to, 10, &HashSet::new()).unwrap().len();
     assert_eq!(queued, 10, "the queue was filled");
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`); 0 when unreadable.
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

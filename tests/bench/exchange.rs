@@ -9,10 +9,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common.rs"]
+mod common;
 #[path = "../it/harness.rs"]
 mod harness;
-#[path = "queue_fill.rs"]
-mod queue_fill;
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +22,8 @@ use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
 
+use common::{header, rss_kib};
 use harness::{referral, wait_until, Federation};
-use queue_fill::header;
 
 fn bench_crypto() {
     let (signer, _) = SigningKey::generate().unwrap();
@@ -182,20 +182,10 @@ fn bench_end_to_end(n: usize, batch: usize) {
     );
 }
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn bench_startup(n: u32) {
     let mut fed = Federation::new(&["west-midlands", "london"]);
     let wm = fed.node("west-midlands");
-    queue_fill::fill(wm, n).await;
+    common::fill(wm, n).await;
     let start = Instant::now();
     fed.node_mut("west-midlands").start();
     let serving = start.elapsed();

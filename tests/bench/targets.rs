@@ -21,10 +21,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common.rs"]
+mod common;
 #[path = "../it/harness.rs"]
 mod harness;
-#[path = "queue_fill.rs"]
-mod queue_fill;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
+use common::rss_kib;
 use harness::{referral, referral_with, wait_until, Federation};
 
 const AREAS: [&str; 2] = ["west-midlands", "london"];
@@ -357,20 +358,10 @@ fn bench_latency(rate: u32, secs: u32) {
 // ---------------------------------------------------------------------------------------------
 // 3. restart with 100,000 queued
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn bench_restart(n: u32) {
     let mut fed = Federation::new(&AREAS);
     let wm = fed.node("west-midlands");
-    queue_fill::fill(wm, n).await;
+    common::fill(wm, n).await;
     let start = Instant::now();
     fed.node_mut("west-midlands").start();
     let socket = start.elapsed();
