@@ -1,5 +1,7 @@
 //! The sending side: one worker per peer drains that peer's queue in priority order, many
-//! envelopes in flight at once, and stores each signed receipt.
+//! envelopes in flight at once, and stores each signed receipt. Enhanced envelopes go first and
+//! alone: no standard one is sent while an enhanced one is in flight, so a backlog also arrives
+//! in priority order.
 //!
 //! Per envelope, write-ahead (each record durable before what it records takes effect):
 //! audit `disclosure` (transferred) → send → receipt verified against the peer's signing key,
@@ -17,7 +19,7 @@
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
 //! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ use crate::adapters::audit::{Actor, Event, Operation, Outcome};
 use crate::adapters::store::OutRecord;
 use crate::adapters::transport::{PeerAddr, Transport};
 use crate::core::envelope::Reply;
-use crate::core::types::{AreaId, EnvelopeId};
+use crate::core::types::{AreaId, EnvelopeId, PriorityClass};
 use crate::crypto;
 use crate::node::build::Node;
 use crate::node::receiver::Receiver;
@@ -83,6 +85,9 @@ impl PeerWorker {
         // re-sent: first at start, then after a failure once the backoff ends.
         let mut resume = true;
         let mut in_flight: HashSet<EnvelopeId> = HashSet::new();
+        // The enhanced envelopes among them.
+        let mut enhanced: HashSet<EnvelopeId> = HashSet::new();
+        let mut task_ids: HashMap<tokio::task::Id, EnvelopeId> = HashMap::new();
         let mut tasks: JoinSet<(EnvelopeId, SendOutcome)> = JoinSet::new();
         let mut failures: u32 = 0;
         let mut backoff_until: Option<Instant> = None;
@@ -114,9 +119,21 @@ impl PeerWorker {
                 {
                     Ok(batch) => {
                         for (id, rec) in batch {
+                            // Enhanced first, strictly: no standard envelope is sent while an
+                            // enhanced one is still in flight, so a backlog arrives in priority
+                            // order, not merely leaves in it (the batch is priority-ordered, so
+                            // what is skipped here is read again once the enhanced ones finish).
+                            if rec.priority != PriorityClass::Enhanced && !enhanced.is_empty() {
+                                break;
+                            }
+                            if rec.priority == PriorityClass::Enhanced {
+                                enhanced.insert(id);
+                            }
                             in_flight.insert(id);
                             let (ctx, peer) = (self.ctx.clone(), self.peer.clone());
-                            tasks.spawn(async move { (id, send_one(&ctx, &peer, id, rec).await) });
+                            let task = tasks
+                                .spawn(async move { (id, send_one(&ctx, &peer, id, rec).await) });
+                            task_ids.insert(task.id(), id);
                         }
                     }
                     Err(e) => {
@@ -133,9 +150,26 @@ impl PeerWorker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    let Ok((id, outcome)) = joined else { continue };
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let (id, outcome) = match joined {
+                        Ok((task, (id, outcome))) => {
+                            task_ids.remove(&task);
+                            (id, outcome)
+                        }
+                        Err(e) => {
+                            // A send that panicked: its envelope stays queued and is tried again
+                            // (it must not keep its in-flight slot, or hold standard ones back).
+                            if let Some(id) = task_ids.remove(&e.id()) {
+                                error!(envelope_id = %id, "a send task failed: {e}");
+                                in_flight.remove(&id);
+                                enhanced.remove(&id);
+                            }
+                            backoff_until = Some(Instant::now() + Duration::from_secs(1));
+                            continue;
+                        }
+                    };
                     in_flight.remove(&id);
+                    enhanced.remove(&id);
                     match outcome {
                         SendOutcome::Delivered => {
                             crate::node::metrics::delivered(&self.peer);

@@ -125,7 +125,10 @@ async fn bench_store() {
 fn bench_end_to_end(n: usize, batch: usize) {
     let mut fed = Federation::with_config(
         &["west-midlands", "london"],
-        "[intake]\nsettle_ms = 50\nrescan_ms = 1000\n",
+        &format!(
+            "[intake]\nsettle_ms = 50\nrescan_ms = 1000\n{}",
+            std::env::var("REFEX_BENCH_EXTRA").unwrap_or_default()
+        ),
     );
     fed.start_all();
     let syncs = |fed: &Federation, area: &str| -> (u64, u64) {
@@ -204,16 +207,29 @@ fn main() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // REFEX_BENCH_ONLY=crypto,store,single,csv,startup runs only the stages named.
+    let only = std::env::var("REFEX_BENCH_ONLY").unwrap_or_default();
+    let on = |stage: &str| only.is_empty() || only.split(',').any(|s| s.trim() == stage);
     // A bar of the five stages on a terminal only; the figures stay plain lines.
     let bar = refex::edge::progress::counter("bench stages", 5);
-    bench_crypto();
+    if on("crypto") {
+        bench_crypto();
+    }
     bar.inc(1);
-    rt.block_on(bench_store());
+    if on("store") {
+        rt.block_on(bench_store());
+    }
     bar.inc(1);
-    bench_end_to_end(1_000, 1);
+    if on("single") {
+        bench_end_to_end(1_000, 1);
+    }
     bar.inc(1);
-    bench_end_to_end(2_000, 100);
+    if on("csv") {
+        bench_end_to_end(2_000, 100);
+    }
     bar.inc(1);
-    rt.block_on(bench_startup(100_000));
+    if on("startup") {
+        rt.block_on(bench_startup(100_000));
+    }
     bar.finish_and_clear();
 }

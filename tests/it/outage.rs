@@ -77,6 +77,54 @@ fn a_backlog_drains_in_priority_order_and_other_peers_are_unaffected() {
     assert!(order[4..].iter().all(|p| p == "standard"), "{order:?}");
 }
 
+/// With the default in-flight window (32) and more enhanced referrals queued than fit in it,
+/// every enhanced one still arrives before any standard one: the window is not topped up with
+/// standard envelopes while enhanced ones are in flight.
+#[test]
+fn a_backlog_larger_than_the_window_arrives_enhanced_first() {
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nretry_initial_ms = 100\nretry_max_ms = 500\n[limits]\nhandshake_timeout_ms = 300\n",
+    );
+    fed.node_mut("west-midlands").start();
+    // London is down; 60 standard and 45 enhanced referrals, interleaved, are queued.
+    let (standard, enhanced) = (60, 45);
+    for i in 0..standard + enhanced {
+        let e = i % 7 < 3 && i / 7 * 3 + i % 7 < enhanced;
+        let name = if e { "ENH" } else { "STD" };
+        fed.node("west-midlands").drop_file(
+            &format!("r{i}.json"),
+            referral_with(&format!("{name}-{i}"), "london", "theft", e).as_bytes(),
+        );
+    }
+    wait_until(WAIT, "everything to be queued", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
+    // Sends tried while intake was still queueing (whatever was first then) time out and go
+    // back to the queue; the retries after that take it in priority order.
+    std::thread::sleep(Duration::from_secs(2));
+    fed.node_mut("london").start();
+    wait_until(WAIT, "the backlog to drain", || {
+        fed.node("london").inbox_files().len() == standard + enhanced
+    });
+    let order: Vec<String> = audit_records(&fed.node("london").settings.paths.audit)
+        .iter()
+        .filter(|r| op(r) == "collection")
+        .map(|r| r["priority"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    let first_standard = order.iter().position(|p| p == "standard");
+    let last_enhanced = order.iter().rposition(|p| p == "enhanced");
+    assert_eq!(
+        order.iter().filter(|p| *p == "enhanced").count(),
+        enhanced,
+        "{order:?}"
+    );
+    assert!(
+        first_standard > last_enhanced,
+        "every enhanced referral is collected before any standard one: {order:?}"
+    );
+}
+
 #[test]
 fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     let mut fed = Federation::with_config(
