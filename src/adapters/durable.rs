@@ -43,6 +43,92 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Directory syncs shared by concurrent callers (group commit for renames into one directory).
+///
+/// [`DirSync::sync`] returns once an `fsync` of the directory that *started after the call*
+/// has ended, with that `fsync`'s result; callers arriving while one runs share the next one.
+/// So a rename made before the call is durable when it returns `Ok`, and many envelopes
+/// published at once cost one directory sync instead of one each. A failed `fsync` fails every
+/// caller it covered (each retries as it would after its own failure).
+#[derive(Debug)]
+pub struct DirSync {
+    dir: std::path::PathBuf,
+    state: std::sync::Mutex<DirSyncState>,
+    ended: std::sync::Condvar,
+}
+
+#[derive(Debug)]
+struct DirSyncState {
+    /// The round new callers join; it has not started.
+    next: std::sync::Arc<Round>,
+    /// A round's `fsync` is under way (the one before `next`).
+    running: bool,
+    /// `fsync` calls made, for tests and figures.
+    syncs: u64,
+}
+
+/// One `fsync` and the callers it covers; its result once it has ended.
+#[derive(Debug, Default)]
+struct Round {
+    result: std::sync::OnceLock<Result<(), (Option<i32>, io::ErrorKind, String)>>,
+}
+
+impl DirSync {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            state: std::sync::Mutex::new(DirSyncState {
+                next: std::sync::Arc::default(),
+                running: false,
+                syncs: 0,
+            }),
+            ended: std::sync::Condvar::new(),
+        }
+    }
+
+    /// How many directory `fsync`s were made.
+    pub fn syncs(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).syncs
+    }
+
+    /// Blocks until a directory `fsync` that started after this call has ended; its result.
+    pub fn sync(&self) -> io::Result<()> {
+        let lock = || self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock();
+        let mine = s.next.clone();
+        loop {
+            if let Some(r) = mine.result.get() {
+                return rebuild(r);
+            }
+            if !s.running {
+                // Only `next` can be without a result while nothing runs: it is ours. Start it;
+                // later callers join a new round.
+                s.running = true;
+                s.syncs += 1;
+                s.next = std::sync::Arc::default();
+                drop(s);
+                let r =
+                    sync_dir(&self.dir).map_err(|e| (e.raw_os_error(), e.kind(), e.to_string()));
+                let _ = mine.result.set(r);
+                let mut s = lock();
+                s.running = false;
+                drop(s);
+                self.ended.notify_all();
+                return mine.result.get().map_or(Ok(()), rebuild);
+            }
+            s = self.ended.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn rebuild(r: &Result<(), (Option<i32>, io::ErrorKind, String)>) -> io::Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err((Some(code), _, _)) => Err(io::Error::from_raw_os_error(*code)),
+        Err((None, kind, message)) => Err(io::Error::new(*kind, message.clone())),
+    }
+}
+
 /// Replaces `dir/name` with `bytes` atomically and durably, via `dir/tmp_name`.
 pub fn replace(dir: &Path, tmp_name: &str, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(tmp_name);
@@ -57,6 +143,43 @@ pub fn replace(dir: &Path, tmp_name: &str, name: &str, bytes: &[u8]) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_dir_syncs_share_fsyncs_and_each_waits_for_one_started_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = std::sync::Arc::new(DirSync::new(dir.path()));
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let (ds, dir) = (ds.clone(), dir.path().to_owned());
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        fs::write(dir.join(format!("{t}-{i}")), b"x").unwrap();
+                        let before = ds.syncs();
+                        ds.sync().unwrap();
+                        // A sync that started after the call: the count moved on.
+                        assert!(ds.syncs() > before);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = ds.syncs();
+        assert!((1..=800).contains(&n), "{n} syncs for 800 calls");
+    }
+
+    #[test]
+    fn a_failed_dir_sync_fails_its_callers_with_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = DirSync::new(&dir.path().join("missing"));
+        let e = ds.sync().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.raw_os_error().is_some());
+        fs::create_dir(dir.path().join("missing")).unwrap();
+        ds.sync().unwrap();
+        assert_eq!(ds.syncs(), 2);
+    }
 
     #[test]
     fn replace_leaves_only_the_new_content() {

@@ -110,13 +110,16 @@ fn check(name: &str) -> Result<(), InboxError> {
 #[derive(Debug)]
 pub struct InboxDir {
     dir: PathBuf,
+    /// Directory syncs shared by envelopes published at once.
+    dir_sync: crate::adapters::durable::DirSync,
 }
 
 impl InboxDir {
     /// Opens the inbox, creating the directory if it is missing.
     pub fn open(dir: PathBuf) -> Result<Self, InboxError> {
         fs::create_dir_all(&dir).map_err(InboxError::io("create", &dir))?;
-        Ok(Self { dir })
+        let dir_sync = crate::adapters::durable::DirSync::new(&dir);
+        Ok(Self { dir, dir_sync })
     }
 
     /// The directory this inbox writes to.
@@ -133,10 +136,15 @@ impl InboxDir {
     pub fn stage(&self, name: &str, bytes: &[u8]) -> Result<(), InboxError> {
         check(name)?;
         let tmp = self.tmp(name);
-        // Remove rather than truncate: truncating would write through a hard link or symlink
-        // someone with access to the inbox planted under the staging name.
-        remove_if_present(&tmp).map_err(InboxError::io("remove stale", &tmp))?;
-        let result = write_new_synced(&tmp, bytes);
+        // Created fresh (O_EXCL); a stale staged file (a crash, or a re-send) is removed first
+        // rather than truncated: truncating would write through a hard link or symlink someone
+        // with access to the inbox planted under the staging name. Only tried on EEXIST, so
+        // the common case is one create (an unlink takes the directory's lock).
+        let mut result = write_new_synced(&tmp, bytes);
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+            remove_if_present(&tmp).map_err(InboxError::io("remove stale", &tmp))?;
+            result = write_new_synced(&tmp, bytes);
+        }
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -162,8 +170,15 @@ impl InboxDir {
             Err(e) => return Err(InboxError::io("publish", &path)(e)),
         }
         // Synced even when there was nothing to rename: an earlier rename may have been cut
-        // short by a crash before its directory sync.
-        crate::adapters::durable::sync_dir(&self.dir).map_err(InboxError::io("sync", &self.dir))
+        // short by a crash before its directory sync. Envelopes published at once share it.
+        self.dir_sync
+            .sync()
+            .map_err(InboxError::io("sync", &self.dir))
+    }
+
+    /// Directory syncs made by [`InboxDir::publish`] (shared among concurrent publishes).
+    pub fn dir_syncs(&self) -> u64 {
+        self.dir_sync.syncs()
     }
 
     /// Names that have a staged file (left by a crash between staging and publishing), sorted.

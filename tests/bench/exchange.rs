@@ -131,12 +131,13 @@ fn bench_end_to_end(n: usize, batch: usize) {
         ),
     );
     fed.start_all();
-    let syncs = |fed: &Federation, area: &str| -> (u64, u64) {
+    let syncs = |fed: &Federation, area: &str| -> (u64, u64, u64) {
         let (_, out, _) = fed.node(area).cli(&["status", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         (
             v["syncs"]["store"].as_u64().unwrap_or(0),
             v["syncs"]["audit"].as_u64().unwrap_or(0),
+            v["syncs"]["inbox_dir"].as_u64().unwrap_or(0),
         )
     };
     let before = [syncs(&fed, "west-midlands"), syncs(&fed, "london")];
@@ -172,16 +173,17 @@ fn bench_end_to_end(n: usize, batch: usize) {
         n as f64 / secs
     );
     // Sampled once every inbox file is there: the last receipts may still be on their way.
-    let per = |now: (u64, u64), then: (u64, u64)| {
+    let per = |now: (u64, u64, u64), then: (u64, u64, u64)| {
         (
             (now.0 - then.0) as f64 / n as f64,
             (now.1 - then.1) as f64 / n as f64,
+            (now.2 - then.2) as f64 / n as f64,
         )
     };
-    let (ws, wa) = per(syncs(&fed, "west-midlands"), before[0]);
-    let (ls, la) = per(syncs(&fed, "london"), before[1]);
+    let (ws, wa, _) = per(syncs(&fed, "west-midlands"), before[0]);
+    let (ls, la, ld) = per(syncs(&fed, "london"), before[1]);
     println!(
-        "  syncs per referral ({what}): sender {ws:.2} store + {wa:.2} audit, receiver {ls:.2} store + {la:.2} audit"
+        "  syncs per referral ({what}): sender {ws:.2} store + {wa:.2} audit, receiver {ls:.2} store + {la:.2} audit + {ld:.2} inbox directory (+ 1 inbox file each)"
     );
 }
 
