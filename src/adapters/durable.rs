@@ -67,10 +67,13 @@ struct DirSyncState {
     syncs: u64,
 }
 
+/// A directory `fsync`'s outcome, kept so that every caller it covered can be given it.
+type SyncOutcome = Result<(), (Option<i32>, io::ErrorKind, String)>;
+
 /// One `fsync` and the callers it covers; its result once it has ended.
 #[derive(Debug, Default)]
 struct Round {
-    result: std::sync::OnceLock<Result<(), (Option<i32>, io::ErrorKind, String)>>,
+    result: std::sync::OnceLock<SyncOutcome>,
 }
 
 impl DirSync {
@@ -121,7 +124,7 @@ impl DirSync {
     }
 }
 
-fn rebuild(r: &Result<(), (Option<i32>, io::ErrorKind, String)>) -> io::Result<()> {
+fn rebuild(r: &SyncOutcome) -> io::Result<()> {
     match r {
         Ok(()) => Ok(()),
         Err((Some(code), _, _)) => Err(io::Error::from_raw_os_error(*code)),
