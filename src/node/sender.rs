@@ -7,8 +7,9 @@
 //! audit `disclosure` (transferred) → send → receipt verified against the peer's signing key,
 //! envelope id and the SHA-256 of exactly the bytes we sent → `store_receipt` + store sync (state
 //! `ReceiptStored`: out of the queue, never sent again) → audit `receipt` (with the peer's audit
-//! head, so our log witnesses theirs) → audit `erasure` → `mark_delivered` (payload erased) →
-//! store sync. When the transfer record cannot be written nothing is sent. A crash before the
+//! head, so our log witnesses theirs) and `erasure`, handed over together (one sync) →
+//! `mark_delivered` (payload erased) → store sync requested, not awaited (a crash before it is
+//! completed at start-up like any `ReceiptStored` envelope). When the transfer record cannot be written nothing is sent. A crash before the
 //! receipt's sync leaves the envelope queued: it is sent again and the receiver answers with
 //! the original receipt, so nothing is duplicated (its transfer is then recorded twice, both
 //! before any erasure). A crash after it leaves a `ReceiptStored` envelope, which the peer's
@@ -250,8 +251,12 @@ struct Recorded {
 }
 
 /// Writes the receipt and erasure records not yet in `recorded`, then marks the envelope
-/// delivered (payload erased) and syncs. Write-ahead: each record is durable before the next
-/// step; an error leaves the envelope in `ReceiptStored`, out of its queue.
+/// delivered (payload erased). Write-ahead: both records are durable before the erasure (one
+/// audit write and sync for the two, all or none, so the erasure record never stands without
+/// the receipt record before it); an error
+/// leaves the envelope in `ReceiptStored`, out of its queue. The erasure's own store sync is
+/// requested, not waited for: a crash before it leaves the envelope `ReceiptStored`, which
+/// start-up completes again (its records are already in the log, so none is written twice).
 async fn complete(
     ctx: &SenderContext,
     peer: &AreaId,
@@ -261,23 +266,22 @@ async fn complete(
     recorded: Recorded,
 ) -> Result<(), String> {
     let event = |op, actor| envelope_event(ctx, peer, id, rec, op, actor);
+    let mut records = Vec::with_capacity(2);
     if !recorded.receipt {
-        let ev = event(Operation::Receipt, Actor::Peer(peer.clone())).peer_head(peer_head);
-        ctx.node
-            .audit
-            .record(ev)
-            .await
-            .map_err(|e| format!("audit unavailable: {e}"))?;
+        records.push(event(Operation::Receipt, Actor::Peer(peer.clone())).peer_head(peer_head));
     }
-    crate::core::failpoint::hit("sender_between_receipt_and_erasure");
     if !recorded.erasure {
-        let ev = event(Operation::Erasure, Actor::System).reason("payload_erased_after_receipt");
+        records
+            .push(event(Operation::Erasure, Actor::System).reason("payload_erased_after_receipt"));
+    }
+    if !records.is_empty() {
         ctx.node
             .audit
-            .record(ev)
+            .record_all(records)
             .await
             .map_err(|e| format!("audit unavailable: {e}"))?;
     }
+    crate::core::failpoint::hit("sender_after_receipt_records");
     let receipt = rec
         .receipt
         .as_deref()
@@ -287,11 +291,8 @@ async fn complete(
         .store
         .mark_delivered(&id, &receipt, peer_head, Utc::now())
         .map_err(|e| format!("cannot mark delivered: {e}"))?;
-    ctx.node
-        .store
-        .durable()
-        .await
-        .map_err(|e| format!("cannot sync delivery: {e}"))?;
+    ctx.node.store.request_sync();
+    crate::core::failpoint::hit("sender_after_erasure_unsynced");
     Ok(())
 }
 

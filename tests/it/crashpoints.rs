@@ -229,8 +229,9 @@ fn a_crash_during_a_checkpoint_write_keeps_the_chain_verifiable() {
 
 /// A crash around the stored receipt: before it is stored (the envelope is sent again and
 /// answered with the original receipt), after it is stored and synced but before its records,
-/// and between the receipt and erasure records. After a restart every property holds — in
-/// particular nothing is recorded about an envelope after its erasure (on the old order,
+/// after the receipt and erasure records (written together) but before the payload is erased,
+/// and after the erasure whose store sync was requested but not waited for. After a restart
+/// every property holds — in particular nothing is recorded about an envelope after its erasure (on the old order,
 /// records before the store, a crash there re-sent the envelope and recorded its transfer and
 /// receipt again after the erasure).
 #[test]
@@ -238,7 +239,8 @@ fn a_crash_around_the_stored_receipt_records_nothing_after_erasure() {
     for (k, point) in [
         "sender_before_receipt_stored:2",
         "sender_after_receipt_stored:2",
-        "sender_between_receipt_and_erasure:2",
+        "sender_after_receipt_records:2",
+        "sender_after_erasure_unsynced:2",
     ]
     .into_iter()
     .enumerate()

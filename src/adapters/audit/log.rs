@@ -307,7 +307,24 @@ impl Writer {
         for (job, reply) in batch {
             let t = self.now();
             let mut is_checkpoint = false;
+            // Records this job adds (for the checkpoint count).
+            let mut added = 1;
             match job {
+                JobKind::Events(evs) => {
+                    let j = &self.cfg.justification;
+                    added = evs.len() as u64;
+                    for ev in &evs {
+                        let rec = Record::from_event(
+                            ev,
+                            head.seq + 1,
+                            t,
+                            &head.hash,
+                            &j.lawful_basis,
+                            &j.purpose,
+                        );
+                        push(rec, t, &mut head, &mut lines);
+                    }
+                }
                 JobKind::Event(ev) => {
                     let j = &self.cfg.justification;
                     let rec = Record::from_event(
@@ -355,7 +372,7 @@ impl Writer {
                     }
                 },
             }
-            since = if is_checkpoint { 0 } else { since + 1 };
+            since = if is_checkpoint { 0 } else { since + added };
             answers.push((reply, head.clone()));
             if since >= every {
                 let rec = crate::crypto::checkpoint::sign(
@@ -581,6 +598,8 @@ fn fail_injected(cfg: &AuditConfig) -> Option<std::io::Error> {
 /// What a caller asks of the writer.
 pub(super) enum JobKind {
     Event(Event),
+    /// Several events written in order in the same write and sync (all or none), one answer.
+    Events(Vec<Event>),
     Checkpoint,
     Tally(TallyEntry),
     Purge(DateTime<Utc>),

@@ -185,6 +185,13 @@ impl AuditLog {
         self.submit(log::JobKind::Event(ev)).await
     }
 
+    /// Appends `events` in order in one write and one sync: all of them are durable, or none
+    /// is (so no later record of the group can be on the device without an earlier one).
+    /// Returns the chain head after the last.
+    pub async fn record_all(&self, events: Vec<Event>) -> Result<Head, AuditError> {
+        self.submit(log::JobKind::Events(events)).await
+    }
+
     /// Submits one job and notes whether the writer could write it.
     async fn submit(&self, kind: log::JobKind) -> Result<Head, AuditError> {
         let r = log::submit(&self.tx, kind).await;

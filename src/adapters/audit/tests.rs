@@ -611,6 +611,56 @@ async fn a_failed_append_consumes_no_sequence_number_and_the_chain_verifies() {
     assert_eq!(report.records, 5);
 }
 
+#[tokio::test]
+async fn records_written_together_are_all_durable_or_none_is_and_count_towards_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = SigningKey::generate().unwrap();
+    let keys = vec![signer.public_key()];
+    let mut cfg = config(dir.path());
+    cfg.checkpoint_every_records = 4;
+    let fail = cfg.fail_appends.clone();
+    let log = AuditLog::open(cfg, Arc::new(signer)).unwrap();
+    let (secret, _) = SubjectSecret::generate().unwrap();
+    let k = secret.key("s", "r");
+    let head = log
+        .record_all(vec![event(0, &k), event(1, &k), event(2, &k)])
+        .await
+        .unwrap();
+    assert_eq!(head.seq, 3, "the head after the last of the three");
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    log.record_all(vec![event(3, &k), event(4, &k)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        log.head().seq,
+        3,
+        "a failed group leaves none of its records"
+    );
+    fail.store(false, std::sync::atomic::Ordering::Relaxed);
+    // Records 4 and 5, then the checkpoint due after 4 records counted across the groups.
+    let head = log
+        .record_all(vec![event(5, &k), event(6, &k)])
+        .await
+        .unwrap();
+    assert_eq!(head.seq, 5);
+    log.close().await.unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(only_file(dir.path()))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let checkpoint_at = lines
+        .iter()
+        .position(|l| l.to_string().contains("checkpoint"))
+        .unwrap();
+    assert_eq!(
+        checkpoint_at, 5,
+        "a checkpoint follows the 4th record's group: {lines:?}"
+    );
+    let report = verify(dir.path(), &keys).unwrap();
+    assert!(report.records >= 6, "{}", report.records);
+}
+
 /// A small tmpfs, unmounted on drop (tests run as root).
 struct Tmpfs(tempfile::TempDir);
 
