@@ -599,9 +599,11 @@ async fn fifty_files_dropped_at_once_are_each_queued_once_sharing_store_syncs() 
          16 at once {par_store} store syncs / {par_audit} audit fsyncs"
     );
     assert!(one_store >= 2 * n as u64, "{one_store}");
-    // At once: fewer syncs than files, where one at a time needs two per file.
+    // At once: fewer syncs than the two per file one at a time needs. How many are shared
+    // depends on how long a sync takes against a seal: under 50 where this was written, 63-80
+    // on a disk whose 4 KiB O_DSYNC write takes 0.2 ms (so `< n` held on one machine only).
     assert!(
-        par_store < n as u64,
-        "16 files at once share store syncs: {par_store} for {n} files"
+        par_store < one_store,
+        "16 files at once share store syncs: {par_store} for {n} files, {one_store} one at a time"
     );
 }
