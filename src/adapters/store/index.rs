@@ -8,8 +8,8 @@
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::{
-    decode, due_from_queue_key, id_from_queue_key, queue_prefix, OutRecord, OutState, QueueStats,
-    Store, StoreError,
+    decode, due_from_queue_key, from_queue_value, id_from_queue_key, queue_prefix, OutRecord,
+    OutState, QueueStats, Store, StoreError,
 };
 use crate::core::types::{AreaId, EnvelopeId, PriorityClass};
 
@@ -68,7 +68,7 @@ impl Store {
             let from_key = (|| {
                 let priority = *k.get(k.len().checked_sub(25)?)?;
                 let due = due_from_queue_key(&k)?;
-                let created = i64::from_be_bytes(v.as_ref().try_into().ok()?);
+                let (created, _) = from_queue_value(&v)?;
                 Some((priority == 0, due, created))
             })();
             let (enhanced, due, created) = match from_key {

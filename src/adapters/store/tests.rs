@@ -278,6 +278,42 @@ async fn a_past_due_envelope_is_reported_once() {
 }
 
 #[tokio::test]
+async fn the_sweeps_over_a_reported_queue_read_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let now = Utc::now();
+    let mut late = env("london", PriorityClass::Standard, now.timestamp() - 60);
+    late.created = now - chrono::Duration::seconds(120);
+    let id = late.id;
+    queue(&store, late, &[1; 32]);
+    store.mark_deadline_reported(&id).unwrap();
+    let entries: Vec<_> = store.inner.queue.iter().map(|kv| kv.unwrap().1).collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        from_queue_value(&entries[0]),
+        Some(((now - chrono::Duration::seconds(120)).timestamp(), true)),
+        "the queue entry carries created and the reported flag"
+    );
+    // A record that cannot be decoded: a sweep that read it would fail.
+    store
+        .inner
+        .envelopes
+        .insert(id.as_bytes(), &b"not a record"[..])
+        .unwrap();
+    assert!(store.newly_past_due(now, 10).unwrap().is_empty());
+    assert_eq!(
+        store
+            .queued_before(now - chrono::Duration::seconds(60), 10)
+            .unwrap(),
+        [id]
+    );
+    assert!(store
+        .queued_before(now - chrono::Duration::seconds(180), 10)
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
 async fn the_receipt_purge_lists_then_forgets_only_finished_envelopes() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
