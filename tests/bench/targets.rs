@@ -9,7 +9,8 @@
 //! 2. drop → inbox latency at a steady 20 drops/s for 15 s (inotify on the inbox): p50 ≤ 20 ms,
 //!    p99 ≤ 100 ms.
 //! 3. restart with 100,000 envelopes queued: serving (`status --json` answers) within 1 s,
-//!    RSS ≤ 150 MB.
+//!    RSS ≤ 150 MB (2 s after serving). `REFEX_BENCH_KEEP=DIR` copies the filled federation
+//!    to DIR first, to profile the restart again (`refex run --config DIR/west-midlands/…`).
 //! 4. drain after a peer outage: the peer is down while 50 referrals/s are dropped for
 //!    `REFEX_BENCH_OUTAGE_SECS` (default 60 s → 3,000 queued; the 10 minutes would
 //!    be 30,000), then the peer starts: drain rate (target ≥ 1,000/s) and whether every
@@ -362,6 +363,15 @@ async fn bench_restart(n: u32) {
     let mut fed = Federation::new(&AREAS);
     let wm = fed.node("west-midlands");
     common::fill(wm, n).await;
+    if let Ok(keep) = std::env::var("REFEX_BENCH_KEEP") {
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(fed.dir.path())
+            .arg(&keep)
+            .status()
+            .is_ok_and(|s| s.success());
+        println!("filled federation copied to {keep}: {copied}");
+    }
     let start = Instant::now();
     fed.node_mut("west-midlands").start();
     let socket = start.elapsed();

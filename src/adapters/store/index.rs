@@ -1,8 +1,10 @@
 //! Finding envelopes without decoding them all: queue figures read from the queue entries
 //! (priority and due time are in the key, `created` in the value), and an index of the rare
 //! states an operator or a restart looks for — `[tag][id]` for `NonDelivered`, `ReceiptStored`
-//! and `WithdrawPending`, written in the same transaction as the record (`Store::update`) and
-//! built once from the records when a store from before it is opened.
+//! and `WithdrawPending` — and of finished envelopes by when they finished (`finished_at ‖ id`,
+//! for the receipt purge), each written in the same transaction as the record
+//! (`Store::update`, `Store::forget`) and built once from the records when a store from before
+//! it is opened.
 //! Must not: be trusted beyond a hint — every id it yields is re-read and its state checked.
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -15,6 +17,8 @@ use crate::core::types::{AreaId, EnvelopeId, PriorityClass};
 
 /// The rare-state index's completion marker (shorter than any `[tag][id]` key).
 pub(super) const STATES_BUILT: &[u8] = b"built";
+/// The finished index's completion marker (shorter than any `finished_at ‖ id` key).
+pub(super) const INDEX_BUILT: &[u8] = b"built";
 
 /// The index tag of a state operators and restarts look for; `None` for the common states.
 pub(super) fn rare_tag(state: OutState) -> Option<u8> {
@@ -26,6 +30,26 @@ pub(super) fn rare_tag(state: OutState) -> Option<u8> {
     }
 }
 
+/// The finished index's key of a delivered or withdrawn record: `finished_at` (i64 BE, sign
+/// bit flipped, so keys sort by time) ‖ id; `None` for any other state.
+pub(super) fn finished_key(rec: &OutRecord, id: &EnvelopeId) -> Option<Vec<u8>> {
+    if !matches!(rec.state, OutState::Delivered | OutState::Withdrawn) {
+        return None;
+    }
+    let at = rec.finished_at?;
+    let mut k = Vec::with_capacity(8 + id.as_bytes().len());
+    k.extend_from_slice(&((at as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    Some(k)
+}
+
+/// `(finished_at, id)` from a finished index key; `None` for the marker.
+pub(super) fn from_finished_key(k: &[u8]) -> Option<(i64, EnvelopeId)> {
+    let at = u64::from_be_bytes(k.get(..8)?.try_into().ok()?) ^ (1 << 63);
+    let id = EnvelopeId::from_slice(k.get(8..)?).ok()?;
+    Some((at as i64, id))
+}
+
 pub(super) fn state_key(tag: u8, id: &EnvelopeId) -> Vec<u8> {
     let mut k = Vec::with_capacity(17);
     k.push(tag);
@@ -34,11 +58,14 @@ pub(super) fn state_key(tag: u8, id: &EnvelopeId) -> Vec<u8> {
 }
 
 impl Store {
-    /// Builds the rare-state index from the records, once, for a store written before it
-    /// existed (the marker is written last, so an interrupted build is redone).
-    pub(super) fn build_state_index(&self) -> Result<(), StoreError> {
+    /// Builds the rare-state and finished indexes from the records, once each, for a store
+    /// written before they existed (each marker is written last, so an interrupted build is
+    /// redone).
+    pub(super) fn build_indexes(&self) -> Result<(), StoreError> {
         let i = &self.inner;
-        if i.states.contains_key(STATES_BUILT)? {
+        let states = !i.states.contains_key(STATES_BUILT)?;
+        let finished = !i.finished.contains_key(INDEX_BUILT)?;
+        if !states && !finished {
             return Ok(());
         }
         for kv in i.envelopes.iter() {
@@ -47,11 +74,15 @@ impl Store {
                 continue;
             };
             let rec: OutRecord = decode(id, &v)?;
-            if let Some(tag) = rare_tag(rec.state) {
+            if let Some(tag) = rare_tag(rec.state).filter(|_| states) {
                 i.states.insert(state_key(tag, &id), &[][..])?;
+            }
+            if let Some(key) = finished_key(&rec, &id).filter(|_| finished) {
+                i.finished.insert(key, &[][..])?;
             }
         }
         i.states.insert(STATES_BUILT, &[][..])?;
+        i.finished.insert(INDEX_BUILT, &[][..])?;
         Ok(())
     }
 

@@ -342,6 +342,50 @@ async fn the_receipt_purge_lists_then_forgets_only_finished_envelopes() {
 }
 
 #[tokio::test]
+async fn the_purge_reads_only_expired_records_through_the_finished_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Utc::now();
+    let days = |d| now - chrono::Duration::days(d);
+    let (old, older, recent, queued) = {
+        let store = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for k in 1..=4u8 {
+            let e = env("london", PriorityClass::Standard, 1);
+            ids.push(e.id);
+            queue(&store, e, &[k; 32]);
+        }
+        store.mark_delivered(&ids[0], b"r", "h", days(3)).unwrap();
+        store.mark_delivered(&ids[1], b"r", "h", days(5)).unwrap();
+        store.mark_delivered(&ids[2], b"r", "h", now).unwrap();
+        // A store from before the index: no keys, no marker.
+        store.inner.finished.clear().unwrap();
+        store.close().await.unwrap();
+        (ids[0], ids[1], ids[2], ids[3])
+    };
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.finished_before(days(1), 10).unwrap(),
+        [older, old],
+        "built from the records on open, oldest first"
+    );
+    assert_eq!(store.finished_before(days(1), 1).unwrap(), [older]);
+    // The queued record is never read: one that cannot be decoded fails no purge.
+    store
+        .inner
+        .envelopes
+        .insert(queued.as_bytes(), &b"not a record"[..])
+        .unwrap();
+    assert_eq!(store.forget(&[older, old]).unwrap(), 2);
+    assert!(store.finished_before(days(1), 10).unwrap().is_empty());
+    assert_eq!(
+        store.inner.finished.len(),
+        2,
+        "forget removes the key with the record: the recent one and the marker are left"
+    );
+    assert!(store.get(&recent).unwrap().is_some());
+}
+
+#[tokio::test]
 async fn concurrent_waiters_share_syncs() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
