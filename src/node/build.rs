@@ -7,7 +7,7 @@
 //! Must not: spawn tasks (that is `run`), or re-validate settings (they arrive in final types).
 
 use std::collections::BTreeSet;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
@@ -134,6 +134,9 @@ pub struct Node {
     /// Wake-ups of the areas known at start; see [`Node::add_wake`] for areas added later.
     pub wake: Wake,
     added_wake: Mutex<Wake>,
+    /// Areas that connected to us since their worker last looked (see
+    /// [`Node::peer_connected`]).
+    connected: Mutex<HashSet<AreaId>>,
     peers: RwLock<Peers>,
     /// Progress of the long-running loops, for the watchdog.
     pub heartbeats: crate::node::heartbeat::Heartbeats,
@@ -185,6 +188,7 @@ impl Node {
         Ok(Arc::new(Self {
             peers,
             added_wake: Mutex::new(HashMap::new()),
+            connected: Mutex::new(HashSet::new()),
             settings: Arc::new(settings),
             signer,
             kem,
@@ -244,6 +248,25 @@ impl Node {
     /// This node's area.
     pub fn me(&self) -> &AreaId {
         &self.settings.area
+    }
+
+    /// Notes that `area` connected to us (authenticated), so it is up: its worker, if backing
+    /// off after failed sends, retries at once instead of when the back-off ends (up to
+    /// `delivery.retry_max_ms` after the peer came back).
+    pub fn peer_connected(&self, area: &AreaId) {
+        self.connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(area.clone());
+        self.wake(area);
+    }
+
+    /// Whether `area` connected to us since the last call (and forgets it).
+    pub fn take_peer_connected(&self, area: &AreaId) -> bool {
+        self.connected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(area)
     }
 
     /// Wakes the worker of `area`'s queue (new or re-queued work).

@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::adapters::metrics_http;
 use crate::adapters::outbox_dir::{OutboxWatcher, WatchConfig};
 use crate::adapters::store::OutState;
-use crate::adapters::transport::Transport;
+use crate::adapters::transport::{PeerAddr, Transport};
 use crate::core::types::AreaId;
 use crate::node::build::{load_tls, Node, Peers, StartError};
 use crate::node::control;
@@ -73,6 +73,11 @@ pub async fn run(
     };
 
     let tracker = TaskTracker::new();
+    // A peer that connects to us is up: its worker stops backing off (see `sender`).
+    {
+        let node = node.clone();
+        transport.on_peer_connected(move |area| node.peer_connected(area));
+    }
     // Receiving side.
     {
         let receiver = receiver.clone();
@@ -134,6 +139,24 @@ pub async fn run(
             stored: stored.as_mut().map(|m| m.remove(peer).unwrap_or_default()),
         };
         tracker.spawn(worker.run(shutdown.clone(), SHUTDOWN_GRACE));
+    }
+    // Tell every peer we are up: one connection each, so a peer backing off from us after an
+    // outage starts sending at once. A peer that is down is simply not reached.
+    for entry in s.directory.areas().filter(|e| &e.id != node.me()) {
+        let addr = PeerAddr {
+            area: entry.id.clone(),
+            addr: entry.address,
+            server_name: entry.server_name.clone(),
+        };
+        let (t, token) = (transport.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                r = t.connect(&addr) => if let Err(e) = r {
+                    debug!(peer = %addr.area, "peer not reached at start: {e}");
+                }
+            }
+        });
     }
     let intake = Intake {
         node: node.clone(),

@@ -16,7 +16,9 @@
 //! worker completes at start-up: it writes the receipt and erasure records the log does not
 //! already name, then erases — so nothing is recorded about an envelope after its erasure.
 //! Failures: a transient one (peer down, timeout, peer out of disk) backs the whole peer off
-//! (capped exponential backoff with jitter) and blocks no other peer; a permanent refusal (the
+//! (capped exponential backoff with jitter) and blocks no other peer; the back-off ends early
+//! when the peer connects to us (it is up: a starting node dials every peer once, so a backlog
+//! starts to drain within a handshake of the peer's return, not `retry_max_ms` later); a permanent refusal (the
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
 //! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer.
 
@@ -102,6 +104,19 @@ impl PeerWorker {
             beat.beat();
             if shutdown.is_cancelled() {
                 break;
+            }
+            // The peer connected to us: it is up, so a back-off after failed sends ends now
+            // (the failure count stays, so a peer that connects but refuses cannot make us
+            // retry faster than it connects).
+            if self.ctx.node.take_peer_connected(&self.peer)
+                && failures > 0
+                && backoff_until.is_some_and(|t| t > Instant::now())
+            {
+                info!(
+                    after_failures = failures,
+                    "peer connected to us; retrying now"
+                );
+                backoff_until = None;
             }
             let backing_off = backoff_until.is_some_and(|t| t > Instant::now());
             if resume && !backing_off {

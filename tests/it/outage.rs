@@ -125,6 +125,36 @@ fn a_backlog_larger_than_the_window_arrives_enhanced_first() {
     );
 }
 
+/// A sender backing off after failed sends retries as soon as the peer is back: the peer
+/// dials every area once at start, and a connection from it ends the back-off. The back-off
+/// here is 30-60 s (retry 60 s, equal jitter); the referral must arrive well before it ends.
+#[test]
+fn a_peer_back_from_an_outage_is_sent_to_at_once_not_after_the_back_off() {
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        "[intake]\nsettle_ms = 100\n[delivery]\nretry_initial_ms = 60000\nretry_max_ms = 60000\n[limits]\nhandshake_timeout_ms = 300\n",
+    );
+    fed.node_mut("west-midlands").start();
+    fed.node("west-midlands")
+        .drop_file("r.json", referral("BACK-1", "london").as_bytes());
+    wait_until(WAIT, "the referral to be queued", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
+    // The first send fails after the 300 ms handshake timeout; the worker now backs off.
+    std::thread::sleep(Duration::from_secs(3));
+    let back = std::time::Instant::now();
+    fed.node_mut("london").start();
+    wait_until(
+        Duration::from_secs(20),
+        "the referral to arrive before the 30-60 s back-off ends",
+        || fed.node("london").inbox_files().len() == 1,
+    );
+    eprintln!(
+        "delivered {:.1} s after the peer started",
+        back.elapsed().as_secs_f64()
+    );
+}
+
 #[test]
 fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     let mut fed = Federation::with_config(

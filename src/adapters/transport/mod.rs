@@ -234,7 +234,13 @@ struct Shared {
     refusals: Refusals,
     violations: tokio::sync::mpsc::Sender<FrameViolation>,
     violations_rx: Mutex<Option<tokio::sync::mpsc::Receiver<FrameViolation>>>,
+    /// Called with the area of every authenticated inbound connection (see
+    /// [`Transport::on_peer_connected`]).
+    on_peer: Mutex<Option<PeerHook>>,
 }
+
+/// What runs when an authenticated peer connects to us.
+type PeerHook = Arc<dyn Fn(&AreaId) + Send + Sync>;
 
 /// A QUIC endpoint acting as both server and client. Cheap to clone.
 #[derive(Clone)]
@@ -302,6 +308,7 @@ impl Transport {
                 refusals: Refusals::default(),
                 violations,
                 violations_rx: Mutex::new(Some(violations_rx)),
+                on_peer: Mutex::new(None),
             }),
         })
     }
@@ -518,6 +525,10 @@ impl Transport {
             }
         };
         self.shared.known.add(remote);
+        let hook = lock(&self.shared.on_peer).clone();
+        if let Some(hook) = hook {
+            hook(&peer);
+        }
         let bytes = budget::connection_budget(&self.shared.limits);
         let span = tracing::info_span!("connection", peer = %peer);
         let lifetime = tokio::time::sleep(self.shared.limits.max_connection_lifetime);
@@ -733,6 +744,13 @@ impl Transport {
             }
         }
         result
+    }
+
+    /// Calls `hook` with the area of every authenticated inbound connection, once its identity
+    /// is checked and it holds a connection slot (so at most as often as the connection limits
+    /// let a peer connect). The node uses it to learn that a peer it backs off from is up.
+    pub fn on_peer_connected(&self, hook: impl Fn(&AreaId) + Send + Sync + 'static) {
+        *lock(&self.shared.on_peer) = Some(Arc::new(hook));
     }
 
     /// The framing violations of authenticated peers, for the node to audit. Only the first
