@@ -155,6 +155,36 @@ fn a_peer_back_from_an_outage_is_sent_to_at_once_not_after_the_back_off() {
     );
 }
 
+/// A dial under way when the peer comes back starts over: its Initial packets went to a peer
+/// that was down and QUIC resends them only on a doubling probe timeout (about 1, 3, 7, 15 and
+/// 31 s into the handshake), so with a long handshake timeout a peer back at 16 s would wait
+/// for the resend at 31 s. The peer connecting to us restarts the dial at once.
+#[test]
+fn a_dial_under_way_when_the_peer_comes_back_starts_over() {
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        "[intake]\nsettle_ms = 100\n[delivery]\nretry_initial_ms = 60000\nretry_max_ms = 60000\n[limits]\nhandshake_timeout_ms = 45000\nrequest_timeout_ms = 60000\n",
+    );
+    fed.node_mut("west-midlands").start();
+    fed.node("west-midlands")
+        .drop_file("r.json", referral("REDIAL-1", "london").as_bytes());
+    wait_until(WAIT, "the referral to be queued", || {
+        fed.node("west-midlands").outbox_files().is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(16));
+    let back = std::time::Instant::now();
+    fed.node_mut("london").start();
+    wait_until(
+        Duration::from_secs(10),
+        "the referral to arrive before the dial's next resend (~15 s after the peer is back)",
+        || fed.node("london").inbox_files().len() == 1,
+    );
+    eprintln!(
+        "delivered {:.1} s after the peer started",
+        back.elapsed().as_secs_f64()
+    );
+}
+
 #[test]
 fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     let mut fed = Federation::with_config(

@@ -29,6 +29,7 @@
 //! a lock across an await.
 
 mod budget;
+mod dial;
 mod frame;
 mod refusals;
 mod tls;
@@ -38,14 +39,14 @@ use refusals::Refusals;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::core::types::AreaId;
 use frame::{read_frame, write_frame};
@@ -195,6 +196,8 @@ enum Outbound {
     Dialing {
         id: u64,
         done: watch::Receiver<DialResult>,
+        /// Notified when the peer connects to us meanwhile (see `dial`).
+        redial: Arc<tokio::sync::Notify>,
     },
     Up {
         conn: quinn::Connection,
@@ -525,6 +528,9 @@ impl Transport {
             }
         };
         self.shared.known.add(remote);
+        if let Some(Outbound::Dialing { redial, .. }) = lock(&self.shared.outbound).get(&peer) {
+            redial.notify_one();
+        }
         let hook = lock(&self.shared.on_peer).clone();
         if let Some(hook) = hook {
             hook(&peer);
@@ -602,109 +608,6 @@ impl Transport {
         }
         .instrument(span)
         .await;
-    }
-
-    /// The established connection to `peer`, dialling if there is none. The handshake runs in
-    /// its own task, so neither a lock nor a caller's timeout holds it up or cuts it short;
-    /// every request for the same peer waits on the same dial.
-    async fn connection(&self, peer: &PeerAddr) -> Result<quinn::Connection, TransportError> {
-        // Rotate outgoing connections a little before the peer's server would close them.
-        let max_age = self.shared.limits.max_connection_lifetime.mul_f64(0.9);
-        self.shared.known.add(peer.addr);
-        let mut done = {
-            let mut m = lock(&self.shared.outbound);
-            match m.get(&peer.area) {
-                Some(Outbound::Up { conn, since })
-                    if conn.close_reason().is_none() && since.elapsed() < max_age =>
-                {
-                    return Ok(conn.clone());
-                }
-                Some(Outbound::Dialing { done, .. }) => done.clone(),
-                _ => {
-                    let id = self.shared.next_dial.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = watch::channel(None);
-                    m.insert(
-                        peer.area.clone(),
-                        Outbound::Dialing {
-                            id,
-                            done: rx.clone(),
-                        },
-                    );
-                    tokio::spawn(self.clone().dial(peer.clone(), id, tx));
-                    rx
-                }
-            }
-        };
-        let result = done
-            .wait_for(Option::is_some)
-            .await
-            .map(|r| r.clone())
-            .unwrap_or(None);
-        match result {
-            Some(Ok(c)) => Ok(c),
-            Some(Err(e)) => Err(e.into_error(&peer.area)),
-            None => Err(DialError::Connect("dial abandoned".into()).into_error(&peer.area)),
-        }
-    }
-
-    /// Dials `peer`, checks its area, and publishes the outcome to the cache (if the cache
-    /// entry is still this dial's) and to every waiter.
-    async fn dial(self, peer: PeerAddr, id: u64, done: watch::Sender<DialResult>) {
-        let result = self.handshake(&peer).await;
-        {
-            let mut m = lock(&self.shared.outbound);
-            if matches!(m.get(&peer.area), Some(Outbound::Dialing { id: i, .. }) if *i == id) {
-                match &result {
-                    Ok(conn) => {
-                        m.insert(
-                            peer.area.clone(),
-                            Outbound::Up {
-                                conn: conn.clone(),
-                                since: Instant::now(),
-                            },
-                        );
-                    }
-                    Err(_) => {
-                        m.remove(&peer.area);
-                    }
-                }
-            }
-        }
-        done.send_replace(Some(result));
-    }
-
-    async fn handshake(&self, peer: &PeerAddr) -> Result<quinn::Connection, DialError> {
-        let config = self
-            .shared
-            .client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let connecting = self
-            .shared
-            .endpoint
-            .connect_with(config, peer.addr, &peer.server_name)
-            .map_err(|e| DialError::Connect(e.to_string()))?;
-        let conn =
-            match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(DialError::Connect(e.to_string())),
-                Err(_) => return Err(DialError::Connect("handshake timed out".into())),
-            };
-        match area_of(conn.peer_identity()) {
-            Ok(a) if a == peer.area => {
-                info!(peer = %peer.area, "connected");
-                Ok(conn)
-            }
-            Ok(a) => {
-                conn.close(CODE_NO_IDENTITY.into(), b"wrong area");
-                Err(DialError::Identity(a.to_string()))
-            }
-            Err(why) => {
-                conn.close(CODE_NO_IDENTITY.into(), b"no area identity");
-                Err(DialError::Identity(why))
-            }
-        }
     }
 
     /// Makes sure a connection to `peer` is established (handshake done, identity checked).
