@@ -12,6 +12,9 @@
 //! Isolation: outgoing connections are cached per peer area; a handshake runs in its own task,
 //! outside every lock, and requests for the same peer wait on its result; a request that times
 //! out resets only its own stream, and a connection leaves the cache only when it is closed.
+//! A peer that connects to us is up: a dial to it under way starts over (once per dial, see
+//! `dial`), and the node is told ([`Transport::on_peer_connected`]) so its sender stops
+//! backing off.
 //! Pre-authentication budget: handshakes in progress have their own bound (`max_handshakes`),
 //! separate from `max_connections`, which counts authenticated connections only; above
 //! `retry_above_handshakes` in progress, an unvalidated address is sent a QUIC Retry first.
