@@ -362,11 +362,25 @@ fn id_from_queue_key(k: &[u8]) -> Option<EnvelopeId> {
 impl Store {
     /// Opens (or creates) the store in `dir` and starts its committer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(8 << 20)
-            .flush_every_ms(None)
-            .open()?;
+        // A lock held elsewhere is tried again for up to half a second, as for the audit log:
+        // a store just closed can stay locked a moment by a child process forked meanwhile.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .cache_capacity(8 << 20)
+                .flush_every_ms(None)
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < give_up =>
+                {
+                    thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r?,
+            }
+        };
         let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
         let syncs = Arc::new(AtomicU64::new(0));
         let path = dir.to_owned();
