@@ -4,12 +4,33 @@
 //! Order: write the whole content to a temporary file (mode 0640) → `fsync` it → `rename` over
 //! the final name → `fsync` the directory. A crash at any point leaves either the old file or
 //! the new one, never a torn one; a failed write removes its temporary file.
+//! Also the one wait for a lock that a writer which just stopped may still seem to hold
+//! ([`retry_while_locked`], for the audit log's and the store's).
 //! Must not: know what the files mean.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+/// Calls `take` again, for up to half a second, while `held` says the lock it takes is held
+/// elsewhere. A lock released by a writer that has just stopped can stay held a moment longer
+/// by a child process another thread forked meanwhile: the child shares the lock's open file
+/// until its exec closes it (flock belongs to the open file, not the descriptor).
+pub fn retry_while_locked<T, E>(
+    mut take: impl FnMut() -> Result<T, E>,
+    held: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    loop {
+        match take() {
+            Err(e) if held(&e) && std::time::Instant::now() < give_up => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
 
 /// Creates or truncates `path` (mode 0640), writes `bytes` and syncs them. On error the file is
 /// removed, so no partial file is left behind.

@@ -362,25 +362,18 @@ fn id_from_queue_key(k: &[u8]) -> Option<EnvelopeId> {
 impl Store {
     /// Opens (or creates) the store in `dir` and starts its committer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // A lock held elsewhere is tried again for up to half a second, as for the audit log:
-        // a store just closed can stay locked a moment by a child process forked meanwhile.
-        let give_up = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        let db = loop {
-            match sled::Config::new()
+        // sled's lock, held elsewhere, is tried again for a moment (see `retry_while_locked`).
+        let open = || {
+            sled::Config::new()
                 .path(dir)
                 .cache_capacity(8 << 20)
                 .flush_every_ms(None)
                 .open()
-            {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < give_up =>
-                {
-                    thread::sleep(std::time::Duration::from_millis(10));
-                }
-                r => break r?,
-            }
         };
+        let db = crate::adapters::durable::retry_while_locked(
+            open,
+            |e| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock")),
+        )?;
         let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
         let syncs = Arc::new(AtomicU64::new(0));
         let path = dir.to_owned();
@@ -600,25 +593,19 @@ impl Store {
                 };
                 let mut rec: OutRecord =
                     decode(id, &v).map_err(ConflictableTransactionError::Abort)?;
-                let was_queued = rec.state == OutState::Queued;
-                let was_value = queue_value(&rec);
+                // A queued envelope's entry carries `created` and the deadline flag, so queue
+                // figures and sweeps need no record decode.
+                let was_entry = (rec.state == OutState::Queued).then(|| queue_value(&rec));
                 let was_tag = rare_tag(rec.state);
                 let was_finished = finished_key(&rec, id);
                 let qk = queue_key(&rec.to, rec.priority, rec.due_by, id);
                 let out = f(&mut rec).map_err(ConflictableTransactionError::Abort)?;
-                match (was_queued, rec.state == OutState::Queued) {
-                    (true, false) => {
-                        queue.remove(qk)?;
-                    }
-                    (false, true) => {
-                        // The value carries `created` and the deadline flag, so queue figures
-                        // and sweeps need no record decode.
-                        queue.insert(qk, queue_value(&rec))?;
-                    }
-                    (true, true) if queue_value(&rec) != was_value => {
-                        queue.insert(qk, queue_value(&rec))?;
-                    }
-                    _ => {}
+                let entry = (rec.state == OutState::Queued).then(|| queue_value(&rec));
+                if entry != was_entry {
+                    match entry {
+                        Some(v) => queue.insert(qk, v)?,
+                        None => queue.remove(qk)?,
+                    };
                 }
                 let tag = rare_tag(rec.state);
                 if tag != was_tag {

@@ -105,20 +105,18 @@ impl PeerWorker {
             if shutdown.is_cancelled() {
                 break;
             }
+            let mut backing_off = backoff_until.is_some_and(|t| t > Instant::now());
             // The peer connected to us: it is up, so a back-off after failed sends ends now
             // (the failure count stays, so a peer that connects but refuses cannot make us
             // retry faster than it connects).
-            if self.ctx.node.take_peer_connected(&self.peer)
-                && failures > 0
-                && backoff_until.is_some_and(|t| t > Instant::now())
-            {
+            if self.ctx.node.take_peer_connected(&self.peer) && failures > 0 && backing_off {
                 info!(
                     after_failures = failures,
                     "peer connected to us; retrying now"
                 );
                 backoff_until = None;
+                backing_off = false;
             }
-            let backing_off = backoff_until.is_some_and(|t| t > Instant::now());
             if resume && !backing_off {
                 let known = self.stored.take();
                 resume = complete_stored_receipts(&self.ctx, &self.peer, known).await > 0;

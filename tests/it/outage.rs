@@ -125,14 +125,18 @@ fn a_backlog_larger_than_the_window_arrives_enhanced_first() {
     );
 }
 
-/// A sender backing off after failed sends retries as soon as the peer is back: the peer
-/// dials every area once at start, and a connection from it ends the back-off. The back-off
-/// here is 30-60 s (retry 60 s, equal jitter); the referral must arrive well before it ends.
-#[test]
-fn a_peer_back_from_an_outage_is_sent_to_at_once_not_after_the_back_off() {
+/// West Midlands queues one referral for London, which is down, and retries every 60 s (30-60 s
+/// with equal jitter); London starts `down_for` later and the referral must arrive within
+/// `within`, long before the back-off would end.
+fn referral_reaches_a_peer_back_after(
+    limits: &str,
+    down_for: Duration,
+    within: Duration,
+    why: &str,
+) {
     let mut fed = Federation::with_config(
         &["west-midlands", "london"],
-        "[intake]\nsettle_ms = 100\n[delivery]\nretry_initial_ms = 60000\nretry_max_ms = 60000\n[limits]\nhandshake_timeout_ms = 300\n",
+        &format!("[intake]\nsettle_ms = 100\n[delivery]\nretry_initial_ms = 60000\nretry_max_ms = 60000\n[limits]\n{limits}"),
     );
     fed.node_mut("west-midlands").start();
     fed.node("west-midlands")
@@ -140,18 +144,26 @@ fn a_peer_back_from_an_outage_is_sent_to_at_once_not_after_the_back_off() {
     wait_until(WAIT, "the referral to be queued", || {
         fed.node("west-midlands").outbox_files().is_empty()
     });
-    // The first send fails after the 300 ms handshake timeout; the worker now backs off.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(down_for);
     let back = std::time::Instant::now();
     fed.node_mut("london").start();
-    wait_until(
-        Duration::from_secs(20),
-        "the referral to arrive before the 30-60 s back-off ends",
-        || fed.node("london").inbox_files().len() == 1,
-    );
+    wait_until(within, why, || fed.node("london").inbox_files().len() == 1);
     eprintln!(
         "delivered {:.1} s after the peer started",
         back.elapsed().as_secs_f64()
+    );
+}
+
+/// A sender backing off after failed sends retries as soon as the peer is back: the peer
+/// dials every area once at start, and a connection from it ends the back-off.
+#[test]
+fn a_peer_back_from_an_outage_is_sent_to_at_once_not_after_the_back_off() {
+    // The first send fails after the 300 ms handshake timeout; the worker then backs off.
+    referral_reaches_a_peer_back_after(
+        "handshake_timeout_ms = 300\n",
+        Duration::from_secs(3),
+        Duration::from_secs(20),
+        "the referral to arrive before the 30-60 s back-off ends",
     );
 }
 
@@ -161,27 +173,11 @@ fn a_peer_back_from_an_outage_is_sent_to_at_once_not_after_the_back_off() {
 /// for the resend at 31 s. The peer connecting to us restarts the dial at once.
 #[test]
 fn a_dial_under_way_when_the_peer_comes_back_starts_over() {
-    let mut fed = Federation::with_config(
-        &["west-midlands", "london"],
-        "[intake]\nsettle_ms = 100\n[delivery]\nretry_initial_ms = 60000\nretry_max_ms = 60000\n[limits]\nhandshake_timeout_ms = 45000\nrequest_timeout_ms = 60000\n",
-    );
-    fed.node_mut("west-midlands").start();
-    fed.node("west-midlands")
-        .drop_file("r.json", referral("REDIAL-1", "london").as_bytes());
-    wait_until(WAIT, "the referral to be queued", || {
-        fed.node("west-midlands").outbox_files().is_empty()
-    });
-    std::thread::sleep(Duration::from_secs(16));
-    let back = std::time::Instant::now();
-    fed.node_mut("london").start();
-    wait_until(
+    referral_reaches_a_peer_back_after(
+        "handshake_timeout_ms = 45000\nrequest_timeout_ms = 60000\n",
+        Duration::from_secs(16),
         Duration::from_secs(10),
         "the referral to arrive before the dial's next resend (~15 s after the peer is back)",
-        || fed.node("london").inbox_files().len() == 1,
-    );
-    eprintln!(
-        "delivered {:.1} s after the peer started",
-        back.elapsed().as_secs_f64()
     );
 }
 

@@ -116,10 +116,9 @@ fn seal_torn_checkpoints(dir: &Path) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// Takes the directory's exclusive writer lock (released when the writer thread ends).
-/// A lock held elsewhere is tried again for up to half a second before `Locked`: a writer that
-/// has just stopped can leave it held a moment longer by a child process another thread forked
-/// meanwhile (the child shares the lock's open file until its exec closes it).
+/// Takes the directory's exclusive writer lock (released when the writer thread ends); one
+/// held elsewhere is tried again for up to half a second before `Locked`
+/// ([`crate::adapters::durable::retry_while_locked`]).
 fn lock_dir(dir: &Path) -> Result<File, AuditError> {
     let path = dir.join("audit.lock");
     let f = OpenOptions::new()
@@ -129,18 +128,13 @@ fn lock_dir(dir: &Path) -> Result<File, AuditError> {
         .mode(0o640)
         .open(&path)
         .map_err(|e| AuditError::io(&path, e))?;
-    let give_up = std::time::Instant::now() + std::time::Duration::from_millis(500);
-    loop {
-        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(f),
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
-                if std::time::Instant::now() >= give_up {
-                    return Err(AuditError::Locked(dir.to_owned()));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => return Err(AuditError::io(&path, e.into())),
-        }
+    let flock = || rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+    match crate::adapters::durable::retry_while_locked(flock, |e| {
+        *e == rustix::io::Errno::WOULDBLOCK
+    }) {
+        Ok(()) => Ok(f),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(AuditError::Locked(dir.to_owned())),
+        Err(e) => Err(AuditError::io(&path, e.into())),
     }
 }
 

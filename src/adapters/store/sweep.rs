@@ -28,21 +28,18 @@ impl Store {
             let Some(id) = id_from_queue_key(&k) else {
                 continue;
             };
-            if let Some((created, _)) = from_queue_value(&v) {
-                if created < cutoff.timestamp() {
-                    out.push(id);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-                continue;
-            }
-            if let Some(rec) = self.get(&id)? {
-                if rec.created < cutoff.timestamp() {
-                    out.push(id);
-                    if out.len() >= limit {
-                        break;
-                    }
+            // An older store's entry without `created` falls back to the record.
+            let created = match from_queue_value(&v) {
+                Some((created, _)) => created,
+                None => match self.get(&id)? {
+                    Some(rec) => rec.created,
+                    None => continue,
+                },
+            };
+            if created < cutoff.timestamp() {
+                out.push(id);
+                if out.len() >= limit {
+                    break;
                 }
             }
         }
