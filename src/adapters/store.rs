@@ -48,15 +48,16 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
+mod changes;
 mod commit;
 mod export;
 mod index;
 mod operator;
 
-use index::{finished_key, rare_tag, state_key};
 mod seen;
 mod sweep;
 
+use changes::{change_in, Job, Tables};
 use commit::committer;
 pub use commit::EXIT_STORE_LOST;
 use tokio::sync::oneshot;
@@ -261,13 +262,13 @@ struct Inner {
     /// `finished_at (i64 BE, sign bit flipped) ‖ id`, so the receipt purge reads only the
     /// expired ones (see `index`); kept in the same transaction as the record.
     finished: sled::Tree,
-    commit_tx: std::sync::Mutex<Option<mpsc::Sender<Waiter>>>,
+    commit_tx: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     syncs: Arc<AtomicU64>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     pending: Arc<std::sync::Mutex<Pending>>,
     /// Multi-tree transactions hold it shared; a backup holds it exclusively while it copies,
     /// so the copy never has half of one (see `export`).
-    gate: std::sync::RwLock<()>,
+    gate: Arc<std::sync::RwLock<()>>,
 }
 
 /// Enqueued envelopes not yet covered by a completed sync (see "Visibility" above).
@@ -374,34 +375,42 @@ impl Store {
             open,
             |e| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock")),
         )?;
-        let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
+        let (commit_tx, commit_rx) = mpsc::channel::<Job>();
         let syncs = Arc::new(AtomicU64::new(0));
         let path = dir.to_owned();
         let db2 = db.clone();
         let syncs2 = syncs.clone();
         let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
         let pending2 = pending.clone();
+        let tables = Tables {
+            envelopes: db.open_tree("envelopes")?,
+            queue: db.open_tree("queue")?,
+            states: db.open_tree("states")?,
+            finished: db.open_tree("finished")?,
+            gate: Arc::default(),
+        };
+        let tables2 = tables.clone();
         let handle = thread::Builder::new()
             .name("refex-store-commit".into())
-            .spawn(move || committer(db2, path, commit_rx, syncs2, pending2))
+            .spawn(move || committer(db2, path, commit_rx, syncs2, pending2, tables2))
             .map_err(|e| StoreError::Sled {
                 message: format!("cannot start committer: {e}"),
                 disk_full: false,
             })?;
         let inner = Inner {
-            envelopes: db.open_tree("envelopes")?,
-            queue: db.open_tree("queue")?,
+            envelopes: tables.envelopes,
+            queue: tables.queue,
             idem: db.open_tree("idem")?,
             seen: db.open_tree("seen")?,
             referrals: db.open_tree("referrals")?,
-            states: db.open_tree("states")?,
-            finished: db.open_tree("finished")?,
+            states: tables.states,
+            finished: tables.finished,
             _db: db.clone(),
             commit_tx: std::sync::Mutex::new(Some(commit_tx)),
             syncs,
             committer: std::sync::Mutex::new(Some(handle)),
             pending,
-            gate: std::sync::RwLock::new(()),
+            gate: tables.gate,
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -422,7 +431,7 @@ impl Store {
             guard
                 .as_ref()
                 .ok_or(StoreError::Closed)?
-                .send(tx)
+                .send(Job::Sync(tx))
                 .map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
@@ -435,7 +444,7 @@ impl Store {
         let (tx, _rx) = oneshot::channel();
         if let Ok(guard) = self.inner.commit_tx.lock() {
             if let Some(commit) = guard.as_ref() {
-                let _ = commit.send(tx);
+                let _ = commit.send(Job::Sync(tx));
             }
         }
     }
@@ -584,51 +593,9 @@ impl Store {
     ) -> Result<T, StoreError> {
         let i = &self.inner;
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
-        let out = (&i.envelopes, &i.queue, &i.states, &i.finished).transaction(
-            |(envelopes, queue, states, finished)| {
-                let Some(v) = envelopes.get(id.as_bytes())? else {
-                    return Err(ConflictableTransactionError::Abort(StoreError::NotFound(
-                        *id,
-                    )));
-                };
-                let mut rec: OutRecord =
-                    decode(id, &v).map_err(ConflictableTransactionError::Abort)?;
-                // A queued envelope's entry carries `created` and the deadline flag, so queue
-                // figures and sweeps need no record decode.
-                let was_entry = (rec.state == OutState::Queued).then(|| queue_value(&rec));
-                let was_tag = rare_tag(rec.state);
-                let was_finished = finished_key(&rec, id);
-                let qk = queue_key(&rec.to, rec.priority, rec.due_by, id);
-                let out = f(&mut rec).map_err(ConflictableTransactionError::Abort)?;
-                let entry = (rec.state == OutState::Queued).then(|| queue_value(&rec));
-                if entry != was_entry {
-                    match entry {
-                        Some(v) => queue.insert(qk, v)?,
-                        None => queue.remove(qk)?,
-                    };
-                }
-                let tag = rare_tag(rec.state);
-                if tag != was_tag {
-                    if let Some(t) = was_tag {
-                        states.remove(state_key(t, id))?;
-                    }
-                    if let Some(t) = tag {
-                        states.insert(state_key(t, id), &[][..])?;
-                    }
-                }
-                let fin = finished_key(&rec, id);
-                if fin != was_finished {
-                    if let Some(k) = was_finished {
-                        finished.remove(k)?;
-                    }
-                    if let Some(k) = fin {
-                        finished.insert(k, &[][..])?;
-                    }
-                }
-                envelopes.insert(&id.as_bytes()[..], encode(&rec))?;
-                Ok(out)
-            },
-        )?;
+        let out = (&i.envelopes, &i.queue, &i.states, &i.finished).transaction(|trees| {
+            change_in(trees, id, &f)?.map_err(ConflictableTransactionError::Abort)
+        })?;
         Ok(out)
     }
 
@@ -650,14 +617,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<OutRecord, StoreError> {
         self.update(id, |r| {
-            if r.state != OutState::Delivered {
-                r.state = OutState::Delivered;
-                r.sealed = None;
-                r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
-                r.peer_audit_head = Some(peer_audit_head.to_owned());
-                r.finished_at = Some(now.timestamp());
-                r.last_error = None;
-            }
+            delivered(r, receipt, peer_audit_head, now);
             Ok(r.clone())
         })
     }
@@ -672,12 +632,7 @@ impl Store {
         peer_audit_head: &str,
     ) -> Result<OutRecord, StoreError> {
         self.update(id, |r| {
-            if r.state != OutState::Delivered {
-                r.state = OutState::ReceiptStored;
-                r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
-                r.peer_audit_head = Some(peer_audit_head.to_owned());
-                r.last_error = None;
-            }
+            receipt_stored(r, receipt, peer_audit_head);
             Ok(r.clone())
         })
     }
@@ -694,6 +649,28 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         r
+    }
+}
+
+/// The record change of a stored receipt: out of the queue, payload kept. A no-op once delivered.
+fn receipt_stored(r: &mut OutRecord, receipt: &[u8], peer_audit_head: &str) {
+    if r.state != OutState::Delivered {
+        r.state = OutState::ReceiptStored;
+        r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
+        r.peer_audit_head = Some(peer_audit_head.to_owned());
+        r.last_error = None;
+    }
+}
+
+/// The record change of a delivery: receipt kept, payload erased, finished now. Idempotent.
+fn delivered(r: &mut OutRecord, receipt: &[u8], peer_audit_head: &str, now: DateTime<Utc>) {
+    if r.state != OutState::Delivered {
+        r.state = OutState::Delivered;
+        r.sealed = None;
+        r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
+        r.peer_audit_head = Some(peer_audit_head.to_owned());
+        r.finished_at = Some(now.timestamp());
+        r.last_error = None;
     }
 }
 

@@ -13,7 +13,7 @@
 //! (before the inbox rename), `receiver_before_reply` (after it); sender
 //! `sender_before_receipt_stored`, `sender_after_receipt_stored` (receipt synced, records not
 //! yet written), `sender_after_receipt_records` (receipt and erasure records durable, payload
-//! not yet erased), `sender_after_erasure_unsynced` (erased, its store sync requested, not done); housekeeping `purge_rejected_before_delete`,
+//! not yet erased), `sender_after_erasure_unsynced` (the erasure handed to the store's committer, not yet synced); housekeeping `purge_rejected_before_delete`,
 //! `purge_receipts_before_forget` (erasure recorded, not yet made); control
 //! `operator_withdraw_pending` (a withdraw out of its queue, not yet recorded);
 //! `operator_before_change` (requeue/withdraw recorded, not yet made); `sighup_reload`.

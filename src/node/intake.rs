@@ -510,8 +510,7 @@ impl Work {
             return Err(e.into());
         }
         crate::core::failpoint::hit("intake_before_release");
-        self.node.store.release(&release)?;
-        self.node.store.durable().await?;
+        self.node.store.release_durably(&release).await?;
         let new = queued
             .iter()
             .filter(|(r, ..)| !matches!(r, Enqueued::Duplicate(_)))

@@ -5,11 +5,12 @@
 //!
 //! Per envelope, write-ahead (each record durable before what it records takes effect):
 //! audit `disclosure` (transferred) → send → receipt verified against the peer's signing key,
-//! envelope id and the SHA-256 of exactly the bytes we sent → `store_receipt` + store sync (state
-//! `ReceiptStored`: out of the queue, never sent again) → audit `receipt` (with the peer's audit
+//! envelope id and the SHA-256 of exactly the bytes we sent → `store_receipt_durably` (state
+//! `ReceiptStored`: out of the queue, never sent again; applied and synced by the store's
+//! committer with the other receipts of its round) → audit `receipt` (with the peer's audit
 //! head, so our log witnesses theirs) and `erasure`, handed over together (one sync) →
-//! `mark_delivered` (payload erased) → store sync requested, not awaited (a crash before it is
-//! completed at start-up like any `ReceiptStored` envelope). When the transfer record cannot be written nothing is sent. A crash before the
+//! `mark_delivered_soon` (payload erased by the committer's next round, not awaited: a crash
+//! before it is completed at start-up like any `ReceiptStored` envelope). When the transfer record cannot be written nothing is sent. A crash before the
 //! receipt's sync leaves the envelope queued: it is sent again and the receiver answers with
 //! the original receipt, so nothing is duplicated (its transfer is then recorded twice, both
 //! before any erasure). A crash after it leaves a `ReceiptStored` envelope, which the peer's
@@ -302,9 +303,8 @@ async fn complete(
         .unwrap_or_default();
     ctx.node
         .store
-        .mark_delivered(&id, &receipt, peer_head, Utc::now())
+        .mark_delivered_soon(&id, &receipt, peer_head, Utc::now())
         .map_err(|e| format!("cannot mark delivered: {e}"))?;
-    ctx.node.store.request_sync();
     crate::core::failpoint::hit("sender_after_erasure_unsynced");
     Ok(())
 }
@@ -464,12 +464,10 @@ async fn send_one(
             if let Err(e) = ctx
                 .node
                 .store
-                .store_receipt(&id, &receipt, &body.audit_head)
+                .store_receipt_durably(&id, &receipt, &body.audit_head)
+                .await
             {
                 return SendOutcome::Transient(format!("cannot store receipt: {e}"));
-            }
-            if let Err(e) = ctx.node.store.durable().await {
-                return SendOutcome::Transient(format!("cannot sync receipt: {e}"));
             }
             crate::core::failpoint::hit("sender_after_receipt_stored");
             if let Err(e) =

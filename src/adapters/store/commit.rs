@@ -1,4 +1,5 @@
-//! The store's group commit: one thread flushes sled and fdatasyncs its files for every waiter
+//! The store's group commit: one thread applies the record changes sent to it in one
+//! transaction (see `changes`), then flushes sled and fdatasyncs its files for every waiter
 //! that has arrived (see "Durability" in the parent module).
 //!
 //! A failed flush or sync is final (the PostgreSQL "fsyncgate" lesson): after a failed `fsync`
@@ -18,22 +19,38 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
-use super::{Pending, StoreError, Waiter};
+use super::changes::{Change, Job, Tables};
+use super::{Pending, StoreError, WRITING};
+use crate::core::types::EnvelopeId;
 
 /// The exit status after a failed store flush or sync (EX_TEMPFAIL: restart and recover).
 pub const EXIT_STORE_LOST: i32 = 75;
 
-/// The group-commit loop: take every waiter that has arrived, flush and sync once, answer all.
+/// The group-commit loop: take every job that has arrived, apply their record changes in one
+/// transaction (see `changes`), flush and sync once, answer all.
 pub(super) fn committer(
     db: sled::Db,
     dir: PathBuf,
-    rx: mpsc::Receiver<Waiter>,
+    rx: mpsc::Receiver<Job>,
     syncs: Arc<AtomicU64>,
     pending: Arc<std::sync::Mutex<Pending>>,
+    tables: Tables,
 ) {
     while let Ok(first) = rx.recv() {
-        let mut waiters = vec![first];
-        waiters.extend(rx.try_iter());
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        let changes: Vec<(EnvelopeId, &Change)> = jobs
+            .iter()
+            .flat_map(|j| match j {
+                Job::Apply { changes, .. } => changes.iter().map(|(id, c)| (*id, c)).collect(),
+                Job::Sync(_) => Vec::new(),
+            })
+            .collect();
+        let applied = if changes.is_empty() {
+            Ok(Vec::new())
+        } else {
+            tables.apply(&changes)
+        };
         // Every enqueue that finished before this point is in what the flush below writes.
         let upto = pending.lock().map(|p| p.issued).unwrap_or(0);
         crate::core::failpoint::hit("store_before_sync");
@@ -57,9 +74,59 @@ pub(super) fn committer(
         }
         if let Ok(mut p) = pending.lock() {
             p.covered(upto);
+            // Released in this round and now synced: sendable.
+            for j in &jobs {
+                if let Job::Apply {
+                    changes,
+                    release: true,
+                    ..
+                } = j
+                {
+                    for (id, _) in changes {
+                        if p.ids.get(id) == Some(&WRITING) {
+                            p.ids.remove(id);
+                        }
+                    }
+                }
+            }
         }
-        for w in waiters {
-            let _ = w.send(result.clone());
+        answer(jobs, applied, &result);
+    }
+}
+
+/// Gives every job its outcome: its own changes' (the first failure), else the sync's.
+fn answer(
+    jobs: Vec<Job>,
+    applied: Result<Vec<Result<(), StoreError>>, StoreError>,
+    synced: &Result<(), StoreError>,
+) {
+    let mut outcomes = applied.as_ref().ok().map(|v| v.iter());
+    for job in jobs {
+        match job {
+            Job::Sync(w) => {
+                let _ = w.send(synced.clone());
+            }
+            Job::Apply { changes, done, .. } => {
+                let mut out = synced.clone();
+                for (id, _) in &changes {
+                    let own = match (&applied, outcomes.as_mut().and_then(|o| o.next())) {
+                        (Err(e), _) => Err(e.clone()),
+                        (Ok(_), Some(r)) => r.clone(),
+                        (Ok(_), None) => Ok(()),
+                    };
+                    if let Err(e) = own {
+                        if done.is_none() {
+                            tracing::warn!(envelope_id = %id, "record change left to the next commit failed: {e}");
+                        }
+                        if out.is_ok() {
+                            out = Err(e);
+                        }
+                    }
+                }
+                if let Some(w) = done {
+                    let _ = w.send(out);
+                }
+            }
         }
     }
 }

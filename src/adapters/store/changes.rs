@@ -1,0 +1,233 @@
+//! Record changes: one function writes a changed [`OutRecord`] with its queue entry and index
+//! keys inside a transaction, for a caller's own transaction ([`Store::update`]) or for the
+//! committer's shared one.
+//!
+//! Why the committer applies the hot changes: every sled transaction writes sled's log buffer
+//! out twice (sled rolls the buffer before and after a batch), each write a job for sled's I/O
+//! pool, whose every job wakes all seven of its waiting threads, and a `sync_file_range` that
+//! waits for the device. Measured on the 2,000-file bench: ~9 such writes per referral, sled's
+//! pool ~16 % of both daemons' CPU. So the changes that are synced at once anyway — intake's
+//! release, the sender's stored receipt and its erasure after the receipt — are sent to the
+//! committer ([`Store::release_durably`], [`Store::store_receipt_durably`],
+//! [`Store::mark_delivered_soon`]), which applies all that arrived while it last synced in ONE
+//! transaction, then flushes and syncs once. Each change keeps its own outcome: one that finds
+//! no record fails alone, with no write, and never aborts the others.
+//! Must not: decide what a change does (callers pass it in) or sync (the committer does).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sled::transaction::{TransactionalTree, UnabortableTransactionError};
+use sled::Transactional;
+use tokio::sync::oneshot;
+
+use super::index::{finished_key, rare_tag, state_key};
+use super::{decode, encode, queue_key, queue_value, OutRecord, OutState, Store, StoreError};
+use crate::core::types::EnvelopeId;
+
+/// A change to one record; may run more than once (sled retries a conflicting transaction).
+pub(super) type Change = Box<dyn Fn(&mut OutRecord) + Send>;
+
+/// What the committer is sent. Every job is answered once the sync of its round has ended.
+pub(super) enum Job {
+    /// Wait for a sync that starts after the call.
+    Sync(super::Waiter),
+    /// Apply these changes in the round's transaction, then sync. `release`: the ids are in the
+    /// pending set until that sync has ended. No waiter: nobody waits, a failure is logged.
+    Apply {
+        changes: Vec<(EnvelopeId, Change)>,
+        release: bool,
+        done: Option<super::Waiter>,
+    },
+}
+
+/// The trees a record change touches, handed to the committer.
+#[derive(Clone)]
+pub(super) struct Tables {
+    pub envelopes: sled::Tree,
+    pub queue: sled::Tree,
+    pub states: sled::Tree,
+    pub finished: sled::Tree,
+    pub gate: Arc<std::sync::RwLock<()>>,
+}
+
+/// envelopes, queue, states, finished: as a transaction over [`Tables`] hands them in.
+pub(super) type TxTrees = (
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+);
+
+/// Reads `id`'s record, applies `f` and writes the record with its queue entry and index keys
+/// (envelopes, queue, states, finished). The outer error is sled's (the transaction is retried
+/// or fails); the inner one is the change's own, with nothing written.
+pub(super) fn change_in<T>(
+    (envelopes, queue, states, finished): &TxTrees,
+    id: &EnvelopeId,
+    f: &dyn Fn(&mut OutRecord) -> Result<T, StoreError>,
+) -> Result<Result<T, StoreError>, UnabortableTransactionError> {
+    let Some(v) = envelopes.get(id.as_bytes())? else {
+        return Ok(Err(StoreError::NotFound(*id)));
+    };
+    let mut rec: OutRecord = match decode(id, &v) {
+        Ok(rec) => rec,
+        Err(e) => return Ok(Err(e)),
+    };
+    // A queued envelope's entry carries `created` and the deadline flag, so queue figures and
+    // sweeps need no record decode.
+    let was_entry = (rec.state == OutState::Queued).then(|| queue_value(&rec));
+    let was_tag = rare_tag(rec.state);
+    let was_finished = finished_key(&rec, id);
+    let qk = queue_key(&rec.to, rec.priority, rec.due_by, id);
+    let out = match f(&mut rec) {
+        Ok(out) => out,
+        Err(e) => return Ok(Err(e)),
+    };
+    let entry = (rec.state == OutState::Queued).then(|| queue_value(&rec));
+    if entry != was_entry {
+        match entry {
+            Some(v) => queue.insert(qk, v)?,
+            None => queue.remove(qk)?,
+        };
+    }
+    let tag = rare_tag(rec.state);
+    if tag != was_tag {
+        if let Some(t) = was_tag {
+            states.remove(state_key(t, id))?;
+        }
+        if let Some(t) = tag {
+            states.insert(state_key(t, id), &[][..])?;
+        }
+    }
+    let fin = finished_key(&rec, id);
+    if fin != was_finished {
+        if let Some(k) = was_finished {
+            finished.remove(k)?;
+        }
+        if let Some(k) = fin {
+            finished.insert(k, &[][..])?;
+        }
+    }
+    envelopes.insert(&id.as_bytes()[..], encode(&rec))?;
+    Ok(Ok(out))
+}
+
+impl Tables {
+    /// Applies every change in one transaction; one outcome per change, in order. `Err`: the
+    /// transaction itself failed and nothing was written.
+    pub(super) fn apply(
+        &self,
+        changes: &[(EnvelopeId, &Change)],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let _gate = self.gate.read().map_err(|_| StoreError::Closed)?;
+        let t = (&self.envelopes, &self.queue, &self.states, &self.finished);
+        let out = t.transaction(|trees| {
+            let mut outcomes = Vec::with_capacity(changes.len());
+            for (id, change) in changes {
+                let apply = |r: &mut OutRecord| {
+                    change(r);
+                    Ok(())
+                };
+                outcomes.push(change_in(trees, id, &apply)?);
+            }
+            Ok(outcomes)
+        })?;
+        Ok(out)
+    }
+}
+
+fn release_change() -> Change {
+    Box::new(|r: &mut OutRecord| {
+        if r.state == OutState::Held {
+            r.state = OutState::Queued;
+        }
+    })
+}
+
+impl Store {
+    fn submit(
+        &self,
+        changes: Vec<(EnvelopeId, Change)>,
+        release: bool,
+        done: Option<super::Waiter>,
+    ) -> Result<(), StoreError> {
+        let guard = self
+            .inner
+            .commit_tx
+            .lock()
+            .map_err(|_| StoreError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Job::Apply {
+                changes,
+                release,
+                done,
+            })
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn apply_durably(
+        &self,
+        changes: Vec<(EnvelopeId, Change)>,
+        release: bool,
+    ) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(changes, release, Some(tx))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Store::release`] applied by the committer with whatever else is waiting, in one
+    /// transaction; returns once synced. The ids stay out of [`Store::next_queued`] until then.
+    pub async fn release_durably(&self, ids: &[EnvelopeId]) -> Result<(), StoreError> {
+        {
+            let mut pending = self.pending_lock()?;
+            for id in ids {
+                pending.ids.insert(*id, super::WRITING);
+            }
+        }
+        let changes = ids.iter().map(|id| (*id, release_change())).collect();
+        let out = self.apply_durably(changes, true).await;
+        if out.is_err() {
+            // Not released (or the committer is gone): nothing to keep out of the queue.
+            let mut pending = self.pending_lock()?;
+            for id in ids {
+                pending.ids.remove(id);
+            }
+        }
+        out
+    }
+
+    /// [`Store::store_receipt`] applied by the committer in its shared transaction; returns once
+    /// synced.
+    pub async fn store_receipt_durably(
+        &self,
+        id: &EnvelopeId,
+        receipt: &[u8],
+        peer_audit_head: &str,
+    ) -> Result<(), StoreError> {
+        let (receipt, head) = (receipt.to_vec(), peer_audit_head.to_owned());
+        let change: Change = Box::new(move |r: &mut OutRecord| {
+            super::receipt_stored(r, &receipt, &head);
+        });
+        self.apply_durably(vec![(*id, change)], false).await
+    }
+
+    /// [`Store::mark_delivered`] left to the committer's next round, not waited for: a crash
+    /// before that round's sync leaves the envelope `ReceiptStored`, which the sender completes
+    /// at its next start (as after a crash before an awaited sync). A failure is logged.
+    pub fn mark_delivered_soon(
+        &self,
+        id: &EnvelopeId,
+        receipt: &[u8],
+        peer_audit_head: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let (receipt, head) = (receipt.to_vec(), peer_audit_head.to_owned());
+        let change: Change = Box::new(move |r: &mut OutRecord| {
+            super::delivered(r, &receipt, &head, now);
+        });
+        self.submit(vec![(*id, change)], false, None)
+    }
+}
