@@ -269,6 +269,8 @@ struct Inner {
     /// Multi-tree transactions hold it shared; a backup holds it exclusively while it copies,
     /// so the copy never has half of one (see `export`).
     gate: Arc<std::sync::RwLock<()>>,
+    /// Multi-tree transactions made (tests and benchmarks).
+    transactions: Arc<AtomicU64>,
 }
 
 /// Enqueued envelopes not yet covered by a completed sync (see "Visibility" above).
@@ -388,6 +390,7 @@ impl Store {
             states: db.open_tree("states")?,
             finished: db.open_tree("finished")?,
             gate: Arc::default(),
+            transactions: Arc::default(),
         };
         let tables2 = tables.clone();
         let handle = thread::Builder::new()
@@ -411,6 +414,7 @@ impl Store {
             committer: std::sync::Mutex::new(Some(handle)),
             pending,
             gate: tables.gate,
+            transactions: tables.transactions,
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -449,6 +453,12 @@ impl Store {
         }
     }
 
+    /// How many multi-tree transactions were made, the committer's included (tests and
+    /// benchmarks): each costs sled two log-buffer writes (see `changes`).
+    pub fn transaction_count(&self) -> u64 {
+        self.inner.transactions.load(Ordering::Relaxed)
+    }
+
     /// How many device syncs the committer has made (tests and benchmarks).
     pub fn sync_count(&self) -> u64 {
         self.inner.syncs.load(Ordering::Relaxed)
@@ -458,54 +468,31 @@ impl Store {
     /// (call [`Store::durable`]) and not sendable: [`Store::release`] queues it once its audit
     /// records are durable.
     pub fn enqueue(&self, env: NewEnvelope, idem_key: &[u8; 32]) -> Result<Enqueued, StoreError> {
+        let mut out = self.enqueue_all(vec![(env, *idem_key)])?;
+        out.pop()
+            .ok_or_else(|| StoreError::Corrupt("enqueue returned nothing".into()))
+    }
+
+    /// [`Store::enqueue`] for every envelope of a file, in ONE transaction (sled writes its log
+    /// buffer out twice per transaction, see `changes`): all are stored or none. Outcomes in
+    /// order; a later one sees an earlier one's idempotency key.
+    pub fn enqueue_all(
+        &self,
+        envs: Vec<(NewEnvelope, [u8; 32])>,
+    ) -> Result<Vec<Enqueued>, StoreError> {
         let i = &self.inner;
-        let rec = OutRecord {
-            v: 1,
-            to: env.to.clone(),
-            priority: env.priority,
-            due_by: env.due_by.timestamp(),
-            created: env.created.timestamp(),
-            state: OutState::Held,
-            attempts: 0,
-            last_error: None,
-            digest: env.digest.to_vec(),
-            subject_key: env.subject_key,
-            sealed: Some(serde_bytes::ByteBuf::from(env.sealed)),
-            receipt: None,
-            peer_audit_head: None,
-            finished_at: None,
-            // Already past due when queued: intake records it as `late_at_intake` instead.
-            deadline_reported: env.due_by < env.created,
-            withdraw: None,
-        };
-        let value = encode(&rec);
-        let id = env.id;
+        let items: Vec<(EnvelopeId, Vec<u8>, [u8; 32])> = envs
+            .into_iter()
+            .map(|(env, key)| (env.id, encode(&held_record(env)), key))
+            .collect();
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
+        i.transactions.fetch_add(1, Ordering::Relaxed);
         let out = (&i.envelopes, &i.idem).transaction(|(envelopes, idem)| {
-            if let Some(existing) = idem.get(idem_key)? {
-                let existing = EnvelopeId::from_slice(&existing).map_err(|_| {
-                    ConflictableTransactionError::Abort(StoreError::Corrupt(
-                        "idempotency index".into(),
-                    ))
-                })?;
-                let held = match envelopes.get(existing.as_bytes())? {
-                    Some(v) => {
-                        decode::<OutRecord>(existing, &v)
-                            .map_err(ConflictableTransactionError::Abort)?
-                            .state
-                            == OutState::Held
-                    }
-                    None => false,
-                };
-                return Ok(if held {
-                    Enqueued::Resumed(existing)
-                } else {
-                    Enqueued::Duplicate(existing)
-                });
+            let mut out = Vec::with_capacity(items.len());
+            for (id, value, idem_key) in &items {
+                out.push(enqueue_in(envelopes, idem, *id, value, idem_key)?);
             }
-            idem.insert(&idem_key[..], &id.as_bytes()[..])?;
-            envelopes.insert(&id.as_bytes()[..], value.clone())?;
-            Ok(Enqueued::New(id))
+            Ok(out)
         })?;
         Ok(out)
     }
@@ -593,6 +580,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let i = &self.inner;
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
+        i.transactions.fetch_add(1, Ordering::Relaxed);
         let out = (&i.envelopes, &i.queue, &i.states, &i.finished).transaction(|trees| {
             change_in(trees, id, &f)?.map_err(ConflictableTransactionError::Abort)
         })?;
@@ -650,6 +638,62 @@ impl Store {
         }
         r
     }
+}
+
+/// A new envelope's record: `Held`, outside every queue.
+fn held_record(env: NewEnvelope) -> OutRecord {
+    OutRecord {
+        v: 1,
+        to: env.to,
+        priority: env.priority,
+        due_by: env.due_by.timestamp(),
+        created: env.created.timestamp(),
+        state: OutState::Held,
+        attempts: 0,
+        last_error: None,
+        digest: env.digest.to_vec(),
+        subject_key: env.subject_key,
+        sealed: Some(serde_bytes::ByteBuf::from(env.sealed)),
+        receipt: None,
+        peer_audit_head: None,
+        finished_at: None,
+        // Already past due when queued: intake records it as `late_at_intake` instead.
+        deadline_reported: env.due_by < env.created,
+        withdraw: None,
+    }
+}
+
+/// Stores one held envelope unless its idempotency key is known (then: the envelope it names,
+/// resumed while still held, else a duplicate).
+fn enqueue_in(
+    envelopes: &sled::transaction::TransactionalTree,
+    idem: &sled::transaction::TransactionalTree,
+    id: EnvelopeId,
+    value: &[u8],
+    idem_key: &[u8; 32],
+) -> Result<Enqueued, ConflictableTransactionError<StoreError>> {
+    if let Some(existing) = idem.get(idem_key)? {
+        let existing = EnvelopeId::from_slice(&existing).map_err(|_| {
+            ConflictableTransactionError::Abort(StoreError::Corrupt("idempotency index".into()))
+        })?;
+        let held = match envelopes.get(existing.as_bytes())? {
+            Some(v) => {
+                decode::<OutRecord>(existing, &v)
+                    .map_err(ConflictableTransactionError::Abort)?
+                    .state
+                    == OutState::Held
+            }
+            None => false,
+        };
+        return Ok(if held {
+            Enqueued::Resumed(existing)
+        } else {
+            Enqueued::Duplicate(existing)
+        });
+    }
+    idem.insert(&idem_key[..], &id.as_bytes()[..])?;
+    envelopes.insert(&id.as_bytes()[..], value)?;
+    Ok(Enqueued::New(id))
 }
 
 /// The record change of a stored receipt: out of the queue, payload kept. A no-op once delivered.

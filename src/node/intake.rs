@@ -415,12 +415,23 @@ impl Work {
         })
         .await
         .map_err(|e| IntakeError::Worker(e.to_string()))?;
-        let mut queued = Vec::new();
-        for ((new, subject), idem) in sealed?.into_iter().zip(&keys) {
-            let digest = new.digest;
-            let result = self.node.store.enqueue(new, idem)?;
-            queued.push((result, digest, subject));
-        }
+        // One store transaction for the whole file.
+        let (envs, meta): (Vec<_>, Vec<_>) = sealed?
+            .into_iter()
+            .zip(&keys)
+            .map(|((new, subject), idem)| {
+                let digest = new.digest;
+                ((new, *idem), (digest, subject))
+            })
+            .unzip();
+        let queued: Vec<_> = self
+            .node
+            .store
+            .enqueue_all(envs)?
+            .into_iter()
+            .zip(meta)
+            .map(|(result, (digest, subject))| (result, digest, subject))
+            .collect();
         if let Some(d) = crate::core::failpoint::hold("intake_before_durable") {
             tokio::time::sleep(d).await;
         }

@@ -49,6 +49,8 @@ pub(super) struct Tables {
     pub states: sled::Tree,
     pub finished: sled::Tree,
     pub gate: Arc<std::sync::RwLock<()>>,
+    /// Transactions made on these trees (tests and benchmarks).
+    pub transactions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// envelopes, queue, states, finished: as a transaction over [`Tables`] hands them in.
@@ -121,6 +123,8 @@ impl Tables {
         changes: &[(EnvelopeId, &Change)],
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let _gate = self.gate.read().map_err(|_| StoreError::Closed)?;
+        self.transactions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = (&self.envelopes, &self.queue, &self.states, &self.finished);
         let out = t.transaction(|trees| {
             let mut outcomes = Vec::with_capacity(changes.len());

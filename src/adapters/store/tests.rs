@@ -513,3 +513,115 @@ async fn rare_states_are_found_through_their_index_which_an_older_store_gets_bui
     assert_eq!(ids(store.non_delivered(10).unwrap()), [a]);
     assert_eq!(ids(store.withdrawals_pending().unwrap()), [b]);
 }
+
+#[tokio::test]
+async fn changes_sent_to_the_committer_share_a_transaction_each_with_its_own_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ids: Vec<EnvelopeId> = (0..20u8)
+        .map(|n| {
+            store
+                .enqueue(env("london", PriorityClass::Standard, 1_000), &[n; 32])
+                .unwrap()
+                .id()
+        })
+        .collect();
+    store.durable().await.unwrap();
+    // Twenty releases at once, as twenty files finishing together: the old path made one
+    // transaction each.
+    let before = store.transaction_count();
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in ids.clone() {
+        let store = store.clone();
+        tasks.spawn(async move { store.release_durably(&[id]).await });
+    }
+    let released = tasks.join_all().await;
+    assert!(released.iter().all(Result::is_ok), "{released:?}");
+    let made = store.transaction_count() - before;
+    assert!(made < 20, "20 releases made {made} transactions");
+    // Durable on return, so sendable at once.
+    let queued = store
+        .next_queued(&area("london"), 100, &HashSet::new())
+        .unwrap();
+    assert_eq!(queued.len(), 20);
+
+    // A change that finds no record fails alone and writes nothing; the others in the same
+    // transaction are applied.
+    let missing = EnvelopeId::generate();
+    let (a, b) = (ids[0], ids[1]);
+    let receipt = |id| -> (EnvelopeId, changes::Change) {
+        (
+            id,
+            Box::new(|r: &mut OutRecord| receipt_stored(r, b"receipt", "head")),
+        )
+    };
+    let batch = [receipt(a), receipt(missing), receipt(b)];
+    let refs: Vec<(EnvelopeId, &changes::Change)> = batch.iter().map(|(id, c)| (*id, c)).collect();
+    let tables = changes::Tables {
+        envelopes: store.inner.envelopes.clone(),
+        queue: store.inner.queue.clone(),
+        states: store.inner.states.clone(),
+        finished: store.inner.finished.clone(),
+        gate: store.inner.gate.clone(),
+        transactions: store.inner.transactions.clone(),
+    };
+    let outcomes = tables.apply(&refs).unwrap();
+    assert!(outcomes[0].is_ok() && outcomes[2].is_ok(), "{outcomes:?}");
+    assert!(matches!(outcomes[1], Err(StoreError::NotFound(id)) if id == missing));
+    assert!(store.get(&missing).unwrap().is_none());
+    for id in [a, b] {
+        assert_eq!(
+            store.get(&id).unwrap().unwrap().state,
+            OutState::ReceiptStored
+        );
+    }
+    assert_eq!(store.in_state(OutState::ReceiptStored).unwrap().len(), 2);
+    let queued = store
+        .next_queued(&area("london"), 100, &HashSet::new())
+        .unwrap();
+    assert_eq!(queued.len(), 18, "stored receipts leave the queue");
+
+    // The sender's path: stored receipt synced on return, erasure applied by the next round.
+    let c = ids[2];
+    store.store_receipt_durably(&c, b"rc", "hc").await.unwrap();
+    assert_eq!(
+        store.get(&c).unwrap().unwrap().state,
+        OutState::ReceiptStored
+    );
+    store
+        .mark_delivered_soon(&c, b"rc", "hc", Utc::now())
+        .unwrap();
+    store.durable().await.unwrap();
+    let rec = store.get(&c).unwrap().unwrap();
+    assert_eq!(rec.state, OutState::Delivered);
+    assert!(rec.sealed.is_none(), "the payload is erased");
+    assert_eq!(rec.receipt.as_deref().map(|r| &r[..]), Some(&b"rc"[..]));
+    // An unknown id given to the not-awaited path is logged, and harms nothing else.
+    store
+        .mark_delivered_soon(&missing, b"r", "h", Utc::now())
+        .unwrap();
+    store.durable().await.unwrap();
+    assert!(store.get(&missing).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_files_envelopes_are_stored_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let envs: Vec<(NewEnvelope, [u8; 32])> = (0..100u8)
+        .map(|n| (env("london", PriorityClass::Standard, 1_000), [n; 32]))
+        .collect();
+    let first = envs[0].0.id;
+    let mut again = env("london", PriorityClass::Standard, 1_000);
+    let before = store.transaction_count();
+    let mut batch = envs;
+    // The same idempotency key twice in one file: the second finds the first, still held.
+    again.id = EnvelopeId::generate();
+    batch.push((again, [0; 32]));
+    let out = store.enqueue_all(batch).unwrap();
+    assert_eq!(store.transaction_count() - before, 1);
+    assert_eq!(out.len(), 101);
+    assert!(out[..100].iter().all(|e| matches!(e, Enqueued::New(_))));
+    assert!(matches!(out[100], Enqueued::Resumed(id) if id == first));
+    assert_eq!(store.get(&first).unwrap().unwrap().state, OutState::Held);
+}
