@@ -22,7 +22,10 @@
 //! file (and any blob files). A single committer thread serves all waiters: callers that arrive
 //! while a commit is running share the next one (group commit), so a burst of N envelopes costs
 //! a handful of syncs, not N. Nothing may be acknowledged (outbox file deleted, receipt sent)
-//! before `durable()` returns.
+//! before `durable()` returns. The hot record changes (intake's release, the sender's stored
+//! receipt and erasure) are handed to the committer itself, which applies all that arrived
+//! during its last sync in one transaction before it syncs (see `changes`: each sled
+//! transaction costs two log-buffer writes).
 //! Visibility (write-ahead audit): [`Store::enqueue`] writes an envelope in state `Held`, outside
 //! every queue. Intake syncs it, writes its audit records (collection first), and only then
 //! [`Store::release`]s it into its peer's queue. So the sender can never take an envelope whose
