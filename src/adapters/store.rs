@@ -444,18 +444,6 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Asks for a sync of everything written before the call without waiting for it: for
-    /// writes whose loss in a crash is repaired at start-up (the erasure after a stored
-    /// receipt), so they ride with the next group commit instead of holding their caller.
-    pub fn request_sync(&self) {
-        let (tx, _rx) = oneshot::channel();
-        if let Ok(guard) = self.inner.commit_tx.lock() {
-            if let Some(commit) = guard.as_ref() {
-                let _ = commit.send(Job::Sync(tx));
-            }
-        }
-    }
-
     /// How many multi-tree transactions were made, the committer's included (tests and
     /// benchmarks): each costs sled two log-buffer writes (see `changes`).
     pub fn transaction_count(&self) -> u64 {
