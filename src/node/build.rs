@@ -140,6 +140,9 @@ pub struct Node {
     peers: RwLock<Peers>,
     /// Progress of the long-running loops, for the watchdog.
     pub heartbeats: crate::node::heartbeat::Heartbeats,
+    /// Slots for envelopes in flight to all peers together (`delivery.max_in_flight_total`);
+    /// a send holds one until it ends.
+    pub send_slots: Arc<tokio::sync::Semaphore>,
     /// What the running process is made of (connections, tasks), set by `run` once serving;
     /// shown by `status` (see [`RuntimeStats`]).
     pub runtime: std::sync::OnceLock<RuntimeStats>,
@@ -185,7 +188,11 @@ impl Node {
             directory: Arc::new(settings.directory.clone()),
             routing: Arc::new(settings.routing.clone()),
         });
+        let send_slots = Arc::new(tokio::sync::Semaphore::new(
+            settings.delivery.max_in_flight_total.get() as usize,
+        ));
         Ok(Arc::new(Self {
+            send_slots,
             peers,
             added_wake: Mutex::new(HashMap::new()),
             connected: Mutex::new(HashSet::new()),

@@ -21,7 +21,9 @@
 //! when the peer connects to us (it is up: a starting node dials every peer once, so a backlog
 //! starts to drain within a handshake of the peer's return, not `retry_max_ms` later); a permanent refusal (the
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
-//! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer.
+//! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer
+//! (nor more than `max_in_flight_total` for all peers together: a send holds a node-wide slot;
+//! a worker left without one waits for the next that frees, fairly, in the order they asked).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -96,6 +98,11 @@ impl PeerWorker {
         let mut failures: u32 = 0;
         let mut backoff_until: Option<Instant> = None;
         let max = self.ctx.node.settings.delivery.max_in_flight_per_peer.get() as usize;
+        let slots = self.ctx.node.send_slots.clone();
+        // A node-wide slot taken while waiting for one, used by the next send.
+        let mut spare: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        // Queued envelopes were left unsent for want of a node-wide slot.
+        let mut starved = false;
         let beat = self
             .ctx
             .node
@@ -118,6 +125,10 @@ impl PeerWorker {
                 backoff_until = None;
                 backing_off = false;
             }
+            if backing_off {
+                // A node-wide slot is not held through a back-off.
+                spare = None;
+            }
             if resume && !backing_off {
                 let known = self.stored.take();
                 resume = complete_stored_receipts(&self.ctx, &self.peer, known).await > 0;
@@ -133,6 +144,10 @@ impl PeerWorker {
                     .next_queued(&self.peer, max - in_flight.len(), &in_flight)
                 {
                     Ok(batch) => {
+                        starved = false;
+                        if batch.is_empty() {
+                            spare = None;
+                        }
                         for (id, rec) in batch {
                             // Enhanced first, strictly: no standard envelope is sent while an
                             // enhanced one is still in flight, so a backlog arrives in priority
@@ -141,13 +156,25 @@ impl PeerWorker {
                             if rec.priority != PriorityClass::Enhanced && !enhanced.is_empty() {
                                 break;
                             }
+                            // Node-wide, at most `max_in_flight_total` sends at once; what is
+                            // left is read again once a slot frees (the branch below waits).
+                            let Some(slot) = spare
+                                .take()
+                                .or_else(|| slots.clone().try_acquire_owned().ok())
+                            else {
+                                starved = true;
+                                break;
+                            };
                             if rec.priority == PriorityClass::Enhanced {
                                 enhanced.insert(id);
                             }
                             in_flight.insert(id);
                             let (ctx, peer) = (self.ctx.clone(), self.peer.clone());
-                            let task = tasks
-                                .spawn(async move { (id, send_one(&ctx, &peer, id, rec).await) });
+                            let task = tasks.spawn(async move {
+                                let outcome = send_one(&ctx, &peer, id, rec).await;
+                                drop(slot);
+                                (id, outcome)
+                            });
                             task_ids.insert(task.id(), id);
                         }
                     }
@@ -165,6 +192,10 @@ impl PeerWorker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Ok(slot) = slots.clone().acquire_owned(), if starved && spare.is_none() && !backing_off => {
+                    spare = Some(slot);
+                    starved = false;
+                }
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     let (id, outcome) = match joined {
                         Ok((task, (id, outcome))) => {

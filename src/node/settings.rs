@@ -85,6 +85,9 @@ pub struct Intake {
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub max_in_flight_per_peer: NonZeroU32,
+    /// Envelopes in flight to all peers together: with 42 peers, 32 each let a burst hold
+    /// ~1,300 sends and their receipts in memory at once.
+    pub max_in_flight_total: NonZeroU32,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     /// After this long undelivered, an envelope is marked non-delivered and alerted.
@@ -257,6 +260,13 @@ impl Settings {
                 32,
                 1,
                 1024,
+            ) as u32)
+            .unwrap_or(NonZeroU32::MIN),
+            max_in_flight_total: NonZeroU32::new(r.number(
+                "delivery.max_in_flight_total",
+                64,
+                1,
+                65_536,
             ) as u32)
             .unwrap_or(NonZeroU32::MIN),
             retry_initial: r.millis("delivery.retry_initial_ms", 500),

@@ -426,3 +426,54 @@ fn a_receipt_lost_after_the_inbox_write_is_answered_from_the_original() {
         "no second inbox file"
     );
 }
+
+#[test]
+fn peers_share_the_node_wide_send_slots_in_turn() {
+    // One slot for all peers: each peer's worker waits its turn for it, so neither peer's
+    // backlog waits for the other's to empty (nor for a worker's one-second heartbeat).
+    let mut fed = Federation::with_config(
+        &["west-midlands", "greater-manchester", "london"],
+        "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nmax_in_flight_total = 1\n",
+    );
+    fed.start_all();
+    // One file, so both peers' queues fill in the same store transaction.
+    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
+    for i in 0..20 {
+        for area in ["london", "greater-manchester"] {
+            csv.push_str(&format!(
+                "turns,T-{area}-{i},2026-11-20T14:03:00Z,{area},Test Person,07700 900999,theft,yes\n"
+            ));
+        }
+    }
+    fed.node("west-midlands")
+        .drop_file("turns.csv", csv.as_bytes());
+    let (mut first_done, mut other_then) = (None, 0);
+    wait_until(WAIT, "both peers to receive 20", || {
+        let l = fed.node("london").inbox_files().len();
+        let g = fed.node("greater-manchester").inbox_files().len();
+        if first_done.is_none() && (l >= 20 || g >= 20) {
+            first_done = Some(if l >= 20 {
+                "london"
+            } else {
+                "greater-manchester"
+            });
+            other_then = l.min(g);
+        }
+        l >= 20 && g >= 20
+    });
+    assert!(
+        other_then >= 5,
+        "{first_done:?} had all 20 while the other peer had {other_then}: the slot was not shared in turn"
+    );
+    for area in ["london", "greater-manchester"] {
+        let mut refs: Vec<String> = fed
+            .node(area)
+            .inbox_docs()
+            .iter()
+            .map(|d| d["source_ref"].as_str().unwrap_or("").to_owned())
+            .collect();
+        refs.sort();
+        refs.dedup();
+        assert_eq!(refs.len(), 20, "{area}: each referral exactly once");
+    }
+}
