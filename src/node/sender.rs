@@ -145,9 +145,6 @@ impl PeerWorker {
                 {
                     Ok(batch) => {
                         starved = false;
-                        if batch.is_empty() {
-                            spare = None;
-                        }
                         for (id, rec) in batch {
                             // Enhanced first, strictly: no standard envelope is sent while an
                             // enhanced one is still in flight, so a backlog arrives in priority
@@ -177,6 +174,9 @@ impl PeerWorker {
                             });
                             task_ids.insert(task.id(), id);
                         }
+                        // A slot waited for but not used (nothing queued, or only standard
+                        // envelopes behind an enhanced one in flight) goes back at once.
+                        spare = None;
                     }
                     Err(e) => {
                         error!("cannot read the queue: {e}");
