@@ -429,19 +429,22 @@ impl Store {
     /// Returns once everything written before the call is on the device.
     pub async fn durable(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        {
-            let guard = self
-                .inner
-                .commit_tx
-                .lock()
-                .map_err(|_| StoreError::Closed)?;
-            guard
-                .as_ref()
-                .ok_or(StoreError::Closed)?
-                .send(Job::Sync(tx))
-                .map_err(|_| StoreError::Closed)?;
-        }
+        self.send_job(Job::Sync(tx))?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Hands the committer a job; `Closed` once the store is closing.
+    fn send_job(&self, job: Job) -> Result<(), StoreError> {
+        let guard = self
+            .inner
+            .commit_tx
+            .lock()
+            .map_err(|_| StoreError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)
     }
 
     /// How many multi-tree transactions were made, the committer's included (tests and
@@ -597,21 +600,6 @@ impl Store {
     ) -> Result<OutRecord, StoreError> {
         self.update(id, |r| {
             delivered(r, receipt, peer_audit_head, now);
-            Ok(r.clone())
-        })
-    }
-
-    /// Stores a verified receipt and takes the envelope out of its queue (`ReceiptStored`),
-    /// before its receipt and erasure records are written; the payload stays until
-    /// [`Self::mark_delivered`]. A no-op on an envelope already delivered.
-    pub fn store_receipt(
-        &self,
-        id: &EnvelopeId,
-        receipt: &[u8],
-        peer_audit_head: &str,
-    ) -> Result<OutRecord, StoreError> {
-        self.update(id, |r| {
-            receipt_stored(r, receipt, peer_audit_head);
             Ok(r.clone())
         })
     }

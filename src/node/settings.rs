@@ -255,20 +255,8 @@ impl Settings {
             ) as i64),
         };
         let delivery = Delivery {
-            max_in_flight_per_peer: NonZeroU32::new(r.number(
-                "delivery.max_in_flight_per_peer",
-                32,
-                1,
-                1024,
-            ) as u32)
-            .unwrap_or(NonZeroU32::MIN),
-            max_in_flight_total: NonZeroU32::new(r.number(
-                "delivery.max_in_flight_total",
-                64,
-                1,
-                65_536,
-            ) as u32)
-            .unwrap_or(NonZeroU32::MIN),
+            max_in_flight_per_peer: r.count("delivery.max_in_flight_per_peer", 32, 1024),
+            max_in_flight_total: r.count("delivery.max_in_flight_total", 64, 65_536),
             retry_initial: r.millis("delivery.retry_initial_ms", 500),
             retry_max: r.millis("delivery.retry_max_ms", 60_000),
             non_delivery_after: chrono::Duration::seconds(r.number(
@@ -587,6 +575,12 @@ impl Reader {
                 default
             }
         }
+    }
+
+    /// A count of at least one.
+    fn count(&mut self, key: &str, default: u32, max: u32) -> NonZeroU32 {
+        let n = self.number(key, default.into(), 1, max.into());
+        NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN)
     }
 
     fn millis(&mut self, key: &str, default: u64) -> Duration {

@@ -156,20 +156,11 @@ impl Store {
         release: bool,
         done: Option<super::Waiter>,
     ) -> Result<(), StoreError> {
-        let guard = self
-            .inner
-            .commit_tx
-            .lock()
-            .map_err(|_| StoreError::Closed)?;
-        guard
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(Job::Apply {
-                changes,
-                release,
-                done,
-            })
-            .map_err(|_| StoreError::Closed)
+        self.send_job(Job::Apply {
+            changes,
+            release,
+            done,
+        })
     }
 
     async fn apply_durably(
@@ -203,8 +194,10 @@ impl Store {
         out
     }
 
-    /// [`Store::store_receipt`] applied by the committer in its shared transaction; returns once
-    /// synced.
+    /// Stores a verified receipt and takes the envelope out of its queue (`ReceiptStored`),
+    /// before its receipt and erasure records are written; the payload stays until
+    /// [`Store::mark_delivered_soon`]. A no-op on an envelope already delivered. Applied by the
+    /// committer in its shared transaction; returns once synced.
     pub async fn store_receipt_durably(
         &self,
         id: &EnvelopeId,

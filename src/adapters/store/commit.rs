@@ -41,10 +41,12 @@ pub(super) fn committer(
         jobs.extend(rx.try_iter());
         let changes: Vec<(EnvelopeId, &Change)> = jobs
             .iter()
-            .flat_map(|j| match j {
-                Job::Apply { changes, .. } => changes.iter().map(|(id, c)| (*id, c)).collect(),
-                Job::Sync(_) => Vec::new(),
+            .filter_map(|j| match j {
+                Job::Apply { changes, .. } => Some(changes),
+                Job::Sync(_) => None,
             })
+            .flatten()
+            .map(|(id, c)| (*id, c))
             .collect();
         let applied = if changes.is_empty() {
             Ok(Vec::new())

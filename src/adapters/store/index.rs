@@ -136,7 +136,7 @@ impl Store {
     }
 
     /// Envelopes to `to` whose receipt is stored but not yet completed (a crash came between
-    /// [`Self::store_receipt`] and [`Self::mark_delivered`]). A full scan of the envelope
+    /// [`Self::store_receipt_durably`] and [`Self::mark_delivered`]). A full scan of the envelope
     /// records: run once per peer at start-up.
     pub fn receipts_stored(&self, to: &AreaId) -> Result<Vec<(EnvelopeId, OutRecord)>, StoreError> {
         let mut all = self.in_state(OutState::ReceiptStored)?;
