@@ -22,8 +22,8 @@
 //! file (and any blob files). A single committer thread serves all waiters: callers that arrive
 //! while a commit is running share the next one (group commit), so a burst of N envelopes costs
 //! a handful of syncs, not N. Nothing may be acknowledged (outbox file deleted, receipt sent)
-//! before `durable()` returns. The hot record changes (intake's release, the sender's stored
-//! receipt and erasure) are handed to the committer itself, which applies all that arrived
+//! before `durable()` returns. The hot writes (intake's new envelopes and their release, the
+//! sender's stored receipt and erasure) are handed to the committer itself, which applies all that arrived
 //! during its last sync in one transaction before it syncs (see `changes`: each sled
 //! transaction costs two log-buffer writes).
 //! Visibility (write-ahead audit): [`Store::enqueue`] writes an envelope in state `Held`, outside
@@ -389,6 +389,7 @@ impl Store {
         let pending2 = pending.clone();
         let tables = Tables {
             envelopes: db.open_tree("envelopes")?,
+            idem: db.open_tree("idem")?,
             queue: db.open_tree("queue")?,
             states: db.open_tree("states")?,
             finished: db.open_tree("finished")?,
@@ -406,7 +407,7 @@ impl Store {
         let inner = Inner {
             envelopes: tables.envelopes,
             queue: tables.queue,
-            idem: db.open_tree("idem")?,
+            idem: tables.idem,
             seen: db.open_tree("seen")?,
             referrals: db.open_tree("referrals")?,
             states: tables.states,
@@ -469,16 +470,15 @@ impl Store {
 
     /// [`Store::enqueue`] for every envelope of a file, in ONE transaction (sled writes its log
     /// buffer out twice per transaction, see `changes`): all are stored or none. Outcomes in
-    /// order; a later one sees an earlier one's idempotency key.
+    /// order; a later one sees an earlier one's idempotency key. Intake uses
+    /// [`Store::enqueue_all_durably`] (shared with other files, synced); this serves tests and
+    /// the benches' store fill.
     pub fn enqueue_all(
         &self,
         envs: Vec<(NewEnvelope, [u8; 32])>,
     ) -> Result<Vec<Enqueued>, StoreError> {
         let i = &self.inner;
-        let items: Vec<(EnvelopeId, Vec<u8>, [u8; 32])> = envs
-            .into_iter()
-            .map(|(env, key)| (env.id, encode(&held_record(env)), key))
-            .collect();
+        let items = new_items(envs);
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
         i.transactions.fetch_add(1, Ordering::Relaxed);
         let out = (&i.envelopes, &i.idem).transaction(|(envelopes, idem)| {
@@ -575,9 +575,10 @@ impl Store {
         let i = &self.inner;
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
         i.transactions.fetch_add(1, Ordering::Relaxed);
-        let out = (&i.envelopes, &i.queue, &i.states, &i.finished).transaction(|trees| {
-            change_in(trees, id, &f)?.map_err(ConflictableTransactionError::Abort)
-        })?;
+        let out =
+            (&i.envelopes, &i.queue, &i.states, &i.finished).transaction(|(e, q, s, f_)| {
+                change_in((e, q, s, f_), id, &f)?.map_err(ConflictableTransactionError::Abort)
+            })?;
         Ok(out)
     }
 
@@ -617,6 +618,13 @@ impl Store {
         }
         r
     }
+}
+
+/// The envelopes of a file as stored: id, encoded `Held` record, idempotency key.
+fn new_items(envs: Vec<(NewEnvelope, [u8; 32])>) -> Vec<changes::NewItem> {
+    envs.into_iter()
+        .map(|(env, key)| (env.id, encode(&held_record(env)), key))
+        .collect()
 }
 
 /// A new envelope's record: `Held`, outside every queue.

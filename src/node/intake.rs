@@ -415,7 +415,7 @@ impl Work {
         })
         .await
         .map_err(|e| IntakeError::Worker(e.to_string()))?;
-        // One store transaction for the whole file.
+        // The whole file in the store committer's shared transaction, synced on return.
         let (envs, meta): (Vec<_>, Vec<_>) = sealed?
             .into_iter()
             .zip(&keys)
@@ -427,15 +427,12 @@ impl Work {
         let queued: Vec<_> = self
             .node
             .store
-            .enqueue_all(envs)?
+            .enqueue_all_durably(envs)
+            .await?
             .into_iter()
             .zip(meta)
             .map(|(result, (digest, subject))| (result, digest, subject))
             .collect();
-        if let Some(d) = crate::core::failpoint::hold("intake_before_durable") {
-            tokio::time::sleep(d).await;
-        }
-        self.node.store.durable().await?;
         crate::core::failpoint::hit("intake_after_store");
 
         // The records of a whole file are submitted together so the audit writer commits them

@@ -1,9 +1,9 @@
 //! Power cuts and the duplicate's root cause.
 //!
 //! `an_envelope_is_not_sent_before_its_queue_record_is_synced` reproduces the duplicate one soak
-//! run found: intake is held (REFEX_HOLD_AT) between the store's `enqueue` and its `durable()`
-//! while the sender's periodic rescan runs, and the sender aborts (REFEX_CRASH_AT) once the
-//! receipt is back. Before the store hid unsynced envelopes from `next_queued`, the envelope was
+//! run found: the store's committer is held (REFEX_HOLD_AT) between each round's writes (the
+//! envelope stored, then released) and their sync while the sender's periodic rescan runs, and
+//! the sender aborts (REFEX_CRASH_AT) once the receipt is back. Before the store hid unsynced envelopes from `next_queued`, the envelope was
 //! sent and written to the inbox while its queue record and idempotency key were only in memory;
 //! the crash lost both, intake read the outbox file again under a new envelope id, and the
 //! receiver (dedup by envelope id) wrote a second inbox file.
@@ -23,7 +23,7 @@ fn an_envelope_is_not_sent_before_its_queue_record_is_synced() {
     let wm = fed.node_mut("west-midlands");
     // Longer than the sender's idle rescan (5 s), so the rescan falls inside the window.
     wm.extra_env = vec![
-        ("REFEX_HOLD_AT".into(), "intake_before_durable:7000".into()),
+        ("REFEX_HOLD_AT".into(), "store_before_sync:7000".into()),
         (
             "REFEX_CRASH_AT".into(),
             "sender_before_receipt_stored".into(),
@@ -32,7 +32,7 @@ fn an_envelope_is_not_sent_before_its_queue_record_is_synced() {
     wm.start();
     wm.drop_file("held.json", referral("HOLD-1", "london").as_bytes());
     // The first inbox file must not appear before intake has synced (its collection record is
-    // written only after `durable()` returns).
+    // written only after the store's sync of the envelope, its release only after that record).
     let london_inbox = fed.node("london").inbox().to_owned();
     let wm = fed.node("west-midlands");
     wait_until(Duration::from_secs(40), "HOLD-1 in the inbox", || {
@@ -53,8 +53,8 @@ fn an_envelope_is_not_sent_before_its_queue_record_is_synced() {
         },
     );
     assert!(
-        wm.log_text().contains("holding at intake_before_durable"),
-        "intake never reached the hold point"
+        wm.log_text().contains("holding at store_before_sync"),
+        "the store's committer never reached the hold point"
     );
     wm.kill();
     wm.extra_env.clear();

@@ -12,6 +12,11 @@
 //! [`Store::mark_delivered_soon`]), which applies all that arrived while it last synced in ONE
 //! transaction, then flushes and syncs once. Each change keeps its own outcome: one that finds
 //! no record fails alone, with no write, and never aborts the others.
+//! Intake's new envelopes go the same way ([`Store::enqueue_all_durably`]): storing a file's
+//! envelopes in a transaction of their own cost two more log-buffer writes per file. A file's
+//! envelopes are all stored or none: an enqueue that fails inside the shared transaction aborts
+//! it, and the committer then applies each job in a transaction of its own, so the failure stays
+//! with its file.
 //! Must not: decide what a change does (callers pass it in) or sync (the committer does).
 
 use std::sync::Arc;
@@ -22,7 +27,10 @@ use sled::Transactional;
 use tokio::sync::oneshot;
 
 use super::index::{finished_key, rare_tag, state_key};
-use super::{decode, encode, queue_key, queue_value, OutRecord, OutState, Store, StoreError};
+use super::{
+    decode, encode, enqueue_in, queue_key, queue_value, Enqueued, NewEnvelope, OutRecord, OutState,
+    Store, StoreError,
+};
 use crate::core::types::EnvelopeId;
 
 /// A change to one record; may run more than once (sled retries a conflicting transaction).
@@ -39,12 +47,44 @@ pub(super) enum Job {
         release: bool,
         done: Option<super::Waiter>,
     },
+    /// Store a file's new envelopes (`Held`) unless their idempotency keys are known: all or
+    /// none, in the round's transaction, answered once synced.
+    Enqueue {
+        items: Vec<NewItem>,
+        done: oneshot::Sender<Result<Vec<Enqueued>, StoreError>>,
+    },
+}
+
+/// A new envelope as stored: its id, its encoded `Held` record, its idempotency key.
+pub(super) type NewItem = (EnvelopeId, Vec<u8>, [u8; 32]);
+
+/// What one job's part of a round came to.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// A sync: nothing applied.
+    Nothing,
+    /// One outcome per change, in order.
+    Changed(Vec<Result<(), StoreError>>),
+    /// The file's envelopes: all stored (or found by their keys), or an error and none.
+    Enqueued(Result<Vec<Enqueued>, StoreError>),
+}
+
+impl Outcome {
+    /// The outcome of `job` when its transaction failed with `e`: nothing of it was written.
+    fn failed(job: &Job, e: &StoreError) -> Self {
+        match job {
+            Job::Sync(_) => Self::Nothing,
+            Job::Apply { changes, .. } => Self::Changed(vec![Err(e.clone()); changes.len()]),
+            Job::Enqueue { .. } => Self::Enqueued(Err(e.clone())),
+        }
+    }
 }
 
 /// The trees a record change touches, handed to the committer.
 #[derive(Clone)]
 pub(super) struct Tables {
     pub envelopes: sled::Tree,
+    pub idem: sled::Tree,
     pub queue: sled::Tree,
     pub states: sled::Tree,
     pub finished: sled::Tree,
@@ -53,19 +93,19 @@ pub(super) struct Tables {
     pub transactions: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// envelopes, queue, states, finished: as a transaction over [`Tables`] hands them in.
-pub(super) type TxTrees = (
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
+/// envelopes, queue, states, finished: the trees of a record change, inside a transaction.
+pub(super) type TxTrees<'a> = (
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
 );
 
 /// Reads `id`'s record, applies `f` and writes the record with its queue entry and index keys
 /// (envelopes, queue, states, finished). The outer error is sled's (the transaction is retried
 /// or fails); the inner one is the change's own, with nothing written.
 pub(super) fn change_in<T>(
-    (envelopes, queue, states, finished): &TxTrees,
+    (envelopes, queue, states, finished): TxTrees<'_>,
     id: &EnvelopeId,
     f: &dyn Fn(&mut OutRecord) -> Result<T, StoreError>,
 ) -> Result<Result<T, StoreError>, UnabortableTransactionError> {
@@ -116,24 +156,64 @@ pub(super) fn change_in<T>(
 }
 
 impl Tables {
-    /// Applies every change in one transaction; one outcome per change, in order. `Err`: the
-    /// transaction itself failed and nothing was written.
-    pub(super) fn apply(
-        &self,
-        changes: &[(EnvelopeId, &Change)],
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    /// Applies every job's writes in ONE transaction; one outcome per job, in order. When an
+    /// enqueue fails (which aborts the shared transaction, a file being all or nothing), each
+    /// job is applied again in a transaction of its own, so only that file fails.
+    pub(super) fn apply(&self, jobs: &[Job]) -> Vec<Outcome> {
+        if jobs.iter().all(|j| matches!(j, Job::Sync(_))) {
+            return jobs.iter().map(|_| Outcome::Nothing).collect();
+        }
+        match self.transact(jobs) {
+            Ok(out) => out,
+            Err(_) if jobs.len() > 1 => jobs
+                .iter()
+                .map(|j| match self.transact(std::slice::from_ref(j)) {
+                    Ok(mut one) => one.pop().unwrap_or(Outcome::Nothing),
+                    Err(e) => Outcome::failed(j, &e),
+                })
+                .collect(),
+            Err(e) => jobs.iter().map(|j| Outcome::failed(j, &e)).collect(),
+        }
+    }
+
+    /// `jobs`' writes in one transaction. `Err`: it failed or an enqueue aborted it; nothing
+    /// was written.
+    fn transact(&self, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError> {
         let _gate = self.gate.read().map_err(|_| StoreError::Closed)?;
         self.transactions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let t = (&self.envelopes, &self.queue, &self.states, &self.finished);
-        let out = t.transaction(|trees| {
-            let mut outcomes = Vec::with_capacity(changes.len());
-            for (id, change) in changes {
-                let apply = |r: &mut OutRecord| {
-                    change(r);
-                    Ok(())
-                };
-                outcomes.push(change_in(trees, id, &apply)?);
+        let t = (
+            &self.envelopes,
+            &self.queue,
+            &self.states,
+            &self.finished,
+            &self.idem,
+        );
+        let out = t.transaction(|(envelopes, queue, states, finished, idem)| {
+            let trees = (envelopes, queue, states, finished);
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                outcomes.push(match job {
+                    Job::Sync(_) => Outcome::Nothing,
+                    Job::Apply { changes, .. } => {
+                        let mut each = Vec::with_capacity(changes.len());
+                        for (id, change) in changes {
+                            let apply = |r: &mut OutRecord| {
+                                change(r);
+                                Ok(())
+                            };
+                            each.push(change_in(trees, id, &apply)?);
+                        }
+                        Outcome::Changed(each)
+                    }
+                    Job::Enqueue { items, .. } => {
+                        let mut each = Vec::with_capacity(items.len());
+                        for (id, value, key) in items {
+                            each.push(enqueue_in(envelopes, idem, *id, value, key)?);
+                        }
+                        Outcome::Enqueued(Ok(each))
+                    }
+                });
             }
             Ok(outcomes)
         })?;
@@ -141,7 +221,7 @@ impl Tables {
     }
 }
 
-fn release_change() -> Change {
+pub(super) fn release_change() -> Change {
     Box::new(|r: &mut OutRecord| {
         if r.state == OutState::Held {
             r.state = OutState::Queued;
@@ -170,6 +250,18 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.submit(changes, release, Some(tx))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Store::enqueue_all`] applied by the committer in its shared transaction (all of the
+    /// file's envelopes or none); returns once synced.
+    pub async fn enqueue_all_durably(
+        &self,
+        envs: Vec<(NewEnvelope, [u8; 32])>,
+    ) -> Result<Vec<Enqueued>, StoreError> {
+        let items = super::new_items(envs);
+        let (tx, rx) = oneshot::channel();
+        self.send_job(Job::Enqueue { items, done: tx })?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

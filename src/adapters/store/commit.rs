@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
-use super::changes::{Change, Job, Tables};
+use super::changes::{Job, Outcome, Tables};
 use super::{Pending, StoreError, WRITING};
-use crate::core::types::EnvelopeId;
 
 /// The exit status after a failed store flush or sync (EX_TEMPFAIL: restart and recover).
 pub const EXIT_STORE_LOST: i32 = 75;
@@ -39,20 +38,11 @@ pub(super) fn committer(
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
-        let changes: Vec<(EnvelopeId, &Change)> = jobs
-            .iter()
-            .filter_map(|j| match j {
-                Job::Apply { changes, .. } => Some(changes),
-                Job::Sync(_) => None,
-            })
-            .flatten()
-            .map(|(id, c)| (*id, c))
-            .collect();
-        let applied = if changes.is_empty() {
-            Ok(Vec::new())
-        } else {
-            tables.apply(&changes)
-        };
+        let outcomes = tables.apply(&jobs);
+        // A test widens the window between the round's writes and their sync (`REFEX_HOLD_AT`).
+        if let Some(d) = crate::core::failpoint::hold("store_before_sync") {
+            std::thread::sleep(d);
+        }
         // Every enqueue that finished before this point is in what the flush below writes.
         let upto = pending.lock().map(|p| p.issued).unwrap_or(0);
         crate::core::failpoint::hit("store_before_sync");
@@ -92,31 +82,25 @@ pub(super) fn committer(
                 }
             }
         }
-        answer(jobs, applied, &result);
+        answer(jobs, outcomes, &result);
     }
 }
 
-/// Gives every job its outcome: its own changes' (the first failure), else the sync's.
-fn answer(
-    jobs: Vec<Job>,
-    applied: Result<Vec<Result<(), StoreError>>, StoreError>,
-    synced: &Result<(), StoreError>,
-) {
-    let mut outcomes = applied.as_ref().ok().map(|v| v.iter());
-    for job in jobs {
-        match job {
-            Job::Sync(w) => {
+/// Gives every job its outcome: its own writes' (a change's first failure), else the sync's.
+fn answer(jobs: Vec<Job>, outcomes: Vec<Outcome>, synced: &Result<(), StoreError>) {
+    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+        match (job, outcome) {
+            (Job::Sync(w), _) => {
                 let _ = w.send(synced.clone());
             }
-            Job::Apply { changes, done, .. } => {
+            (Job::Apply { changes, done, .. }, outcome) => {
+                let own = match outcome {
+                    Outcome::Changed(each) => each,
+                    _ => Vec::new(),
+                };
                 let mut out = synced.clone();
-                for (id, _) in &changes {
-                    let own = match (&applied, outcomes.as_mut().and_then(|o| o.next())) {
-                        (Err(e), _) => Err(e.clone()),
-                        (Ok(_), Some(r)) => r.clone(),
-                        (Ok(_), None) => Ok(()),
-                    };
-                    if let Err(e) = own {
+                for ((id, _), r) in changes.iter().zip(own) {
+                    if let Err(e) = r {
                         if done.is_none() {
                             tracing::warn!(envelope_id = %id, "record change left to the next commit failed: {e}");
                         }
@@ -128,6 +112,15 @@ fn answer(
                 if let Some(w) = done {
                     let _ = w.send(out);
                 }
+            }
+            (Job::Enqueue { done, .. }, outcome) => {
+                let out = match (outcome, synced) {
+                    (Outcome::Enqueued(Err(e)), _) => Err(e),
+                    (_, Err(e)) => Err(e.clone()),
+                    (Outcome::Enqueued(Ok(each)), Ok(())) => Ok(each),
+                    _ => Err(StoreError::Corrupt("enqueue without an outcome".into())),
+                };
+                let _ = done.send(out);
             }
         }
     }

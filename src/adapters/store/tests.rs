@@ -555,17 +555,15 @@ async fn changes_sent_to_the_committer_share_a_transaction_each_with_its_own_out
             Box::new(|r: &mut OutRecord| receipt_stored(r, b"receipt", "head")),
         )
     };
-    let batch = [receipt(a), receipt(missing), receipt(b)];
-    let refs: Vec<(EnvelopeId, &changes::Change)> = batch.iter().map(|(id, c)| (*id, c)).collect();
-    let tables = changes::Tables {
-        envelopes: store.inner.envelopes.clone(),
-        queue: store.inner.queue.clone(),
-        states: store.inner.states.clone(),
-        finished: store.inner.finished.clone(),
-        gate: store.inner.gate.clone(),
-        transactions: store.inner.transactions.clone(),
+    let job = Job::Apply {
+        changes: vec![receipt(a), receipt(missing), receipt(b)],
+        release: false,
+        done: None,
     };
-    let outcomes = tables.apply(&refs).unwrap();
+    let outcomes = match tables(&store).apply(&[job]).pop() {
+        Some(changes::Outcome::Changed(each)) => each,
+        other => panic!("{other:?}"),
+    };
     assert!(outcomes[0].is_ok() && outcomes[2].is_ok(), "{outcomes:?}");
     assert!(matches!(outcomes[1], Err(StoreError::NotFound(id)) if id == missing));
     assert!(store.get(&missing).unwrap().is_none());
@@ -604,13 +602,34 @@ async fn changes_sent_to_the_committer_share_a_transaction_each_with_its_own_out
     assert!(store.get(&missing).unwrap().is_none());
 }
 
+/// The committer's tables, to hand it a round directly.
+fn tables(store: &Store) -> changes::Tables {
+    let i = &store.inner;
+    changes::Tables {
+        envelopes: i.envelopes.clone(),
+        idem: i.idem.clone(),
+        queue: i.queue.clone(),
+        states: i.states.clone(),
+        finished: i.finished.clone(),
+        gate: i.gate.clone(),
+        transactions: i.transactions.clone(),
+    }
+}
+
+fn file_of(n: u8, first_key: u8) -> Vec<(NewEnvelope, [u8; 32])> {
+    (0..n)
+        .map(|k| {
+            let e = env("london", PriorityClass::Standard, 1_000);
+            (e, [first_key + k; 32])
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn a_files_envelopes_are_stored_in_one_transaction() {
+async fn a_files_envelopes_are_stored_in_one_transaction_shared_with_other_files() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let envs: Vec<(NewEnvelope, [u8; 32])> = (0..100u8)
-        .map(|n| (env("london", PriorityClass::Standard, 1_000), [n; 32]))
-        .collect();
+    let envs = file_of(100, 0);
     let first = envs[0].0.id;
     let mut again = env("london", PriorityClass::Standard, 1_000);
     let before = store.transaction_count();
@@ -618,10 +637,84 @@ async fn a_files_envelopes_are_stored_in_one_transaction() {
     // The same idempotency key twice in one file: the second finds the first, still held.
     again.id = EnvelopeId::generate();
     batch.push((again, [0; 32]));
-    let out = store.enqueue_all(batch).unwrap();
+    let out = store.enqueue_all_durably(batch).await.unwrap();
     assert_eq!(store.transaction_count() - before, 1);
     assert_eq!(out.len(), 101);
     assert!(out[..100].iter().all(|e| matches!(e, Enqueued::New(_))));
     assert!(matches!(out[100], Enqueued::Resumed(id) if id == first));
     assert_eq!(store.get(&first).unwrap().unwrap().state, OutState::Held);
+
+    // Twenty one-referral files at once, as intake's files in flight: they share the
+    // committer's transactions (each alone made one before).
+    let before = store.transaction_count();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..20u8 {
+        let store = store.clone();
+        tasks.spawn(async move { store.enqueue_all_durably(file_of(1, 200 + n)).await });
+    }
+    let stored = tasks.join_all().await;
+    assert!(
+        stored
+            .iter()
+            .all(|r| matches!(r.as_deref(), Ok([Enqueued::New(_)]))),
+        "{stored:?}"
+    );
+    let made = store.transaction_count() - before;
+    assert!(made < 20, "20 files made {made} transactions");
+}
+
+#[tokio::test]
+async fn a_file_that_cannot_be_stored_fails_alone_and_stores_none_of_its_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let held = store.enqueue(env("london", PriorityClass::Standard, 1_000), &[9; 32]);
+    let held = held.unwrap().id();
+    // A damaged idempotency entry: it names no envelope id.
+    store.inner.idem.insert([7u8; 32], &b"bad"[..]).unwrap();
+    let good = file_of(3, 10);
+    let mut bad = file_of(2, 20);
+    bad.push((env("london", PriorityClass::Standard, 1_000), [7; 32]));
+    let bad_ids: Vec<EnvelopeId> = bad.iter().map(|(e, _)| e.id).collect();
+    let enqueue = |f| Job::Enqueue {
+        items: new_items(f),
+        done: oneshot::channel().0,
+    };
+    let release = Job::Apply {
+        changes: vec![(held, changes::release_change())],
+        release: false,
+        done: None,
+    };
+    // One round: the bad file's failure aborts the shared transaction, so each job is applied
+    // again in its own; the other file and the release are written.
+    let before = store.transaction_count();
+    let out = tables(&store).apply(&[enqueue(good), enqueue(bad), release]);
+    assert_eq!(store.transaction_count() - before, 1 + 3);
+    assert!(
+        matches!(&out[0], changes::Outcome::Enqueued(Ok(e)) if e.len() == 3 && e.iter().all(|e| matches!(e, Enqueued::New(_)))),
+        "{out:?}"
+    );
+    assert!(
+        matches!(
+            &out[1],
+            changes::Outcome::Enqueued(Err(StoreError::Corrupt(_)))
+        ),
+        "{out:?}"
+    );
+    assert!(
+        matches!(&out[2], changes::Outcome::Changed(c) if c.len() == 1 && c[0].is_ok()),
+        "{out:?}"
+    );
+    for id in &bad_ids {
+        assert!(
+            store.get(id).unwrap().is_none(),
+            "a failed file's envelope was stored"
+        );
+    }
+    assert_eq!(store.get(&held).unwrap().unwrap().state, OutState::Queued);
+    // Through the committer: the failure reaches the caller, the store stays usable.
+    let mut again = file_of(1, 30);
+    again.push((env("london", PriorityClass::Standard, 1_000), [7; 32]));
+    let e = store.enqueue_all_durably(again).await.unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+    assert!(store.enqueue_all_durably(file_of(1, 40)).await.is_ok());
 }
