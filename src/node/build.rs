@@ -131,6 +131,9 @@ pub struct Node {
     pub store: Store,
     pub audit: AuditLog,
     pub inbox: Arc<InboxDir>,
+    /// The outbox directory's sync that makes intake's deletions durable, shared by the files
+    /// removed at once.
+    pub outbox_sync: crate::adapters::durable::DirSync,
     /// Wake-ups of the areas known at start; see [`Node::add_wake`] for areas added later.
     pub wake: Wake,
     added_wake: Mutex<Wake>,
@@ -192,6 +195,7 @@ impl Node {
             settings.delivery.max_in_flight_total.get() as usize,
         ));
         Ok(Arc::new(Self {
+            outbox_sync: crate::adapters::durable::DirSync::new(&s.paths.outbox),
             send_slots,
             peers,
             added_wake: Mutex::new(HashMap::new()),

@@ -196,7 +196,7 @@ fn status(h: &Node) -> Value {
         "non_delivered": non_delivered,
         "audit_head": h.audit.head().to_string(),
         "audit_writable": h.audit.writable(),
-        "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count(), "inbox_dir": h.inbox.dir_syncs()},
+        "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count(), "inbox_dir": h.inbox.dir_syncs(), "outbox_dir": h.outbox_sync.syncs()},
         "certificates": certificates,
         "runtime": h.runtime.get().map(|f| f()).unwrap_or(Value::Null),
     })

@@ -160,10 +160,7 @@ impl Intake {
     /// Takes files until `shutdown`, up to `intake.parallel_files` at once; the files in hand
     /// are finished first.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let work = Work {
-            node: self.node.clone(),
-            claims: Arc::default(),
-        };
+        let work = Work::new(self.node.clone());
         let limit = self.node.settings.intake.parallel_files.max(1);
         let mut paused = false;
         // While set, no new file is started (the retry pause after a failure).
@@ -286,22 +283,26 @@ impl Intake {
 
     /// Processes one ready file completely, or returns an error and leaves it in place.
     pub async fn take_file(&self, f: &ReadyFile) -> Result<(), IntakeError> {
-        Work {
-            node: self.node.clone(),
-            claims: Arc::default(),
-        }
-        .take_ready(ReadyFile {
-            name: f.name.clone(),
-            path: f.path.clone(),
-            bytes: f.bytes.clone(),
-            identity: f.identity,
-            kind: f.kind,
-        })
-        .await
+        Work::new(self.node.clone())
+            .take_ready(ReadyFile {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                bytes: f.bytes.clone(),
+                identity: f.identity,
+                kind: f.kind,
+            })
+            .await
     }
 }
 
 impl Work {
+    fn new(node: Arc<Node>) -> Self {
+        Self {
+            node,
+            claims: Arc::default(),
+        }
+    }
+
     /// One pickup, start to finish.
     async fn take(&self, p: Pickup) -> Result<(), IntakeError> {
         match p {
@@ -377,7 +378,14 @@ impl Work {
                     outbox_dir::reject(outbox, name, Some(&rows), &doc)?;
                 }
                 if let Some(f) = file {
-                    outbox_dir::remove_taken(outbox, f)?;
+                    // Off the async threads: the directory sync waits for the device.
+                    let (node, dir) = (self.node.clone(), outbox.clone());
+                    let (name, identity) = (f.name.clone(), f.identity);
+                    tokio::task::spawn_blocking(move || {
+                        outbox_dir::remove_taken_sharing(&node.outbox_sync, &dir, &name, identity)
+                    })
+                    .await
+                    .map_err(|e| IntakeError::Worker(e.to_string()))??;
                     crate::core::failpoint::hit("intake_after_delete");
                 }
             }

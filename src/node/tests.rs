@@ -522,8 +522,9 @@ async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_rec
 
 /// Drops `n` distinct referral files at once into a fresh West Midlands outbox and runs intake
 /// (as the daemon does) with `parallel` files at once until all are taken; returns the store
-/// syncs and audit fsyncs that took, after checking every referral was queued exactly once.
-async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64) {
+/// syncs, audit fsyncs and outbox directory syncs that took, after checking every referral was
+/// queued exactly once.
+async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let (mut wm, _) = federation(dir.path(), port);
     wm.intake.parallel_files = parallel;
@@ -540,6 +541,7 @@ async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64) {
         .unwrap();
     }
     let (store0, audit0) = (node.store.sync_count(), node.audit.sync_count());
+    let outbox0 = node.outbox_sync.syncs();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(
         Intake {
@@ -570,6 +572,7 @@ async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64) {
     let syncs = (
         node.store.sync_count() - store0,
         node.audit.sync_count() - audit0,
+        node.outbox_sync.syncs() - outbox0,
     );
     let queued = node
         .store
@@ -592,11 +595,11 @@ async fn take_many_at_once(n: usize, parallel: usize, port: u16) -> (u64, u64) {
 async fn fifty_files_dropped_at_once_are_each_queued_once_sharing_store_syncs() {
     let n = 50;
     // One at a time: each file syncs the store at least twice (stored, then released).
-    let (one_store, one_audit) = take_many_at_once(n, 1, 17_860).await;
-    let (par_store, par_audit) = take_many_at_once(n, 16, 17_870).await;
+    let (one_store, one_audit, one_outbox) = take_many_at_once(n, 1, 17_860).await;
+    let (par_store, par_audit, par_outbox) = take_many_at_once(n, 16, 17_870).await;
     eprintln!(
-        "{n} files: one at a time {one_store} store syncs / {one_audit} audit fsyncs; \
-         16 at once {par_store} store syncs / {par_audit} audit fsyncs"
+        "{n} files: one at a time {one_store} store syncs / {one_audit} audit fsyncs / \
+         {one_outbox} outbox syncs; 16 at once {par_store} / {par_audit} / {par_outbox}"
     );
     assert!(one_store >= 2 * n as u64, "{one_store}");
     // At once: fewer syncs than the two per file one at a time needs. How many are shared
@@ -605,5 +608,12 @@ async fn fifty_files_dropped_at_once_are_each_queued_once_sharing_store_syncs() 
     assert!(
         par_store < one_store,
         "16 files at once share store syncs: {par_store} for {n} files, {one_store} one at a time"
+    );
+    // Each deletion is made durable by an outbox directory sync: one per file one at a time,
+    // shared by the files removed together at once.
+    assert_eq!(one_outbox, n as u64);
+    assert!(
+        par_outbox < one_outbox,
+        "16 files at once share outbox syncs: {par_outbox} for {n} files"
     );
 }

@@ -43,13 +43,25 @@ pub(super) fn exists(path: &Path) -> bool {
 /// directory. A version a provider put there meanwhile stays (and is taken as a new file); a
 /// file already gone is fine.
 pub fn remove_taken(dir: &Path, f: &ReadyFile) -> Result<(), OutboxError> {
-    check_name(&f.name)?;
-    let path = dir.join(&f.name);
+    let sync = crate::adapters::durable::DirSync::new(dir);
+    remove_taken_sharing(&sync, dir, &f.name, f.identity)
+}
+
+/// [`remove_taken`] for intake's files in flight: the directory sync that makes the deletion
+/// durable is shared with the files removed at the same time (`sync` is `dir`'s). Blocks.
+pub fn remove_taken_sharing(
+    sync: &crate::adapters::durable::DirSync,
+    dir: &Path,
+    name: &str,
+    identity: FileIdentity,
+) -> Result<(), OutboxError> {
+    check_name(name)?;
+    let path = dir.join(name);
     match fs::symlink_metadata(&path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(OutboxError::io("examine", &path)(e)),
-        Ok(m) if FileIdentity::of(&m) != f.identity => {
-            debug!(file = %crate::core::text::escape_for_log(&f.name), "outbox file replaced after it was read; the new version stays");
+        Ok(m) if FileIdentity::of(&m) != identity => {
+            debug!(file = %crate::core::text::escape_for_log(name), "outbox file replaced after it was read; the new version stays");
             return Ok(());
         }
         Ok(_) => {}
@@ -59,7 +71,7 @@ pub fn remove_taken(dir: &Path, f: &ReadyFile) -> Result<(), OutboxError> {
         Err(e) => return Err(OutboxError::io("remove", &path)(e)),
         Ok(()) => {}
     }
-    sync_dir(dir)
+    sync.sync().map_err(OutboxError::io("sync", dir))
 }
 
 /// Files a refusal in `dir/rejected/` and returns the path of the refused file there.

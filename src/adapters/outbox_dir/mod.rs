@@ -92,7 +92,9 @@ use tokio::time::Instant;
 mod leave;
 mod watcher;
 
-pub use leave::{expired_rejections, reject, remove_rejections, remove_taken};
+pub use leave::{
+    expired_rejections, reject, remove_rejections, remove_taken, remove_taken_sharing,
+};
 pub use watcher::OutboxWatcher;
 /// Most names tracked at once (waiting to settle, or emitted and not yet removed). Each costs a
 /// name and about a hundred bytes; 100,000 is far above any real outbox (a daily export is one
