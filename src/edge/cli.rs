@@ -415,6 +415,11 @@ fn request(
     }
 }
 
+/// Threads for blocking work (file reads, parsing and sealing, inbox writes, directory syncs).
+/// tokio's default (512) let a busy node grow to ~70 threads, each with its own malloc arena
+/// and stack; the work waiting for one of these threads is short.
+const BLOCKING_THREADS: usize = 8;
+
 fn run(config: &Path) -> ExitCode {
     let settings = match load_checked(config) {
         Ok(s) => s,
@@ -423,6 +428,7 @@ fn run(config: &Path) -> ExitCode {
     crate::edge::logging::init(settings.telemetry.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,

@@ -108,6 +108,8 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            // As the systemd unit runs it (systemd/refex.service).
+            .env("MALLOC_ARENA_MAX", "2")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
