@@ -255,7 +255,7 @@ impl Settings {
             ) as i64),
         };
         let delivery = Delivery {
-            max_in_flight_per_peer: r.count("delivery.max_in_flight_per_peer", 32, 1024),
+            max_in_flight_per_peer: r.count("delivery.max_in_flight_per_peer", 64, 1024),
             max_in_flight_total: r.count("delivery.max_in_flight_total", 64, 65_536),
             retry_initial: r.millis("delivery.retry_initial_ms", 500),
             retry_max: r.millis("delivery.retry_max_ms", 60_000),
