@@ -167,9 +167,12 @@ impl Tables {
             Ok(out) => out,
             Err(_) if jobs.len() > 1 => jobs
                 .iter()
-                .map(|j| match self.transact(std::slice::from_ref(j)) {
-                    Ok(mut one) => one.pop().unwrap_or(Outcome::Nothing),
-                    Err(e) => Outcome::failed(j, &e),
+                .map(|j| match j {
+                    Job::Sync(_) => Outcome::Nothing,
+                    _ => match self.transact(std::slice::from_ref(j)) {
+                        Ok(mut one) => one.pop().unwrap_or(Outcome::Nothing),
+                        Err(e) => Outcome::failed(j, &e),
+                    },
                 })
                 .collect(),
             Err(e) => jobs.iter().map(|j| Outcome::failed(j, &e)).collect(),
