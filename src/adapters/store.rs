@@ -23,9 +23,9 @@
 //! while a commit is running share the next one (group commit), so a burst of N envelopes costs
 //! a handful of syncs, not N. Nothing may be acknowledged (outbox file deleted, receipt sent)
 //! before `durable()` returns. The hot writes (intake's new envelopes and their release, the
-//! sender's stored receipt and erasure) are handed to the committer itself, which applies all that arrived
-//! during its last sync in one transaction before it syncs (see `changes`: each sled
-//! transaction costs two log-buffer writes).
+//! sender's stored receipt and erasure) are handed to the committer itself, which applies all
+//! that arrived during its last sync in one transaction before it syncs (see `changes`: each
+//! sled transaction costs two log-buffer writes).
 //! Visibility (write-ahead audit): [`Store::enqueue`] writes an envelope in state `Held`, outside
 //! every queue. Intake syncs it, writes its audit records (collection first), and only then
 //! [`Store::release`]s it into its peer's queue. So the sender can never take an envelope whose
@@ -481,13 +481,8 @@ impl Store {
         let items = new_items(envs);
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
         i.transactions.fetch_add(1, Ordering::Relaxed);
-        let out = (&i.envelopes, &i.idem).transaction(|(envelopes, idem)| {
-            let mut out = Vec::with_capacity(items.len());
-            for (id, value, idem_key) in &items {
-                out.push(enqueue_in(envelopes, idem, *id, value, idem_key)?);
-            }
-            Ok(out)
-        })?;
+        let out = (&i.envelopes, &i.idem)
+            .transaction(|(envelopes, idem)| enqueue_file_in(envelopes, idem, &items))?;
         Ok(out)
     }
 
@@ -575,10 +570,11 @@ impl Store {
         let i = &self.inner;
         let _gate = i.gate.read().map_err(|_| StoreError::Closed)?;
         i.transactions.fetch_add(1, Ordering::Relaxed);
-        let out =
-            (&i.envelopes, &i.queue, &i.states, &i.finished).transaction(|(e, q, s, f_)| {
-                change_in((e, q, s, f_), id, &f)?.map_err(ConflictableTransactionError::Abort)
-            })?;
+        let trees = (&i.envelopes, &i.queue, &i.states, &i.finished);
+        let out = trees.transaction(|(envelopes, queue, states, finished)| {
+            change_in((envelopes, queue, states, finished), id, &f)?
+                .map_err(ConflictableTransactionError::Abort)
+        })?;
         Ok(out)
     }
 
@@ -648,6 +644,19 @@ fn held_record(env: NewEnvelope) -> OutRecord {
         deadline_reported: env.due_by < env.created,
         withdraw: None,
     }
+}
+
+/// Stores a file's envelopes ([`enqueue_in`] each, in order), inside the caller's transaction:
+/// an error aborts it, so all are stored or none.
+fn enqueue_file_in(
+    envelopes: &sled::transaction::TransactionalTree,
+    idem: &sled::transaction::TransactionalTree,
+    items: &[changes::NewItem],
+) -> Result<Vec<Enqueued>, ConflictableTransactionError<StoreError>> {
+    items
+        .iter()
+        .map(|(id, value, idem_key)| enqueue_in(envelopes, idem, *id, value, idem_key))
+        .collect()
 }
 
 /// Stores one held envelope unless its idempotency key is known (then: the envelope it names,

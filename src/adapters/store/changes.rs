@@ -28,8 +28,8 @@ use tokio::sync::oneshot;
 
 use super::index::{finished_key, rare_tag, state_key};
 use super::{
-    decode, encode, enqueue_in, queue_key, queue_value, Enqueued, NewEnvelope, OutRecord, OutState,
-    Store, StoreError,
+    decode, encode, enqueue_file_in, queue_key, queue_value, Enqueued, NewEnvelope, OutRecord,
+    OutState, Store, StoreError,
 };
 use crate::core::types::EnvelopeId;
 
@@ -210,11 +210,7 @@ impl Tables {
                         Outcome::Changed(each)
                     }
                     Job::Enqueue { items, .. } => {
-                        let mut each = Vec::with_capacity(items.len());
-                        for (id, value, key) in items {
-                            each.push(enqueue_in(envelopes, idem, *id, value, key)?);
-                        }
-                        Outcome::Enqueued(Ok(each))
+                        Outcome::Enqueued(Ok(enqueue_file_in(envelopes, idem, items)?))
                     }
                 });
             }
