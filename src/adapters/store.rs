@@ -707,7 +707,10 @@ fn delivered(r: &mut OutRecord, receipt: &[u8], peer_audit_head: &str, now: Date
     if r.state != OutState::Delivered {
         r.state = OutState::Delivered;
         r.sealed = None;
-        r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
+        // The receipt stored before (and synced) is the proof of delivery: never replaced.
+        if r.receipt.as_ref().is_none_or(|b| b.is_empty()) {
+            r.receipt = Some(serde_bytes::ByteBuf::from(receipt.to_vec()));
+        }
         r.peer_audit_head = Some(peer_audit_head.to_owned());
         r.finished_at = Some(now.timestamp());
         r.last_error = None;
