@@ -129,14 +129,19 @@ impl PeerWorker {
                 // A node-wide slot is not held through a back-off.
                 spare = None;
             }
-            if resume && !backing_off {
+            // Only with no send in flight: a send between storing its receipt and writing its
+            // records would otherwise have that envelope's records written twice (by it and by
+            // the resume, which finds its receipt stored).
+            if resume && !backing_off && tasks.is_empty() {
                 let known = self.stored.take();
                 resume = complete_stored_receipts(&self.ctx, &self.peer, known).await > 0;
                 if resume {
                     backoff_until = Some(Instant::now() + Duration::from_secs(1));
                 }
             }
-            if !backing_off && in_flight.len() < max {
+            // While stored receipts wait to be completed, nothing new is sent: they go first
+            // (and the sends in flight drain, so the resume can run).
+            if !backing_off && !resume && in_flight.len() < max {
                 match self
                     .ctx
                     .node
