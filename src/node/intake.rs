@@ -358,7 +358,7 @@ impl Work {
                 warn!(file = %crate::core::text::escape_for_log(name), rules = %rules.join(","), "file refused; moved to rejected/");
                 self.audit_refusal(&refused, file_hash.unwrap_or([0; 32]))
                     .await?;
-                outbox_dir::reject(outbox, name, None, &error_doc)?;
+                reject(outbox, name, None, error_doc).await?;
             }
             Plan::Take {
                 accepted,
@@ -375,7 +375,7 @@ impl Work {
                 crate::core::failpoint::hit("intake_before_delete");
                 if let Some((rows, doc)) = rejected {
                     warn!(file = %crate::core::text::escape_for_log(name), refused_rows = refused.len(), "batch rows refused; written to rejected/");
-                    outbox_dir::reject(outbox, name, Some(&rows), &doc)?;
+                    reject(outbox, name, Some(rows), doc).await?;
                 }
                 if let Some(f) = file {
                     // Off the async threads: the directory sync waits for the device.
@@ -582,6 +582,22 @@ impl Work {
 
 /// Seals every accepted referral of one file (signed, encrypted to its area), CPU work for the
 /// blocking pool. Nothing is stored here.
+/// [`outbox_dir::reject`] on the blocking pool: it writes and syncs files and `rejected/`.
+async fn reject(
+    outbox: &std::path::Path,
+    name: &str,
+    rows: Option<Vec<u8>>,
+    error_doc: Vec<u8>,
+) -> Result<(), IntakeError> {
+    let (dir, name) = (outbox.to_owned(), name.to_owned());
+    tokio::task::spawn_blocking(move || {
+        outbox_dir::reject(&dir, &name, rows.as_deref(), &error_doc)
+    })
+    .await
+    .map_err(|e| IntakeError::Worker(e.to_string()))??;
+    Ok(())
+}
+
 fn seal_all(
     node: &Node,
     items: &[Accepted],
