@@ -109,7 +109,7 @@ impl Daemon {
             .arg(&self.config)
             .env("RUST_LOG", "info")
             // As the systemd unit runs it (systemd/refex.service).
-            .env("MALLOC_ARENA_MAX", "1")
+            .env("MALLOC_ARENA_MAX", "2")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
