@@ -580,8 +580,6 @@ impl Work {
     }
 }
 
-/// Seals every accepted referral of one file (signed, encrypted to its area), CPU work for the
-/// blocking pool. Nothing is stored here.
 /// [`outbox_dir::reject`] on the blocking pool: it writes and syncs files and `rejected/`.
 async fn reject(
     outbox: &std::path::Path,
@@ -598,6 +596,8 @@ async fn reject(
     Ok(())
 }
 
+/// Seals every accepted referral of one file (signed, encrypted to its area), CPU work for the
+/// blocking pool. Nothing is stored here.
 fn seal_all(
     node: &Node,
     items: &[Accepted],
