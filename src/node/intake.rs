@@ -21,7 +21,8 @@
 //! released. Audit or store unwritable (full, I/O error, read-only): the file is left alone, the
 //! error logged once, and intake pauses and retries until it can write again.
 //!
-//! Pipelined: up to `intake.parallel_files` ready files are worked on at once, each in the order
+//! Pipelined: up to `intake.parallel_files` ready files (and no new one while those in hand hold
+//! `intake.parallel_bytes`, so large batches do not multiply memory) are worked on at once, each in the order
 //! above, so the store's group commit and the audit writer's share one sync among the files in
 //! flight; parsing and sealing run on the blocking pool so both cores work. A name is never
 //! taken twice at once (the same name re-appearing while in flight waits for the first to
@@ -156,12 +157,24 @@ fn pickup_name(p: &Pickup) -> &str {
     }
 }
 
+/// The bytes a pickup holds while it is worked on (a refused name holds none).
+fn pickup_bytes(p: &Pickup) -> u64 {
+    match p {
+        Pickup::Refused { .. } => 0,
+        Pickup::Ready(f) => f.bytes.len() as u64,
+    }
+}
+
 impl Intake {
-    /// Takes files until `shutdown`, up to `intake.parallel_files` at once; the files in hand
+    /// Takes files until `shutdown`, up to `intake.parallel_files` at once (and no new one while
+    /// those hold `intake.parallel_bytes`); the files in hand
     /// are finished first.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let work = Work::new(self.node.clone());
         let limit = self.node.settings.intake.parallel_files.max(1);
+        let byte_budget = self.node.settings.intake.parallel_bytes;
+        // The bytes of the files in hand (read, not yet finished), by name.
+        let mut held: HashMap<String, u64> = HashMap::new();
         let mut paused = false;
         // While set, no new file is started (the retry pause after a failure).
         let mut hold: Option<tokio::time::Instant> = None;
@@ -175,7 +188,9 @@ impl Intake {
         let beat = self.node.heartbeats.register("intake");
         loop {
             beat.beat();
-            let can_take = hold.is_none() && in_flight.len() < limit;
+            let can_take = hold.is_none()
+                && in_flight.len() < limit
+                && held.values().sum::<u64>() < byte_budget;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => Next::Stop,
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
@@ -189,6 +204,7 @@ impl Intake {
                         if let Some(name) = task_names.remove(&e.id()) {
                             error!(file = %crate::core::text::escape_for_log(&name), "intake worker ended abnormally ({e}); the file stays in the outbox and is not taken again until refex restarts");
                             in_flight.remove(&name);
+                            held.remove(&name);
                             waiting.remove(&name);
                             poisoned.insert(name);
                         } else {
@@ -214,6 +230,7 @@ impl Intake {
                         waiting.entry(name).or_default().push_back(p);
                     } else {
                         in_flight.insert(name.clone());
+                        held.insert(name.clone(), pickup_bytes(&p));
                         let work = work.clone();
                         let n = name.clone();
                         let h = tasks.spawn(async move { (n, work.take(p).await) });
@@ -222,11 +239,13 @@ impl Intake {
                 }
                 Next::Done(name, result) => {
                     in_flight.remove(&name);
+                    held.remove(&name);
                     if result.is_err() {
                         self.watcher.forget(&name);
                     }
                     if let Some(p) = waiting.get_mut(&name).and_then(VecDeque::pop_front) {
                         in_flight.insert(name.clone());
+                        held.insert(name.clone(), pickup_bytes(&p));
                         let work = work.clone();
                         let n = name.clone();
                         let h = tasks.spawn(async move { (n, work.take(p).await) });

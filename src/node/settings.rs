@@ -77,6 +77,9 @@ pub struct Intake {
     /// Ready files intake works on at once (so the store's and the audit's group commits share
     /// syncs across files); 1 takes one file at a time.
     pub parallel_files: usize,
+    /// Bytes of ready files in hand at once: no new file is taken while the files in flight hold
+    /// this many (so at most this plus one file; a file larger than it is taken alone).
+    pub parallel_bytes: u64,
     /// Refused files in `rejected/` (personal data) are purged after this long.
     pub rejected_retention: chrono::Duration,
 }
@@ -246,7 +249,8 @@ impl Settings {
             max_file_bytes: r.number("intake.max_file_bytes", 16 << 20, 1, 1 << 30),
             max_csv_rows: r.number("intake.max_csv_rows", 50_000, 1, 1_000_000) as usize,
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
-            parallel_files: r.number("intake.parallel_files", 16, 1, 256) as usize,
+            parallel_files: r.number("intake.parallel_files", 64, 1, 256) as usize,
+            parallel_bytes: r.number("intake.parallel_bytes", 8 << 20, 64 << 10, 1 << 30),
             rejected_retention: chrono::Duration::days(r.number(
                 "intake.rejected_retention_days",
                 30,
