@@ -167,8 +167,7 @@ fn pickup_bytes(p: &Pickup) -> u64 {
 
 impl Intake {
     /// Takes files until `shutdown`, up to `intake.parallel_files` at once (and no new one while
-    /// those hold `intake.parallel_bytes`); the files in hand
-    /// are finished first.
+    /// those hold `intake.parallel_bytes`); the files in hand are finished first.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let work = Work::new(self.node.clone());
         let limit = self.node.settings.intake.parallel_files.max(1);

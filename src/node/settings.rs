@@ -78,7 +78,8 @@ pub struct Intake {
     /// syncs across files); 1 takes one file at a time.
     pub parallel_files: usize,
     /// Bytes of ready files in hand at once: no new file is taken while the files in flight hold
-    /// this many (so at most this plus one file; a file larger than it is taken alone).
+    /// this many (so at most this plus one file; while a larger file is in hand, no other is
+    /// taken).
     pub parallel_bytes: u64,
     /// Refused files in `rejected/` (personal data) are purged after this long.
     pub rejected_retention: chrono::Duration,
