@@ -172,15 +172,14 @@ impl Intake {
         let work = Work::new(self.node.clone());
         let limit = self.node.settings.intake.parallel_files.max(1);
         let byte_budget = self.node.settings.intake.parallel_bytes;
-        // The bytes of the files in hand (read, not yet finished), by name.
-        let mut held: HashMap<String, u64> = HashMap::new();
         let mut paused = false;
         // While set, no new file is started (the retry pause after a failure).
         let mut hold: Option<tokio::time::Instant> = None;
         let mut tasks: tokio::task::JoinSet<(String, Result<(), IntakeError>)> =
             tokio::task::JoinSet::new();
-        // Names in flight, and pickups of such a name waiting for the first to finish.
-        let mut in_flight: HashSet<String> = HashSet::new();
+        // Names in flight with the bytes each holds (read, not yet finished), and pickups of such
+        // a name waiting for the first to finish.
+        let mut in_flight: HashMap<String, u64> = HashMap::new();
         let mut waiting: HashMap<String, VecDeque<Pickup>> = HashMap::new();
         let mut task_names: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut poisoned: HashSet<String> = HashSet::new();
@@ -189,7 +188,7 @@ impl Intake {
             beat.beat();
             let can_take = hold.is_none()
                 && in_flight.len() < limit
-                && held.values().sum::<u64>() < byte_budget;
+                && in_flight.values().sum::<u64>() < byte_budget;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => Next::Stop,
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
@@ -203,7 +202,6 @@ impl Intake {
                         if let Some(name) = task_names.remove(&e.id()) {
                             error!(file = %crate::core::text::escape_for_log(&name), "intake worker ended abnormally ({e}); the file stays in the outbox and is not taken again until refex restarts");
                             in_flight.remove(&name);
-                            held.remove(&name);
                             waiting.remove(&name);
                             poisoned.insert(name);
                         } else {
@@ -225,11 +223,10 @@ impl Intake {
                     let name = pickup_name(&p).to_owned();
                     if poisoned.contains(&name) {
                         // Reported once when its worker failed.
-                    } else if in_flight.contains(&name) {
+                    } else if in_flight.contains_key(&name) {
                         waiting.entry(name).or_default().push_back(p);
                     } else {
-                        in_flight.insert(name.clone());
-                        held.insert(name.clone(), pickup_bytes(&p));
+                        in_flight.insert(name.clone(), pickup_bytes(&p));
                         let work = work.clone();
                         let n = name.clone();
                         let h = tasks.spawn(async move { (n, work.take(p).await) });
@@ -238,13 +235,11 @@ impl Intake {
                 }
                 Next::Done(name, result) => {
                     in_flight.remove(&name);
-                    held.remove(&name);
                     if result.is_err() {
                         self.watcher.forget(&name);
                     }
                     if let Some(p) = waiting.get_mut(&name).and_then(VecDeque::pop_front) {
-                        in_flight.insert(name.clone());
-                        held.insert(name.clone(), pickup_bytes(&p));
+                        in_flight.insert(name.clone(), pickup_bytes(&p));
                         let work = work.clone();
                         let n = name.clone();
                         let h = tasks.spawn(async move { (n, work.take(p).await) });
