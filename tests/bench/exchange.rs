@@ -22,7 +22,7 @@ use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
 
-use common::{header, rss_kib};
+use common::{cpu_ms, header, rss_kib};
 use harness::{referral, wait_until, Federation};
 
 fn bench_crypto() {
@@ -141,6 +141,8 @@ fn bench_end_to_end(n: usize, batch: usize) {
         )
     };
     let before = [syncs(&fed, "west-midlands"), syncs(&fed, "london")];
+    let cpu = |fed: &Federation, area: &str| cpu_ms(fed.node(area).pid());
+    let cpu_before = [cpu(&fed, "west-midlands"), cpu(&fed, "london")];
     let start = Instant::now();
     if batch == 1 {
         for i in 0..n {
@@ -163,6 +165,10 @@ fn bench_end_to_end(n: usize, batch: usize) {
         fed.node("london").inbox_files().len() >= n
     });
     let secs = start.elapsed().as_secs_f64();
+    let cpu_used = [
+        cpu(&fed, "west-midlands") - cpu_before[0],
+        cpu(&fed, "london") - cpu_before[1],
+    ];
     let what = if batch == 1 {
         "single JSON files".to_owned()
     } else {
@@ -171,6 +177,13 @@ fn bench_end_to_end(n: usize, batch: usize) {
     println!(
         "end to end: {n} referrals as {what}: {secs:.2} s, {:.0} referrals/s",
         n as f64 / secs
+    );
+    let per_ref = |ms: u64| ms as f64 * 1000.0 / n as f64;
+    println!(
+        "  CPU per referral ({what}): sender {:.0} µs + receiver {:.0} µs (user + system, until the last inbox file; 2 cores give {:.0} µs per referral at this rate)",
+        per_ref(cpu_used[0]),
+        per_ref(cpu_used[1]),
+        2.0e6 * secs / n as f64
     );
     // Sampled once every inbox file is there: the last receipts may still be on their way.
     let per = |now: (u64, u64, u64), then: (u64, u64, u64)| {
@@ -222,12 +235,19 @@ fn main() {
         rt.block_on(bench_store());
     }
     bar.inc(1);
+    // REFEX_BENCH_SCALE=k runs k times as many referrals end to end (longer, steadier figures,
+    // and long enough to profile).
+    let scale: usize = std::env::var("REFEX_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     if on("single") {
-        bench_end_to_end(1_000, 1);
+        bench_end_to_end(1_000 * scale, 1);
     }
     bar.inc(1);
     if on("csv") {
-        bench_end_to_end(2_000, 100);
+        bench_end_to_end(2_000 * scale, 100);
     }
     bar.inc(1);
     if on("startup") {
