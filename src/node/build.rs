@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::adapters::audit::{AuditConfig, AuditLog, Justification};
-use crate::adapters::inbox_dir::InboxDir;
+use crate::adapters::inbox_dir::{InboxDir, InboxPublisher};
 use crate::adapters::store::Store;
 use crate::adapters::transport::{TlsIdentity, TransportError};
 use crate::core::referral::csv::CsvLimits;
@@ -131,6 +131,8 @@ pub struct Node {
     pub store: Store,
     pub audit: AuditLog,
     pub inbox: Arc<InboxDir>,
+    /// Publishes the inbox files of envelopes accepted at once, with one directory sync.
+    pub inbox_publisher: InboxPublisher,
     /// The outbox directory's sync that makes intake's deletions durable, shared by the files
     /// removed at once.
     pub outbox_sync: crate::adapters::durable::DirSync,
@@ -182,6 +184,8 @@ impl Node {
         let inbox = Arc::new(
             InboxDir::open(s.paths.inbox.clone()).map_err(|e| StartError::Inbox(e.to_string()))?,
         );
+        let inbox_publisher =
+            InboxPublisher::start(inbox.clone()).map_err(|e| StartError::Inbox(e.to_string()))?;
         let wake = s
             .directory
             .areas()
@@ -207,6 +211,7 @@ impl Node {
             store,
             audit,
             inbox,
+            inbox_publisher,
             wake,
             heartbeats: Default::default(),
             runtime: std::sync::OnceLock::new(),

@@ -10,12 +10,17 @@
 //! | [`Verified`] | size, decode, recipient, sender = TLS peer, signature, clock window | nothing; a refusal is audited |
 //! | [`Fresh`] | claimed (one stream per id at a time) and not seen before — a re-send of an accepted id gets the ORIGINAL receipt (its file published first), never a second inbox file | nothing |
 //! | [`Opened`] | decrypted, decoded, re-validated; and not a referral this sender already delivered in another envelope (same HMAC of source system + reference) — such a one is audited and answered with a signed `Duplicate` receipt, with no second inbox file | nothing; a refusal is audited |
-//! | [`Staged`] | `.NAME.tmp` written and fsynced (invisible to consumers) | a staged file with no `seen` record: discarded at start; the sender re-sends |
+//! | [`Staged`] | `.NAME.tmp` written and fsynced (invisible to consumers), while the records below are written | a staged file with no `seen` record: discarded at start; the sender re-sends |
 //! | [`Recorded`] | `collection` and `disclosure` (to the local inbox) audited and durable (write-ahead), receipt signed over the new chain head | as above; the records describe an acceptance the re-send completes |
 //! | [`Accepted`] | `seen` record with the receipt, store synced | at start (or on re-send) the staged file is published, because the record says it was accepted |
-//! | [`Published`] | renamed to NAME, directory fsynced; then the receipt is sent | the sender re-sends; `Fresh` answers with the original receipt |
+//! | [`Published`] | renamed to NAME, directory fsynced (one sync for the files published at once, on the inbox publisher's thread); then the receipt is sent | the sender re-sends; `Fresh` answers with the original receipt |
 //!
 //! A receipt therefore always means "durably in this area's inbox, and recorded".
+//! Staging and recording run at the same time (neither is visible until the `seen` record
+//! accepts the envelope, so their order does not matter; the envelope waits for one sync
+//! instead of two in a row) and both must succeed before [`Accepted`]: a crash, or a refusal
+//! (disk full) of one of them, leaves a staged file nobody accepted or records of an acceptance
+//! the re-send completes (and records again), as in the table.
 //! Disk full from `Staged` to `Published`: the envelope is refused as transient (no receipt),
 //! logged once until space returns; the sender retries later. Nothing half-written is visible.
 //! Must not: block other envelopes while one is slow (each runs on its own stream task), or
@@ -228,8 +233,7 @@ impl Receiver {
             let verified = self.verify(arrived).await?;
             let fresh = self.claim(verified).await?;
             let opened = self.open(fresh).await?;
-            let staged = self.stage(opened).await?;
-            let recorded = self.record(staged).await?;
+            let recorded = self.stage_and_record(opened).await?;
             let accepted = self.accept(recorded).await?;
             self.publish(accepted).await
         };
@@ -364,7 +368,23 @@ impl Receiver {
         }
     }
 
-    async fn stage<'a>(&self, o: Opened<'a>) -> Step<Staged<'a>> {
+    /// Stages the inbox file and writes the collection and disclosure records at the same
+    /// time: neither is visible to anyone until the `seen` record accepts the envelope, so
+    /// their order does not matter, and the envelope waits for one sync instead of two in a
+    /// row. Both must succeed before the `seen` record is written.
+    async fn stage_and_record<'a>(&self, o: Opened<'a>) -> Step<Recorded<'a>> {
+        let (name, receipt) = {
+            let (staged, recorded) = tokio::join!(self.stage(&o), self.record(&o));
+            (staged?, recorded?)
+        };
+        Ok(Recorded {
+            staged: Staged { opened: o, name },
+            receipt,
+        })
+    }
+
+    /// Writes and syncs `.NAME.tmp`; returns NAME.
+    async fn stage(&self, o: &Opened<'_>) -> Step<String> {
         // Named from the (signed) envelope, not the arrival time: if an accepted envelope were
         // ever delivered again, it would replace its own file rather than add a second one.
         let name = inbox_name(o.header.created, &o.header.id.to_string())
@@ -383,11 +403,12 @@ impl Receiver {
         self.blocking(move || inbox.stage(&staged_name, &doc))
             .await?;
         crate::core::failpoint::hit("receiver_after_stage");
-        Ok(Staged { opened: o, name })
+        Ok(name)
     }
 
-    async fn record<'a>(&self, s: Staged<'a>) -> Step<Recorded<'a>> {
-        let o = &s.opened;
+    /// Writes collection and disclosure (and a late arrival) durably; returns the receipt,
+    /// signed over the audit head that covers them.
+    async fn record(&self, o: &Opened<'_>) -> Step<Vec<u8>> {
         let collection = self
             .event(
                 o,
@@ -434,8 +455,7 @@ impl Receiver {
                 return Err(self.transient(&e.to_string(), e.is_disk_full()))
             }
         };
-        let receipt = self.sign(o, ReceiptStatus::Delivered, &head);
-        Ok(Recorded { staged: s, receipt })
+        Ok(self.sign(o, ReceiptStatus::Delivered, &head))
     }
 
     async fn accept<'a>(&self, r: Recorded<'a>) -> Step<Accepted<'a>> {
@@ -463,9 +483,7 @@ impl Receiver {
         let Accepted { recorded, seen } = a;
         let o = &recorded.staged.opened;
         let id = o.header.id;
-        let inbox = self.node.inbox.clone();
-        let name = recorded.staged.name.clone();
-        self.blocking(move || inbox.publish(&name)).await?;
+        self.publish_file(recorded.staged.name.clone()).await?;
         let published = SeenRecord {
             published: true,
             ..seen
@@ -577,13 +595,20 @@ impl Receiver {
         }
     }
 
+    /// Publishes `name` on the inbox publisher's thread; errors become transient refusals.
+    async fn publish_file(&self, name: String) -> Step<()> {
+        self.node
+            .inbox_publisher
+            .publish(name)
+            .await
+            .map_err(|e| self.transient(&e.to_string(), e.is_disk_full()))
+    }
+
     /// A re-send of an envelope already accepted: make sure its file is published, then answer
     /// with the original receipt.
     async fn answer_resend(&self, id: EnvelopeId, rec: SeenRecord) -> Reply {
         if !rec.published {
-            let inbox = self.node.inbox.clone();
-            let name = rec.inbox_name.clone();
-            if let Err(reply) = self.blocking(move || inbox.publish(&name)).await {
+            if let Err(reply) = self.publish_file(rec.inbox_name.clone()).await {
                 return reply;
             }
             let _ = self.node.store.put_seen(

@@ -5,7 +5,9 @@
 //!    planted under that name is never written through), mode 0640 set explicitly whatever the
 //!    umask, written whole and `fsync`ed. Consumers ignore dot files.
 //! 2. [`InboxDir::publish`] renames it to `NAME` and `fsync`s the directory. Publishing is
-//!    idempotent, so recovery after a crash simply publishes again.
+//!    idempotent, so recovery after a crash simply publishes again. [`InboxDir::publish_all`]
+//!    renames several and syncs the directory once; the running daemon publishes through
+//!    [`InboxPublisher`], one thread that does so for every file published at once.
 //! 3. After a crash, [`InboxDir::staged`] lists what was staged but maybe not published; the
 //!    receiver's store decides, per name, to publish or [`InboxDir::discard`].
 //!
@@ -26,6 +28,9 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use rustix::fs::{Mode, OFlags};
 use tracing::info;
+
+mod publisher;
+pub use publisher::InboxPublisher;
 
 /// Longest inbox file name accepted (an [`inbox_name`] is 54 bytes).
 pub const MAX_NAME_LEN: usize = 128;
@@ -49,6 +54,9 @@ pub enum InboxError {
     /// The envelope id given to [`inbox_name`] is not 32 lowercase hex digits.
     #[error("an envelope id must be 32 lowercase hex digits")]
     BadEnvelopeId,
+    /// The [`InboxPublisher`] thread has stopped (it panicked); nothing more is published.
+    #[error("the inbox publisher thread has stopped")]
+    PublisherStopped,
 }
 
 impl InboxError {
@@ -157,23 +165,47 @@ impl InboxDir {
     /// both are gone the consumer has already taken the published file (a crash came between
     /// publishing and recording it), which is also success.
     pub fn publish(&self, name: &str) -> Result<(), InboxError> {
+        self.publish_all(&[name]).pop().unwrap_or(Ok(()))
+    }
+
+    /// [`InboxDir::publish`] for several files at once, one result each, in order: all are
+    /// renamed, then the directory is synced once for them.
+    pub fn publish_all(&self, names: &[&str]) -> Vec<Result<(), InboxError>> {
+        let renamed: Vec<_> = names.iter().map(|name| self.rename_staged(name)).collect();
+        // Synced even when there was nothing to rename: an earlier rename may have been cut
+        // short by a crash before its directory sync. Envelopes published at once share it.
+        let synced = self.dir_sync.sync();
+        renamed
+            .into_iter()
+            .map(|r| {
+                r?;
+                // Each gets its own copy of the error (the OS code kept: disk full stays so).
+                synced.as_ref().map_err(|e| {
+                    let copy = e.raw_os_error().map_or_else(
+                        || io::Error::new(e.kind(), e.to_string()),
+                        io::Error::from_raw_os_error,
+                    );
+                    InboxError::io("sync", &self.dir)(copy)
+                })?;
+                Ok(())
+            })
+            .collect()
+    }
+
+    fn rename_staged(&self, name: &str) -> Result<(), InboxError> {
         check(name)?;
         let tmp = self.tmp(name);
         let path = self.dir.join(name);
         match fs::rename(&tmp, &path) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if fs::symlink_metadata(&path).is_err() {
                     info!(file = %name, "nothing to publish: taken by the consumer already");
                 }
+                Ok(())
             }
-            Err(e) => return Err(InboxError::io("publish", &path)(e)),
+            Err(e) => Err(InboxError::io("publish", &path)(e)),
         }
-        // Synced even when there was nothing to rename: an earlier rename may have been cut
-        // short by a crash before its directory sync. Envelopes published at once share it.
-        self.dir_sync
-            .sync()
-            .map_err(InboxError::io("sync", &self.dir))
     }
 
     /// Directory syncs made by [`InboxDir::publish`] (shared among concurrent publishes).
