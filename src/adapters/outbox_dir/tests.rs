@@ -724,3 +724,26 @@ fn an_escaped_not_utf8_name_stays_short_and_holds_no_control_characters() {
         NameClass::Refused(PickupRefusal::NotUtf8Name)
     ));
 }
+
+#[tokio::test]
+async fn files_are_taken_oldest_first_and_a_later_arrival_does_not_jump_the_queue() {
+    let dir = outbox();
+    let mut w = watcher(&dir);
+    let early: Vec<String> = (0..30).map(|i| format!("n{i:02}.json")).collect();
+    for name in &early {
+        drop_file(dir.path(), name, b"{}");
+    }
+    let mut taken = Vec::new();
+    for _ in 0..10 {
+        taken.push(next_ready(&mut w).await.name);
+    }
+    // Sorts before every early name, but arrived after them.
+    drop_file(dir.path(), "a-late.json", b"{}");
+    for _ in 10..31 {
+        taken.push(next_ready(&mut w).await.name);
+    }
+    let mut expected = early.clone();
+    expected.push("a-late.json".into());
+    assert_eq!(taken, expected);
+    assert!(quiet(&mut w).await, "each file is taken once");
+}
