@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use common::rss_kib;
+use common::{cpu_ms, rss_kib};
 use harness::{referral, referral_with, wait_until, Federation};
 
 const AREAS: [&str; 2] = ["west-midlands", "london"];
@@ -219,6 +219,8 @@ fn sftp_put(sshd: &Sshd, files: &[(String, Vec<u8>)]) -> Result<f64, String> {
 fn refex_single(files: &[(String, Vec<u8>)]) -> f64 {
     let mut fed = Federation::new(&AREAS);
     fed.start_all();
+    let cpu = |fed: &Federation| AREAS.map(|a| cpu_ms(fed.node(a).pid()));
+    let cpu_before = cpu(&fed);
     let start = Instant::now();
     for (name, bytes) in files {
         fed.node("west-midlands").drop_file(name, bytes);
@@ -226,11 +228,26 @@ fn refex_single(files: &[(String, Vec<u8>)]) -> f64 {
     wait_until(Duration::from_secs(600), "all referrals to arrive", || {
         fed.node("london").inbox_files().len() >= files.len()
     });
+    let secs = start.elapsed().as_secs_f64();
+    let used: Vec<f64> = cpu(&fed)
+        .iter()
+        .zip(cpu_before)
+        .map(|(now, then)| (now - then) as f64 * 1000.0 / files.len() as f64)
+        .collect();
+    println!(
+        "  refex CPU per file: {} (user + system, until the last inbox file)",
+        AREAS
+            .iter()
+            .zip(&used)
+            .map(|(a, us)| format!("{a} {us:.0} µs"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let rejected = fed.node("west-midlands").rejected_files().len();
     if rejected > 0 {
         println!("  (refex rejected {rejected} of the files: the figure is not comparable)");
     }
-    files.len() as f64 / start.elapsed().as_secs_f64()
+    files.len() as f64 / secs
 }
 
 fn bench_sftp_vs_refex(n: usize) {

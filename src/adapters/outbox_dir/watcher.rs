@@ -449,7 +449,7 @@ impl OutboxWatcher {
         }
         while let Some(name) = self.due_in_turn.pop_front() {
             // Forgotten, taken or deferred since it was listed.
-            if !self.tracked.get(&name).is_some_and(|t| t.due <= now) {
+            if self.tracked.get(&name).is_none_or(|t| t.due > now) {
                 continue;
             }
             if let Some(p) = self.take_due(name, now).await {
