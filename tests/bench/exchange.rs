@@ -166,9 +166,10 @@ fn bench_end_to_end(n: usize, batch: usize) {
     });
     let secs = start.elapsed().as_secs_f64();
     let cpu_used = [
-        cpu(&fed, "west-midlands") - cpu_before[0],
-        cpu(&fed, "london") - cpu_before[1],
+        cpu(&fed, "west-midlands").saturating_sub(cpu_before[0]),
+        cpu(&fed, "london").saturating_sub(cpu_before[1]),
     ];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let what = if batch == 1 {
         "single JSON files".to_owned()
     } else {
@@ -180,10 +181,10 @@ fn bench_end_to_end(n: usize, batch: usize) {
     );
     let per_ref = |ms: u64| ms as f64 * 1000.0 / n as f64;
     println!(
-        "  CPU per referral ({what}): sender {:.0} µs + receiver {:.0} µs (user + system, until the last inbox file; 2 cores give {:.0} µs per referral at this rate)",
+        "  CPU per referral ({what}): sender {:.0} µs + receiver {:.0} µs (user + system, until the last inbox file; {cores} cores give {:.0} µs per referral at this rate)",
         per_ref(cpu_used[0]),
         per_ref(cpu_used[1]),
-        2.0e6 * secs / n as f64
+        cores as f64 * 1e6 * secs / n as f64
     );
     // Sampled once every inbox file is there: the last receipts may still be on their way.
     let per = |now: (u64, u64, u64), then: (u64, u64, u64)| {

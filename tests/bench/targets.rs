@@ -232,7 +232,7 @@ fn refex_single(files: &[(String, Vec<u8>)]) -> f64 {
     let used: Vec<f64> = cpu(&fed)
         .iter()
         .zip(cpu_before)
-        .map(|(now, then)| (now - then) as f64 * 1000.0 / files.len() as f64)
+        .map(|(now, then)| now.saturating_sub(then) as f64 * 1000.0 / files.len() as f64)
         .collect();
     println!(
         "  refex CPU per file: {} (user + system, until the last inbox file)",
