@@ -165,6 +165,22 @@ fn pickup_bytes(p: &Pickup) -> u64 {
     }
 }
 
+/// Starts work on pickup `p` named `name`: in flight with the bytes it holds, its task's name
+/// kept (to report a task that panicked).
+fn start(
+    work: &Work,
+    p: Pickup,
+    name: String,
+    in_flight: &mut HashMap<String, u64>,
+    tasks: &mut tokio::task::JoinSet<(String, Result<(), IntakeError>)>,
+    task_names: &mut HashMap<tokio::task::Id, String>,
+) {
+    in_flight.insert(name.clone(), pickup_bytes(&p));
+    let (work, n) = (work.clone(), name.clone());
+    let h = tasks.spawn(async move { (n, work.take(p).await) });
+    task_names.insert(h.id(), name);
+}
+
 impl Intake {
     /// Takes files until `shutdown`, up to `intake.parallel_files` at once (and no new one while
     /// those hold `intake.parallel_bytes`); the files in hand are finished first.
@@ -226,11 +242,7 @@ impl Intake {
                     } else if in_flight.contains_key(&name) {
                         waiting.entry(name).or_default().push_back(p);
                     } else {
-                        in_flight.insert(name.clone(), pickup_bytes(&p));
-                        let work = work.clone();
-                        let n = name.clone();
-                        let h = tasks.spawn(async move { (n, work.take(p).await) });
-                        task_names.insert(h.id(), name);
+                        start(&work, p, name, &mut in_flight, &mut tasks, &mut task_names);
                     }
                 }
                 Next::Done(name, result) => {
@@ -239,11 +251,8 @@ impl Intake {
                         self.watcher.forget(&name);
                     }
                     if let Some(p) = waiting.get_mut(&name).and_then(VecDeque::pop_front) {
-                        in_flight.insert(name.clone(), pickup_bytes(&p));
-                        let work = work.clone();
                         let n = name.clone();
-                        let h = tasks.spawn(async move { (n, work.take(p).await) });
-                        task_names.insert(h.id(), name.clone());
+                        start(&work, p, n, &mut in_flight, &mut tasks, &mut task_names);
                     }
                     if waiting.get(&name).is_some_and(VecDeque::is_empty) {
                         waiting.remove(&name);
@@ -337,7 +346,7 @@ impl Work {
     /// plan out.
     async fn take_ready(&self, f: ReadyFile) -> Result<(), IntakeError> {
         let node = self.node.clone();
-        let (f, plan, hash) = tokio::task::spawn_blocking(move || {
+        let (f, plan, hash) = off_thread(move || {
             let now = Utc::now();
             let format = match f.kind {
                 FileKind::Json => Format::Json,
@@ -349,8 +358,7 @@ impl Work {
             let hash = sha256(&f.bytes);
             (f, plan, hash)
         })
-        .await
-        .map_err(|e| IntakeError::Worker(e.to_string()))?;
+        .await?;
         self.carry_out(&f.name, Some(&f), plan, Some(hash)).await
     }
 
@@ -394,11 +402,10 @@ impl Work {
                     // Off the async threads: the directory sync waits for the device.
                     let (node, dir) = (self.node.clone(), outbox.clone());
                     let (name, identity) = (f.name.clone(), f.identity);
-                    tokio::task::spawn_blocking(move || {
+                    off_thread(move || {
                         outbox_dir::remove_taken_sharing(&node.outbox_sync, &dir, &name, identity)
                     })
-                    .await
-                    .map_err(|e| IntakeError::Worker(e.to_string()))??;
+                    .await??;
                     crate::core::failpoint::hit("intake_after_delete");
                 }
             }
@@ -430,12 +437,11 @@ impl Work {
             .collect::<Vec<_>>();
         let _claim = self.claims.claim(keys.clone()).await;
         let node = self.node.clone();
-        let (items, sealed) = tokio::task::spawn_blocking(move || {
+        let (items, sealed) = off_thread(move || {
             let sealed = seal_all(&node, &items, now);
             (items, sealed)
         })
-        .await
-        .map_err(|e| IntakeError::Worker(e.to_string()))?;
+        .await?;
         // The whole file in the store committer's shared transaction, synced on return.
         let (envs, meta): (Vec<_>, Vec<_>) = sealed?
             .into_iter()
@@ -601,12 +607,18 @@ async fn reject(
     error_doc: Vec<u8>,
 ) -> Result<(), IntakeError> {
     let (dir, name) = (outbox.to_owned(), name.to_owned());
-    tokio::task::spawn_blocking(move || {
-        outbox_dir::reject(&dir, &name, rows.as_deref(), &error_doc)
-    })
-    .await
-    .map_err(|e| IntakeError::Worker(e.to_string()))??;
+    off_thread(move || outbox_dir::reject(&dir, &name, rows.as_deref(), &error_doc)).await??;
     Ok(())
+}
+
+/// Runs `f` on the blocking pool (file I/O, syncs, parsing, sealing); a worker that panicked
+/// is [`IntakeError::Worker`].
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, IntakeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| IntakeError::Worker(e.to_string()))
 }
 
 /// Seals every accepted referral of one file (signed, encrypted to its area), CPU work for the
