@@ -2,7 +2,8 @@
 //! crossed while queued (one WARN and one `deadline_missed` record per envelope), the
 //! non-delivery window (envelopes still queued after it are marked non-delivered, alerted at
 //! ERROR and kept for an operator), and retention purges of receipts, dedup ids, refused files in
-//! `rejected/` and audit files.
+//! `rejected/` and audit files. Each second it also hands heap memory freed by a burst back to
+//! the kernel (`adapters::heap`), so a node's resident size follows its live heap.
 //! Write-ahead: every change here is recorded durably first, then made. If the record cannot be
 //! written, nothing changes and the next sweep tries again; a crash between the record and the
 //! change repeats the record on the next sweep (a second record, never a missing one).
@@ -19,6 +20,10 @@ use crate::adapters::audit::{Actor, Event, Operation, Outcome};
 use crate::adapters::outbox_dir;
 use crate::node::build::Node;
 
+/// How often freed heap memory goes back to the kernel. Shorter keeps the peak resident size
+/// nearer the live heap after a burst; the peak inside one is no lower at 250 ms (measured).
+const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Periodic work: signed audit checkpoints, the non-delivery window, retention purges.
 pub async fn run(h: Arc<Node>, shutdown: CancellationToken) {
     let s = h.settings.clone();
@@ -27,6 +32,8 @@ pub async fn run(h: Arc<Node>, shutdown: CancellationToken) {
         s.delivery.non_delivery_after.num_seconds().unsigned_abs(),
     )));
     let mut purge = tokio::time::interval(Duration::from_secs(3600));
+    let mut trim = tokio::time::interval(HEAP_TRIM_INTERVAL);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     checkpoint.tick().await;
     loop {
         tokio::select! {
@@ -41,6 +48,9 @@ pub async fn run(h: Arc<Node>, shutdown: CancellationToken) {
                 sweep_non_delivered(&h).await;
             }
             _ = purge.tick() => purge_expired(&h).await,
+            _ = trim.tick() => {
+                crate::adapters::heap::release_free();
+            }
         }
     }
 }
