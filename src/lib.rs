@@ -20,7 +20,8 @@
 //!   the peer directory, the development PKI.
 //! - [`adapters`] — each the only user of its library or of the disk: `store` (sled),
 //!   `transport` (quinn, rustls), `outbox_dir` (inotify, outbox files), `inbox_dir`, `audit`
-//!   (audit files), `metrics_http` (hyper, `/proc/self`), `heap` (glibc's `malloc_trim`), and `durable`, their shared write-sync-rename helper and disk-full classifier.
+//!   (audit files), `metrics_http` (hyper, `/proc/self`), `heap` (glibc's `malloc_trim`), and
+//!   `durable`, their shared write-sync-rename helper and disk-full classifier.
 //! - [`node`] — the running node and the only folder that spawns tasks: typed settings, the
 //!   composition root (`build`), `run` (one task tracker, signals, watchdog, drain),
 //!   housekeeping, the control socket, intake, receiver, sender, and `metrics` (the state
