@@ -74,8 +74,11 @@ mod tests {
     use super::*;
     use crate::adapters::inbox_dir::inbox_name;
 
+    /// The i-th file's name. A fixed time: the name embeds it, and a name made again with
+    /// `now()` a millisecond later would not be the file staged (this test flaked so in CI).
     fn name(i: u32) -> String {
-        inbox_name(chrono::Utc::now(), &format!("{i:032x}")).unwrap()
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        inbox_name(at, &format!("{i:032x}")).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
