@@ -5,7 +5,8 @@
 //! the final name → `fsync` the directory. A crash at any point leaves either the old file or
 //! the new one, never a torn one; a failed write removes its temporary file.
 //! Also the one wait for a lock that a writer which just stopped may still seem to hold
-//! ([`retry_while_locked`], for the audit log's and the store's).
+//! ([`retry_while_locked`], for the audit log's and the store's), and the one way a refused file
+//! name is shown ([`shown_name`], for the inbox's and the outbox's name checks).
 //! Must not: know what the files mean.
 
 use std::fs::{self, File, OpenOptions};
@@ -164,9 +165,25 @@ pub fn replace(dir: &Path, tmp_name: &str, name: &str, bytes: &[u8]) -> io::Resu
     sync_dir(dir)
 }
 
+/// A file name refused by a name check, fit to show in an error or a log line: at most
+/// `max_chars` characters, control characters replaced by `?` (the name came from a provider or
+/// a peer, and must not move a terminal's cursor or split a log line).
+pub fn shown_name(name: &str, max_chars: usize) -> String {
+    name.chars()
+        .take(max_chars)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_name_is_shown_cut_short_and_without_control_characters() {
+        assert_eq!(shown_name("a\nb\u{1b}[2Jc.json", 80), "a?b?[2Jc.json");
+        assert_eq!(shown_name(&"x".repeat(100), 40), "x".repeat(40));
+    }
 
     #[test]
     fn concurrent_dir_syncs_share_fsyncs_and_each_waits_for_one_started_after_it() {

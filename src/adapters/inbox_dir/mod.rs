@@ -105,12 +105,9 @@ fn check(name: &str) -> Result<(), InboxError> {
     if ok {
         Ok(())
     } else {
-        let shown: String = name
-            .chars()
-            .take(40)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect();
-        Err(InboxError::BadName(shown))
+        Err(InboxError::BadName(crate::adapters::durable::shown_name(
+            name, 40,
+        )))
     }
 }
 

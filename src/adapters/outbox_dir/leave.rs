@@ -22,12 +22,9 @@ fn check_name(name: &str) -> Result<(), OutboxError> {
     if ok {
         Ok(())
     } else {
-        let shown: String = name
-            .chars()
-            .take(80)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect();
-        Err(OutboxError::BadName(shown))
+        Err(OutboxError::BadName(crate::adapters::durable::shown_name(
+            name, 80,
+        )))
     }
 }
 
