@@ -1,8 +1,10 @@
 //! Shared by the benches: a store filled with `n` sealed, queued envelopes for london (one in
 //! seven enhanced), written directly before the daemon starts (the restart figures), and a
-//! process's memory figures from `/proc`.
+//! process's memory figures from `/proc`; and the daemon the benches measure.
 
 use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
 
 use chrono::Utc;
 use refex::adapters::store::{NewEnvelope, Store};
@@ -12,6 +14,46 @@ use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 use refex::crypto::{self, SigningKey};
 
 use crate::harness::{referral, Node};
+
+/// Builds the daemon as it ships (the release profile: fat LTO, one codegen unit) into
+/// `target/ship` and has the nodes run it. `cargo bench` hands the benches a daemon built with
+/// the `bench` profile, which keeps LTO off so the test suite builds quickly; that build spends
+/// 8-10 % more CPU per referral, and the figures are meant to be of what ships.
+/// `REFEX_DAEMON_BIN=path` measures another build instead (an A/B of two binaries).
+pub fn use_shipped_daemon() {
+    if let Some(bin) = std::env::var_os("REFEX_DAEMON_BIN") {
+        println!("daemon: {} (REFEX_DAEMON_BIN)", Path::new(&bin).display());
+        return;
+    }
+    let beside = Path::new(env!("CARGO_BIN_EXE_refex"));
+    let target = beside
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test daemon lies in <target>/<profile>/");
+    let ship = target.join("ship");
+    eprintln!(
+        "building the daemon as shipped (cargo build --release) into {}; minutes the first time",
+        ship.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--bin",
+            "refex",
+            "--target-dir",
+        ])
+        .arg(&ship)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the shipped daemon failed");
+    let bin = ship.join("release").join("refex");
+    println!("daemon: {} (release profile, as shipped)", bin.display());
+    std::env::set_var("REFEX_DAEMON_BIN", &bin);
+}
 
 /// A standard-priority header for a payload of `len` bytes.
 pub fn header(from: &AreaId, to: &AreaId, len: usize) -> Header {

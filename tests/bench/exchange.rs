@@ -227,6 +227,9 @@ fn main() {
     let only = std::env::var("REFEX_BENCH_ONLY").unwrap_or_default();
     let on = |stage: &str| only.is_empty() || only.split(',').any(|s| s.trim() == stage);
     // A bar of the five stages on a terminal only; the figures stay plain lines.
+    if ["single", "csv", "startup"].iter().any(|s| on(s)) {
+        common::use_shipped_daemon();
+    }
     let bar = refex::edge::progress::counter("bench stages", 5);
     if on("crypto") {
         bench_crypto();

@@ -530,6 +530,7 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    common::use_shipped_daemon();
     // REFEX_BENCH_ONLY=sftp,latency,restart,drain runs only the stages named.
     let only = std::env::var("REFEX_BENCH_ONLY").unwrap_or_default();
     let on = |stage: &str| only.is_empty() || only.split(',').any(|s| s.trim() == stage);

@@ -16,6 +16,14 @@ use refex::core::types::AreaId;
 use refex::edge::harness::Daemon;
 use refex::node::settings::Settings;
 
+/// The daemon the nodes run: `REFEX_DAEMON_BIN` when set (the benches point it at the daemon as
+/// shipped, see `tests/bench/common.rs`), else the one Cargo built beside these tests.
+pub fn daemon_bin() -> PathBuf {
+    std::env::var_os("REFEX_DAEMON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_refex").into())
+}
+
 /// Short windows for the crash and power-cut tests: quick pickup, quick retries.
 pub const FAST_CRASH_CONFIG: &str = r#"
 [intake]
@@ -109,12 +117,7 @@ impl Federation {
                 let settings = Settings::load(&config).expect("generated config loads");
                 let log = dir.path().join(format!("{area}.log"));
                 assert_eq!(settings.area, area);
-                Node(Daemon::new(
-                    env!("CARGO_BIN_EXE_refex").into(),
-                    config,
-                    settings,
-                    log,
-                ))
+                Node(Daemon::new(daemon_bin(), config, settings, log))
             })
             .collect();
         Self { nodes, dir }
@@ -194,7 +197,7 @@ impl Node {
 
     /// `refex <args> --config <this node's config>`, returning (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_refex"))
+        let out = Command::new(daemon_bin())
             .args(args)
             .arg("--config")
             .arg(&self.config)
