@@ -22,7 +22,8 @@
 //! error logged once, and intake pauses and retries until it can write again.
 //!
 //! Pipelined: up to `intake.parallel_files` ready files (and no new one while those in hand hold
-//! `intake.parallel_bytes`, so large batches do not multiply memory) are worked on at once, each
+//! `intake.parallel_bytes` or `intake.parallel_referrals`, so large or many batches do not
+//! multiply memory) are worked on at once, each
 //! in the order above, so the store's group commit and the audit writer's share one sync among
 //! the files in flight; parsing and sealing run on the blocking pool so both cores work. A name
 //! is never taken twice at once (the same name re-appearing while in flight waits for the first
@@ -165,17 +166,37 @@ fn pickup_bytes(p: &Pickup) -> u64 {
     }
 }
 
-/// Starts work on pickup `p` named `name`: in flight with the bytes it holds, its task's name
-/// kept (to report a task that panicked).
+/// The referrals a pickup holds while it is worked on, counted before it is parsed: one for a
+/// JSON file, the lines after the header for a CSV file (an upper bound: a quoted field may
+/// span lines), none for a refused name.
+fn pickup_referrals(p: &Pickup) -> u64 {
+    match p {
+        Pickup::Refused { .. } => 0,
+        Pickup::Ready(f) => match f.kind {
+            FileKind::Json => 1,
+            FileKind::Csv => {
+                let newlines = f.bytes.iter().filter(|&&b| b == b'\n').count();
+                let unterminated = usize::from(f.bytes.last().is_some_and(|&b| b != b'\n'));
+                (newlines + unterminated).saturating_sub(1).max(1) as u64
+            }
+        },
+    }
+}
+
+/// What the files in flight hold: (bytes, referrals) per name.
+type InFlight = HashMap<String, (u64, u64)>;
+
+/// Starts work on pickup `p` named `name`: in flight with the bytes and referrals it holds, its
+/// task's name kept (to report a task that panicked).
 fn start(
     work: &Work,
     p: Pickup,
     name: String,
-    in_flight: &mut HashMap<String, u64>,
+    in_flight: &mut InFlight,
     tasks: &mut tokio::task::JoinSet<(String, Result<(), IntakeError>)>,
     task_names: &mut HashMap<tokio::task::Id, String>,
 ) {
-    in_flight.insert(name.clone(), pickup_bytes(&p));
+    in_flight.insert(name.clone(), (pickup_bytes(&p), pickup_referrals(&p)));
     let (work, n) = (work.clone(), name.clone());
     let h = tasks.spawn(async move { (n, work.take(p).await) });
     task_names.insert(h.id(), name);
@@ -183,19 +204,21 @@ fn start(
 
 impl Intake {
     /// Takes files until `shutdown`, up to `intake.parallel_files` at once (and no new one while
-    /// those hold `intake.parallel_bytes`); the files in hand are finished first.
+    /// those hold `intake.parallel_bytes` or `intake.parallel_referrals`); the files in hand are
+    /// finished first.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let work = Work::new(self.node.clone());
         let limit = self.node.settings.intake.parallel_files.max(1);
         let byte_budget = self.node.settings.intake.parallel_bytes;
+        let referral_budget = self.node.settings.intake.parallel_referrals;
         let mut paused = false;
         // While set, no new file is started (the retry pause after a failure).
         let mut hold: Option<tokio::time::Instant> = None;
         let mut tasks: tokio::task::JoinSet<(String, Result<(), IntakeError>)> =
             tokio::task::JoinSet::new();
-        // Names in flight with the bytes each holds (read, not yet finished), and pickups of such
-        // a name waiting for the first to finish.
-        let mut in_flight: HashMap<String, u64> = HashMap::new();
+        // Names in flight with the bytes and referrals each holds (read, not yet finished), and
+        // pickups of such a name waiting for the first to finish.
+        let mut in_flight: InFlight = HashMap::new();
         let mut waiting: HashMap<String, VecDeque<Pickup>> = HashMap::new();
         let mut task_names: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut poisoned: HashSet<String> = HashSet::new();
@@ -204,7 +227,8 @@ impl Intake {
             beat.beat();
             let can_take = hold.is_none()
                 && in_flight.len() < limit
-                && in_flight.values().sum::<u64>() < byte_budget;
+                && in_flight.values().map(|h| h.0).sum::<u64>() < byte_budget
+                && in_flight.values().map(|h| h.1).sum::<u64>() < referral_budget;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => Next::Stop,
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
@@ -667,4 +691,41 @@ fn seal_all(
         out.push((new, subject));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::outbox_dir::FileIdentity;
+
+    fn ready(kind: FileKind, bytes: &[u8]) -> Pickup {
+        Pickup::Ready(ReadyFile {
+            name: "f".into(),
+            path: "f".into(),
+            bytes: bytes.to_vec(),
+            identity: FileIdentity {
+                dev: 0,
+                ino: 0,
+                len: bytes.len() as u64,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+            kind,
+        })
+    }
+
+    #[test]
+    fn a_file_in_hand_counts_its_referrals_before_it_is_parsed() {
+        assert_eq!(pickup_referrals(&ready(FileKind::Json, b"{}")), 1);
+        let csv = |b: &[u8]| pickup_referrals(&ready(FileKind::Csv, b));
+        assert_eq!(csv(b"h\na\nb\nc\n"), 3, "header and three rows");
+        assert_eq!(csv(b"h\na\nb\nc"), 3, "the last row without its newline");
+        assert_eq!(csv(b"h\n"), 1, "a header alone still holds a slot");
+        assert_eq!(csv(b""), 1);
+        let refused = Pickup::Refused {
+            name: "x".into(),
+            reason: outbox_dir::PickupRefusal::Symlink,
+        };
+        assert_eq!(pickup_referrals(&refused), 0);
+    }
 }

@@ -81,6 +81,11 @@ pub struct Intake {
     /// this many (so at most this plus one file; while a larger file is in hand, no other is
     /// taken).
     pub parallel_bytes: u64,
+    /// Referrals in the files in hand at once (a JSON file is one, a CSV file its rows): no new
+    /// file is taken while those in flight hold this many. Memory in flight follows referrals
+    /// (each is sealed, stored and recorded), not input bytes: a 200-byte CSV row becomes a
+    /// ~2.5 KB sealed envelope plus its records.
+    pub parallel_referrals: u64,
     /// Refused files in `rejected/` (personal data) are purged after this long.
     pub rejected_retention: chrono::Duration,
 }
@@ -252,6 +257,7 @@ impl Settings {
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
             parallel_files: r.number("intake.parallel_files", 64, 1, 256) as usize,
             parallel_bytes: r.number("intake.parallel_bytes", 8 << 20, 64 << 10, 1 << 30),
+            parallel_referrals: r.number("intake.parallel_referrals", 256, 1, 1_000_000),
             rejected_retention: chrono::Duration::days(r.number(
                 "intake.rejected_retention_days",
                 30,

@@ -527,14 +527,20 @@ async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_rec
 }
 
 /// Drops `n` distinct referral files at once into a fresh West Midlands outbox and runs intake
-/// (as the daemon does) with `parallel` files (holding at most `bytes`) at once until all are
-/// taken; returns the store syncs, audit fsyncs and outbox directory syncs that took, after
+/// (as the daemon does) with `parallel` files (holding at most `bytes` and `referrals`) at once
+/// until all are taken; returns the store syncs, audit fsyncs and outbox directory syncs that took, after
 /// checking every referral was queued exactly once.
-async fn take_many_at_once(n: usize, parallel: usize, bytes: u64, port: u16) -> (u64, u64, u64) {
+async fn take_many_at_once(
+    n: usize,
+    parallel: usize,
+    (bytes, referrals): (u64, u64),
+    port: u16,
+) -> (u64, u64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let (mut wm, _) = federation(dir.path(), port);
     wm.intake.parallel_files = parallel;
     wm.intake.parallel_bytes = bytes;
+    wm.intake.parallel_referrals = referrals;
     let node = Node::open(wm).unwrap();
     let s = node.settings.clone();
     let watcher = watch(&s, Duration::from_millis(10));
@@ -598,12 +604,15 @@ async fn take_many_at_once(n: usize, parallel: usize, bytes: u64, port: u16) -> 
     syncs
 }
 
+/// Budgets that hold every file of these tests: 8 MiB and 256 referrals (the defaults).
+const ROOMY: (u64, u64) = (8 << 20, 256);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_files_dropped_at_once_are_each_queued_once_sharing_store_syncs() {
     let n = 50;
     // One at a time: each file syncs the store at least twice (stored, then released).
-    let (one_store, one_audit, one_outbox) = take_many_at_once(n, 1, 8 << 20, 17_860).await;
-    let (par_store, par_audit, par_outbox) = take_many_at_once(n, 16, 8 << 20, 17_870).await;
+    let (one_store, one_audit, one_outbox) = take_many_at_once(n, 1, ROOMY, 17_860).await;
+    let (par_store, par_audit, par_outbox) = take_many_at_once(n, 16, ROOMY, 17_870).await;
     eprintln!(
         "{n} files: one at a time {one_store} store syncs / {one_audit} audit fsyncs / \
          {one_outbox} outbox syncs; 16 at once {par_store} / {par_audit} / {par_outbox}"
@@ -630,10 +639,24 @@ async fn files_in_hand_stay_within_the_byte_budget() {
     // Every file (~2 KB) exceeds a 1-byte budget, so each is taken alone although 16 files
     // may be in flight: each deletion then has its own directory sync, as one at a time.
     let n = 20;
-    let (store, _, outbox) = take_many_at_once(n, 16, 1, 17_880).await;
+    let (store, _, outbox) = take_many_at_once(n, 16, (1, 256), 17_880).await;
     assert_eq!(outbox, n as u64, "one file in hand at a time");
     assert!(store >= 2 * n as u64, "{store}");
     // A budget that holds them all lets them share again.
-    let (_, _, shared) = take_many_at_once(n, 16, 8 << 20, 17_890).await;
+    let (_, _, shared) = take_many_at_once(n, 16, ROOMY, 17_890).await;
+    assert!(shared < n as u64, "{shared}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_in_hand_stay_within_the_referral_budget() {
+    // Each JSON file is one referral: with a budget of one, each file is taken alone although
+    // 16 may be in flight and the byte budget holds them all, so each deletion has its own
+    // directory sync, as one at a time.
+    let n = 20;
+    let (store, _, outbox) = take_many_at_once(n, 16, (8 << 20, 1), 17_900).await;
+    assert_eq!(outbox, n as u64, "one file in hand at a time");
+    assert!(store >= 2 * n as u64, "{store}");
+    // A budget of four lets files share syncs again.
+    let (_, _, shared) = take_many_at_once(n, 16, (8 << 20, 4), 17_910).await;
     assert!(shared < n as u64, "{shared}");
 }
