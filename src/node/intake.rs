@@ -23,12 +23,12 @@
 //!
 //! Pipelined: up to `intake.parallel_files` ready files (and no new one while those in hand hold
 //! `intake.parallel_bytes` or `intake.parallel_referrals`, so large or many batches do not
-//! multiply memory) are worked on at once, each
-//! in the order above, so the store's group commit and the audit writer's share one sync among
-//! the files in flight; parsing and sealing run on the blocking pool so both cores work. A name
-//! is never taken twice at once (the same name re-appearing while in flight waits for the first
-//! to finish), and two files carrying the same referral (idempotency key) never overlap between
-//! storing and releasing it: the second waits, then finds it queued (a logged duplicate).
+//! multiply memory) are worked on at once, each in the order above, so the store's group commit
+//! and the audit writer's share one sync among the files in flight; parsing and sealing run on
+//! the blocking pool so both cores work. A name is never taken twice at once (the same name
+//! re-appearing while in flight waits for the first to finish), and two files carrying the same
+//! referral (idempotency key) never overlap between storing and releasing it: the second waits,
+//! then finds it queued (a logged duplicate).
 //! Any failure that pauses intake stops new files for the retry pause, as with one file at a
 //! time; files in flight finish. Shutdown takes no new file and finishes every file in hand.
 //! Must not: send half a file's content, block on one bad file, or write personal data to logs.

@@ -528,8 +528,8 @@ async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_rec
 
 /// Drops `n` distinct referral files at once into a fresh West Midlands outbox and runs intake
 /// (as the daemon does) with `parallel` files (holding at most `bytes` and `referrals`) at once
-/// until all are taken; returns the store syncs, audit fsyncs and outbox directory syncs that took, after
-/// checking every referral was queued exactly once.
+/// until all are taken; returns the store syncs, audit fsyncs and outbox directory syncs that
+/// took, after checking every referral was queued exactly once.
 async fn take_many_at_once(
     n: usize,
     parallel: usize,

@@ -226,10 +226,10 @@ fn main() {
     // REFEX_BENCH_ONLY=crypto,store,single,csv,startup runs only the stages named.
     let only = std::env::var("REFEX_BENCH_ONLY").unwrap_or_default();
     let on = |stage: &str| only.is_empty() || only.split(',').any(|s| s.trim() == stage);
-    // A bar of the five stages on a terminal only; the figures stay plain lines.
     if ["single", "csv", "startup"].iter().any(|s| on(s)) {
         common::use_shipped_daemon();
     }
+    // A bar of the five stages on a terminal only; the figures stay plain lines.
     let bar = refex::edge::progress::counter("bench stages", 5);
     if on("crypto") {
         bench_crypto();
