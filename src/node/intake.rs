@@ -158,33 +158,36 @@ fn pickup_name(p: &Pickup) -> &str {
     }
 }
 
-/// The bytes a pickup holds while it is worked on (a refused name holds none).
-fn pickup_bytes(p: &Pickup) -> u64 {
-    match p {
-        Pickup::Refused { .. } => 0,
-        Pickup::Ready(f) => f.bytes.len() as u64,
+/// What a file in hand holds while it is worked on, counted before it is parsed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Held {
+    bytes: u64,
+    /// One for a JSON file, the lines after the header for a CSV file (an upper bound: a quoted
+    /// field may span lines).
+    referrals: u64,
+}
+
+/// What pickup `p` holds (a refused name holds nothing).
+fn held(p: &Pickup) -> Held {
+    let Pickup::Ready(f) = p else {
+        return Held::default();
+    };
+    let referrals = match f.kind {
+        FileKind::Json => 1,
+        FileKind::Csv => {
+            let newlines = f.bytes.iter().filter(|&&b| b == b'\n').count();
+            let unterminated = usize::from(f.bytes.last().is_some_and(|&b| b != b'\n'));
+            (newlines + unterminated).saturating_sub(1).max(1) as u64
+        }
+    };
+    Held {
+        bytes: f.bytes.len() as u64,
+        referrals,
     }
 }
 
-/// The referrals a pickup holds while it is worked on, counted before it is parsed: one for a
-/// JSON file, the lines after the header for a CSV file (an upper bound: a quoted field may
-/// span lines), none for a refused name.
-fn pickup_referrals(p: &Pickup) -> u64 {
-    match p {
-        Pickup::Refused { .. } => 0,
-        Pickup::Ready(f) => match f.kind {
-            FileKind::Json => 1,
-            FileKind::Csv => {
-                let newlines = f.bytes.iter().filter(|&&b| b == b'\n').count();
-                let unterminated = usize::from(f.bytes.last().is_some_and(|&b| b != b'\n'));
-                (newlines + unterminated).saturating_sub(1).max(1) as u64
-            }
-        },
-    }
-}
-
-/// What the files in flight hold: (bytes, referrals) per name.
-type InFlight = HashMap<String, (u64, u64)>;
+/// What the files in flight hold, per name.
+type InFlight = HashMap<String, Held>;
 
 /// Starts work on pickup `p` named `name`: in flight with the bytes and referrals it holds, its
 /// task's name kept (to report a task that panicked).
@@ -196,7 +199,7 @@ fn start(
     tasks: &mut tokio::task::JoinSet<(String, Result<(), IntakeError>)>,
     task_names: &mut HashMap<tokio::task::Id, String>,
 ) {
-    in_flight.insert(name.clone(), (pickup_bytes(&p), pickup_referrals(&p)));
+    in_flight.insert(name.clone(), held(&p));
     let (work, n) = (work.clone(), name.clone());
     let h = tasks.spawn(async move { (n, work.take(p).await) });
     task_names.insert(h.id(), name);
@@ -227,8 +230,8 @@ impl Intake {
             beat.beat();
             let can_take = hold.is_none()
                 && in_flight.len() < limit
-                && in_flight.values().map(|h| h.0).sum::<u64>() < byte_budget
-                && in_flight.values().map(|h| h.1).sum::<u64>() < referral_budget;
+                && in_flight.values().map(|h| h.bytes).sum::<u64>() < byte_budget
+                && in_flight.values().map(|h| h.referrals).sum::<u64>() < referral_budget;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => Next::Stop,
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => match joined {
@@ -716,8 +719,9 @@ mod tests {
 
     #[test]
     fn a_file_in_hand_counts_its_referrals_before_it_is_parsed() {
-        assert_eq!(pickup_referrals(&ready(FileKind::Json, b"{}")), 1);
-        let csv = |b: &[u8]| pickup_referrals(&ready(FileKind::Csv, b));
+        let json = held(&ready(FileKind::Json, b"{}"));
+        assert_eq!((json.bytes, json.referrals), (2, 1));
+        let csv = |b: &[u8]| held(&ready(FileKind::Csv, b)).referrals;
         assert_eq!(csv(b"h\na\nb\nc\n"), 3, "header and three rows");
         assert_eq!(csv(b"h\na\nb\nc"), 3, "the last row without its newline");
         assert_eq!(csv(b"h\n"), 1, "a header alone still holds a slot");
@@ -726,6 +730,10 @@ mod tests {
             name: "x".into(),
             reason: outbox_dir::PickupRefusal::Symlink,
         };
-        assert_eq!(pickup_referrals(&refused), 0);
+        assert_eq!(
+            held(&refused),
+            Held::default(),
+            "a refused name holds nothing"
+        );
     }
 }
