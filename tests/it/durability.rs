@@ -77,19 +77,19 @@ fn fd_path(c: &Call) -> &str {
         .unwrap_or("")
 }
 
-/// The first write to a file matching `target` whose traced bytes contain `needle`: the write
-/// that carried one referral's own records.
+/// The first write to a file matching `target` whose traced bytes match `carries`: the write
+/// that carried one referral's own record (`what` names it in the failure).
 fn write_carrying<'a>(
     calls: &'a [Call],
     target: &dyn Fn(&str) -> bool,
-    needle: &str,
+    carries: &dyn Fn(&str) -> bool,
     what: &str,
 ) -> &'a Call {
     calls
         .iter()
-        .filter(|c| is_write(c) && target(fd_path(c)) && c.args.contains(needle))
+        .filter(|c| is_write(c) && target(fd_path(c)) && carries(&c.args))
         .min_by_key(|c| c.start)
-        .unwrap_or_else(|| panic!("{what}: no write carries {needle}"))
+        .unwrap_or_else(|| panic!("no write carries {what}"))
 }
 
 /// Asserts: `write` ended before line `at` and a sync of the same file started after it ended
@@ -137,10 +137,6 @@ fn released(args: &str, subject: &str) -> bool {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn strace_available() -> bool {
     Command::new("strace")
         .arg("-V")
@@ -175,7 +171,7 @@ fn acknowledgements_follow_device_syncs() {
         let body = referral(&format!("DUR-{i}"), "london");
         file_digests.push((
             name.clone(),
-            hex(&refex::core::digest::sha256(body.as_bytes())),
+            hex::encode(refex::core::digest::sha256(body.as_bytes())),
         ));
         fed.node("west-midlands").drop_file(&name, body.as_bytes());
         wait_until(Duration::from_secs(60), "the referral to arrive", || {
@@ -203,14 +199,20 @@ fn acknowledgements_follow_device_syncs() {
             .collect();
         assert_eq!(unlinks.len(), 1, "{name} is deleted once");
         let at = unlinks[0].start;
-        let record = write_carrying(&calls, &audit, sha, "the sender's audit log");
+        let record = write_carrying(
+            &calls,
+            &audit,
+            &|a: &str| a.contains(sha.as_str()),
+            &format!("the collection record of {name}"),
+        );
         assert_synced_before(&calls, record, at, &audit, "the sender's audit log");
         let subject = traced_field(&record.args, "subject_key");
-        let release = calls
-            .iter()
-            .filter(|c| is_write(c) && store(fd_path(c)) && released(&c.args, &subject))
-            .min_by_key(|c| c.start)
-            .unwrap_or_else(|| panic!("the sender's store: {name}'s envelope is never released"));
+        let release = write_carrying(
+            &calls,
+            &store,
+            &|a: &str| released(a, &subject),
+            &format!("the release of {name}'s envelope in the store"),
+        );
         assert_synced_before(&calls, release, at, &store, "the sender's store (release)");
         envelope_ids.push(traced_field(&record.args, "envelope_id")[..32].to_owned());
     }
@@ -241,7 +243,12 @@ fn acknowledgements_follow_device_syncs() {
                 .any(|c| c.name == "fsync" && fd_path(c) == tmp && c.end < r.start),
             "inbox file {tmp} not fsynced before its rename"
         );
-        let accepted = write_carrying(&calls, &store, &id, "the receiver's store");
+        let accepted = write_carrying(
+            &calls,
+            &store,
+            &|a: &str| a.contains(id.as_str()),
+            &format!("the accepted-id record of {id}"),
+        );
         assert_synced_before(&calls, accepted, r.start, &store, "the receiver's store");
         let records: Vec<&Call> = calls
             .iter()
@@ -291,12 +298,13 @@ fn the_sync_check_follows_the_referrals_own_record() {
     let audit = |p: &str| p.contains("/audit/audit-");
     let at = |calls: &[Call]| calls.iter().find(|c| c.name == "unlink").unwrap().start;
 
+    let carries = |a: &str| a.contains("source_file_sha256");
     let good = trace(true);
-    let w = write_carrying(&good, &audit, "source_file_sha256", "audit");
+    let w = write_carrying(&good, &audit, &carries, "the record");
     assert_synced_before(&good, w, at(&good), &audit, "audit");
 
     let bad = trace(false);
-    let w = write_carrying(&bad, &audit, "source_file_sha256", "audit");
+    let w = write_carrying(&bad, &audit, &carries, "the record");
     let failed = std::panic::catch_unwind(|| {
         assert_synced_before(&bad, w, at(&bad), &audit, "audit");
     });
