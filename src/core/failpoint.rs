@@ -57,9 +57,11 @@ fn hold_target() -> &'static Option<(String, u64)> {
 }
 
 /// `REFEX_HOLD_AT=<point>:<ms>`: how long to hold the caller at `point` (every pass), so a test
-/// can widen a race window (e.g. between a store write and its sync) and act inside it. The
-/// caller sleeps (core has no runtime): `if let Some(d) = hold("p") { sleep(d).await }`.
-/// Without the variable this is `None` after one cached read.
+/// can widen a race window and act inside it. The points: `store_before_sync` (between a
+/// round's writes and their sync), `sender_after_receipt_stored` (a send between its synced
+/// receipt and its receipt and erasure records). The caller sleeps (core has no runtime):
+/// `if let Some(d) = hold("p") { sleep(d).await }`. Without the variable this is `None` after
+/// one cached read.
 pub fn hold(point: &str) -> Option<std::time::Duration> {
     match hold_target() {
         Some((p, ms)) if p == point => {

@@ -506,6 +506,9 @@ async fn send_one(
                 return SendOutcome::Transient(format!("cannot store receipt: {e}"));
             }
             crate::core::failpoint::hit("sender_after_receipt_stored");
+            if let Some(d) = crate::core::failpoint::hold("sender_after_receipt_stored") {
+                tokio::time::sleep(d).await;
+            }
             if let Err(e) =
                 complete(ctx, peer, id, &rec, &body.audit_head, Recorded::default()).await
             {

@@ -359,3 +359,82 @@ fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
     });
     fed.node("west-midlands").assert_audit_verifies();
 }
+
+/// The window an earlier fix closed (sender: a stored receipt is completed again only with no
+/// send in flight). A receipt whose records failed is completed again once a 1 s back-off ends;
+/// a send that had stored its own receipt and was still between storing it and writing its
+/// records must not be completed by that resume as well: its receipt and erasure records would
+/// be written twice, the second pair after its erasure. Every send is held 5 s after storing its
+/// receipt (`REFEX_HOLD_AT`), so the order is forced: A stores its receipt, B stores its own
+/// about 2 s later, A's records fail (audit EIO), the EIO clears, and A's back-off ends while B
+/// is still held.
+#[test]
+fn a_receipt_completed_again_after_an_audit_failure_leaves_a_send_in_flight_to_itself() {
+    const HELD: &str = "REFEX_HOLD_AT: holding at sender_after_receipt_stored";
+    const FAILED: &str = "receipt stored but its records or erasure failed";
+    let mut fed = Federation::with_config(&["west-midlands", "london"], FAST);
+    let flag = fed.dir.path().join("audit-eio");
+    let wm = fed.node_mut("west-midlands");
+    wm.extra_env = vec![
+        ("REFEX_AUDIT_EIO_WHILE".into(), flag.display().to_string()),
+        (
+            "REFEX_HOLD_AT".into(),
+            "sender_after_receipt_stored:5000".into(),
+        ),
+    ];
+    wm.start();
+    fed.node_mut("london").start();
+    let refs = ["RESUME-A".to_owned(), "RESUME-B".to_owned()];
+    let log = |fed: &Federation| fed.node("west-midlands").log_text();
+    drop_all(fed.node("west-midlands"), &refs[..1], Duration::ZERO);
+    wait_until(WAIT, "A's receipt to be stored", || {
+        log(&fed).matches(HELD).count() == 1
+    });
+    // B's receipt is stored more than the back-off after A's, so B is still held when A's
+    // back-off ends.
+    std::thread::sleep(Duration::from_secs(2));
+    drop_all(fed.node("west-midlands"), &refs[1..], Duration::ZERO);
+    wait_until(WAIT, "B's receipt to be stored", || {
+        log(&fed).matches(HELD).count() == 2
+    });
+    let before = log(&fed);
+    assert!(
+        !before.contains(FAILED) && !before.contains("delivered; receipt stored"),
+        "A and B are both still held when the audit starts failing"
+    );
+    fs::write(&flag, b"").unwrap();
+    wait_until(WAIT, "A's records to fail", || log(&fed).contains(FAILED));
+    fs::remove_file(&flag).unwrap();
+    let audit = fed.node("west-midlands").settings.paths.audit.clone();
+    let envelope_of = |fed: &Federation, source_ref: &str| {
+        fed.node("london")
+            .inbox_docs()
+            .iter()
+            .find(|d| d["source_ref"] == source_ref)
+            .and_then(|d| d["delivery"]["envelope_id"].as_str().map(str::to_owned))
+            .unwrap()
+    };
+    let (a, b) = (envelope_of(&fed, &refs[0]), envelope_of(&fed, &refs[1]));
+    let count = |op: &str, id: &str| {
+        records(&audit)
+            .iter()
+            .filter(|r| r["op"] == op && r["envelope_id"] == id)
+            .count()
+    };
+    // The window is open: B has stored its receipt and not yet written its records.
+    assert_eq!(
+        count("receipt", &b),
+        0,
+        "B is between its stored receipt and its records"
+    );
+    // Both completed: B by its own send, A by the resume (after B, with the fix; before B's
+    // own completion, without it).
+    wait_until(WAIT, "B's own completion and A's erasure", || {
+        log(&fed).contains("delivered; receipt stored") && count("erasure", &a) > 0
+    });
+    assert_all_delivered_and_on_record(&mut fed, &refs, &audit);
+    for (name, id) in [("A", &a), ("B", &b)] {
+        assert_eq!(count("receipt", id), 1, "{name}: one receipt record");
+        assert_eq!(count("erasure", id), 1, "{name}: one erasure record");
+    }
+}
