@@ -489,9 +489,10 @@ impl Work {
             .collect();
         crate::core::failpoint::hit("intake_after_store");
 
-        // The records of a whole file are submitted together so the audit writer commits them
-        // with a few syncs (group commit), and all are durable before any envelope is released.
-        let mut jobs = tokio::task::JoinSet::new();
+        // The records of a whole file are one audit job (one write and sync, all or none), and
+        // all are durable before any envelope is released.
+        let mut events = Vec::new();
+        let mut tallies = Vec::new();
         let mut release = Vec::new();
         for (item, (result, digest, subject)) in items.iter().zip(&queued) {
             let id = result.id();
@@ -518,8 +519,7 @@ impl Work {
                 ev = ev.reason("duplicate");
                 info!(file = %crate::core::text::escape_for_log(file), row = item.row, envelope_id = %id, "referral already queued earlier; duplicate not sent again");
             }
-            let audit = self.node.audit.clone();
-            jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
+            events.push(ev);
             if batch && !duplicate {
                 let ev = Event::new(Operation::Combination, Actor::System, Outcome::Ok)
                     .envelope(id)
@@ -527,8 +527,7 @@ impl Work {
                     .source_system(&item.referral.source_system)
                     .source(file_hash, item.row)
                     .reason("batch_split");
-                let audit = self.node.audit.clone();
-                jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
+                events.push(ev);
             }
             let late = item.class.due_by < now;
             if late && !duplicate {
@@ -541,11 +540,10 @@ impl Work {
                     .source_system(&item.referral.source_system)
                     .priority(item.class.priority)
                     .reason("late_at_intake");
-                let audit = self.node.audit.clone();
-                jobs.spawn(async move { audit.record(ev).await.map(|_| ()) });
+                events.push(ev);
             }
             if !duplicate {
-                let entry = TallyEntry {
+                tallies.push(TallyEntry {
                     day: now.date_naive(),
                     from: self.node.me().clone(),
                     to: item.class.to.clone(),
@@ -556,21 +554,10 @@ impl Work {
                         .ok()
                         .map(|d| d.date_naive()),
                     late: Some(late),
-                };
-                let audit = self.node.audit.clone();
-                jobs.spawn(async move { audit.tally(entry).await });
+                });
             }
         }
-        let mut first_error = None;
-        while let Some(joined) = jobs.join_next().await {
-            let result = joined.unwrap_or(Err(crate::adapters::audit::AuditError::Closed));
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e.into());
-        }
+        self.node.audit.record_all_counting(events, tallies).await?;
         crate::core::failpoint::hit("intake_before_release");
         self.node.store.release_durably(&release).await?;
         let new = queued

@@ -420,41 +420,23 @@ impl Receiver {
         let disclosure = self
             .event(o, Operation::Disclosure, Actor::System, Outcome::Ok)
             .reason("written_to_inbox");
-        // Submitted together so the writer commits both with one sync; the receipt is signed
-        // over the head that covers both (write-ahead: recorded before it takes effect).
-        let audit = &self.node.audit;
-        let late = o.header.due_by < o.now;
-        let late_record = async {
-            if !late {
-                return Ok(None);
-            }
+        // One job: the writer commits them with one write and sync, all or none; the receipt is
+        // signed over the head after the last (write-ahead: recorded before it takes effect).
+        let mut records = vec![collection, disclosure];
+        if o.header.due_by < o.now {
             warn!(peer = %o.peer, envelope_id = %o.header.id, due_by = %o.header.due_by.to_rfc3339(), "referral arrived after its due_by");
-            let ev = self
-                .event(o, Operation::Deadline, Actor::System, Outcome::Failed)
-                .priority(o.header.priority)
-                .reason("late_arrival");
-            audit.record(ev).await.map(Some)
-        };
-        let (first, second, third) = tokio::join!(
-            audit.record(collection),
-            audit.record(disclosure),
-            late_record
-        );
-        if let Err(e) = third {
-            return Err(self.transient(&e.to_string(), e.is_disk_full()));
+            records.push(
+                self.event(o, Operation::Deadline, Actor::System, Outcome::Failed)
+                    .priority(o.header.priority)
+                    .reason("late_arrival"),
+            );
         }
-        let head = match (first, second) {
-            (Ok(a), Ok(b)) => {
-                if a.seq > b.seq {
-                    a
-                } else {
-                    b
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(self.transient(&e.to_string(), e.is_disk_full()))
-            }
-        };
+        let head = self
+            .node
+            .audit
+            .record_all(records)
+            .await
+            .map_err(|e| self.transient(&e.to_string(), e.is_disk_full()))?;
         Ok(self.sign(o, ReceiptStatus::Delivered, &head))
     }
 

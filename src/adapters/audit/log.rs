@@ -315,9 +315,9 @@ impl Writer {
             // Records this job adds (for the checkpoint count).
             let mut added = 1;
             match job {
-                JobKind::Events(evs) => {
+                JobKind::Events(evs, tallies) => {
                     let j = &self.cfg.justification;
-                    added = evs.len() as u64;
+                    added = (evs.len() + tallies.len()) as u64;
                     for ev in &evs {
                         let rec = Record::from_event(
                             ev,
@@ -328,6 +328,9 @@ impl Writer {
                             &j.purpose,
                         );
                         push(rec, t, &mut head, &mut lines);
+                    }
+                    for e in &tallies {
+                        push(tally_record(e, &head, t), t, &mut head, &mut lines);
                     }
                 }
                 JobKind::Event(ev) => {
@@ -354,20 +357,7 @@ impl Writer {
                     push(rec, t, &mut head, &mut lines);
                     is_checkpoint = true;
                 }
-                JobKind::Tally(e) => {
-                    let rec = Record::tally(
-                        head.seq + 1,
-                        t,
-                        &head.hash,
-                        (&e.from, &e.to),
-                        e.priority,
-                        &e.category,
-                        e.incident.as_deref(),
-                        e.referred,
-                        e.late,
-                    );
-                    push(rec, t, &mut head, &mut lines);
-                }
+                JobKind::Tally(e) => push(tally_record(&e, &head, t), t, &mut head, &mut lines),
                 JobKind::Purge(now) => match self.purge(now, &head) {
                     Ok(Some(rec)) => push(rec, t, &mut head, &mut lines),
                     Ok(None) => {}
@@ -603,11 +593,27 @@ fn fail_injected(cfg: &AuditConfig) -> Option<std::io::Error> {
 /// What a caller asks of the writer.
 pub(super) enum JobKind {
     Event(Event),
-    /// Several events written in order in the same write and sync (all or none), one answer.
-    Events(Vec<Event>),
+    /// Several events written in order, then tally records for `tallies`, in the same write and
+    /// sync (all or none), one answer.
+    Events(Vec<Event>, Vec<TallyEntry>),
     Checkpoint,
     Tally(TallyEntry),
     Purge(DateTime<Utc>),
 }
 
 pub(super) type Sender = mpsc::Sender<(JobKind, Reply)>;
+
+/// The chained `tally` record of `e`, next after `head`.
+fn tally_record(e: &TallyEntry, head: &Head, t: DateTime<Utc>) -> Record {
+    Record::tally(
+        head.seq + 1,
+        t,
+        &head.hash,
+        (&e.from, &e.to),
+        e.priority,
+        &e.category,
+        e.incident.as_deref(),
+        e.referred,
+        e.late,
+    )
+}

@@ -189,7 +189,17 @@ impl AuditLog {
     /// is (so no later record of the group can be on the device without an earlier one).
     /// Returns the chain head after the last.
     pub async fn record_all(&self, events: Vec<Event>) -> Result<Head, AuditError> {
-        self.submit(log::JobKind::Events(events)).await
+        self.submit(log::JobKind::Events(events, Vec::new())).await
+    }
+
+    /// [`AuditLog::record_all`], then a tally record for each of `tallies`, in the same write
+    /// and sync (all or none): intake's records of one file are one job, not one per record.
+    pub async fn record_all_counting(
+        &self,
+        events: Vec<Event>,
+        tallies: Vec<TallyEntry>,
+    ) -> Result<Head, AuditError> {
+        self.submit(log::JobKind::Events(events, tallies)).await
     }
 
     /// Submits one job and notes whether the writer could write it.
