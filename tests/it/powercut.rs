@@ -104,10 +104,15 @@ impl Provider {
     pub(crate) fn hand_over(&mut self, outbox: &Path, name: &str, source_ref: &str) {
         use std::io::Write;
         let tmp = outbox.join(format!(".{name}.tmp"));
-        let mut f = fs::File::create(&tmp).unwrap();
-        f.write_all(referral(source_ref, "london").as_bytes())
-            .unwrap();
-        f.sync_all().unwrap();
+        {
+            let mut f = fs::File::create(&tmp).unwrap();
+            f.write_all(referral(source_ref, "london").as_bytes())
+                .unwrap();
+            f.sync_all().unwrap();
+        }
+        // Closed before the rename: refex takes a renamed file at once, and on a FUSE mount an
+        // unlink of a file someone still holds open becomes a rename to `.fuse_hidden*`, which
+        // stays in the outbox for good if the mount dies before the handle is closed.
         fs::rename(&tmp, outbox.join(name)).unwrap();
         fs::File::open(outbox).unwrap().sync_all().unwrap();
         writeln!(self.log, "{source_ref}").unwrap();

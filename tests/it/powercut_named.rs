@@ -71,10 +71,13 @@ fn power_cuts_at_named_operations_lose_and_duplicate_nothing() {
 /// before the operation, with everything unsynced): before an inbox file's publishing rename,
 /// then before a fsync of the sender's store. Each time the daemons are killed, the same backing
 /// directory is mounted again and they restart; at the end every referral arrived exactly once.
+/// (It was ignored for a while: under load the batch after the remount "never drained" because
+/// a `.fuse_hidden*` file stayed in the outbox — the test's provider still held a file open when
+/// refex took and unlinked it, FUSE renames such a file until the handle closes, and the mount
+/// died first. refex ignores dot-named files, as the contract says; the provider now closes its
+/// file before the rename. 2 of 16 runs failed that way (8 at once beside two busy loops);
+/// 32 of 32 pass since (beside two and three).)
 #[test]
-#[ignore = "failed once in CI under load: after the remount that followed the rename crash, the \
-            next batch never drained (cause not found yet; the panic now lists what is left): \
-            cargo test --release --test it -- --ignored lazyfs_killed"]
 fn lazyfs_killed_at_a_named_operation_loses_and_duplicates_nothing() {
     let Some((mut fed, mut lfs, mut provider)) = crate::powercut::on_lazyfs() else {
         return;
