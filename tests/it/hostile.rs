@@ -548,6 +548,97 @@ fn certless_config(fed: &Federation) -> quinn::ClientConfig {
     quinn::ClientConfig::new(Arc::new(quic))
 }
 
+/// A client that takes `0` to check the server's certificate (then refuses it): the victim has
+/// sent its whole flight and waits for the client's, so the handshake holds its slot until the
+/// victim's handshake timeout.
+#[derive(Debug)]
+struct Stall(Duration);
+
+impl rustls::client::danger::ServerCertVerifier for Stall {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        std::thread::sleep(self.0);
+        Err(rustls::Error::General("stalled".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("stalled".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("stalled".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// `threads` attackers, each on its own thread (the stall blocks it), dialling again as soon as
+/// a stalled handshake ends, for `secs`: the unreserved slots stay held. Returns the attempts.
+fn stalling_flood(
+    addr: std::net::SocketAddr,
+    name: String,
+    threads: usize,
+    hold: Duration,
+    secs: u64,
+) -> std::thread::JoinHandle<u64> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Stall(hold)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![refex::adapters::transport::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(quic));
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(secs);
+        let attackers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (config, name) = (config.clone(), name.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let mut attempts = 0u64;
+                    while std::time::Instant::now() < end {
+                        attempts += 1;
+                        rt.block_on(async {
+                            let ep =
+                                quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                            let c = ep.connect_with(config.clone(), addr, &name).unwrap();
+                            let _ = tokio::time::timeout(hold + Duration::from_secs(1), c).await;
+                        });
+                    }
+                    attempts
+                })
+            })
+            .collect();
+        attackers.into_iter().map(|t| t.join().unwrap_or(0)).sum()
+    })
+}
+
 /// ~200 certificate-less handshakes/s (20 every 100 ms, each from a fresh port, so from an
 /// unknown address) for `secs`; returns (attempts, refused).
 async fn flood(
@@ -619,11 +710,10 @@ handshake_timeout_ms = 2000
 
 /// The same flood with no reserved slots: the directory peer now competes with the flood for
 /// the two slots and is refused at least once (so the reservation is what protects it).
+/// Besides the fast flood, six attackers hold their handshakes open past the victim's
+/// handshake timeout, so both slots stay taken (with the fast flood alone they were often free
+/// when the directory peer dialled: refused 9/113 and 5/115 times here, 0/114 once in CI).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "probabilistic: the certificate-less handshakes fail fast, so the two slots are not \
-            always full when the directory peer dials (refused 9/113 and 5/115 here, 0/114 once \
-            in CI); needs a flood that holds its slots: \
-            cargo test --release --test it -- --ignored without_reserved_slots"]
 async fn without_reserved_slots_a_handshake_flood_refuses_the_directory_peer() {
     let config = FLOOD_CONFIG
         .replace("max_handshakes = 6", "max_handshakes = 2")
@@ -632,6 +722,7 @@ async fn without_reserved_slots_a_handshake_flood_refuses_the_directory_peer() {
     fed.node_mut(VICTIM).start();
     let a = Attacker::new(&fed, ATTACKER);
     let flooding = tokio::spawn(flood(certless_config(&fed), a.addr, a.name.clone(), 8));
+    let stalling = stalling_flood(a.addr, a.name.clone(), 6, Duration::from_millis(2500), 8);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The directory peer's own connection attempts during the flood, from a known address
     // (west-midlands' listen address, which london's directory lists).
@@ -661,8 +752,10 @@ async fn without_reserved_slots_a_handshake_flood_refuses_the_directory_peer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (attempts, _) = flooding.await.unwrap();
+    let stalled = tokio::task::block_in_place(|| stalling.join().unwrap());
     eprintln!(
-        "reserved_handshakes = 0: flood of {attempts}; directory peer refused {refused} of {tries}"
+        "reserved_handshakes = 0: flood of {attempts} and {stalled} stalled handshakes; \
+         directory peer refused {refused} of {tries}"
     );
     let log = fed.node(VICTIM).log_text();
     assert!(
@@ -676,6 +769,8 @@ async fn flood_case(secs: u64) {
     fed.node_mut(VICTIM).start();
     let a = Attacker::new(&fed, ATTACKER);
     let flooding = tokio::spawn(flood(certless_config(&fed), a.addr, a.name.clone(), secs));
+    // And handshakes that hold the unreserved slots for the victim's whole handshake timeout.
+    let stalling = stalling_flood(a.addr, a.name.clone(), 6, Duration::from_millis(2500), secs);
     // The directory peer starts while the flood runs: its first handshake meets the flood.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::block_in_place(|| {
@@ -683,8 +778,10 @@ async fn flood_case(secs: u64) {
         honest_delivery(&fed, "HONEST-FLOOD", 1);
     });
     let (attempts, refused) = flooding.await.unwrap();
+    let stalled = tokio::task::block_in_place(|| stalling.join().unwrap());
     eprintln!(
-        "handshake flood: {attempts} certificate-less handshakes in {secs}s, {refused} refused"
+        "handshake flood: {attempts} certificate-less handshakes in {secs}s, {refused} refused; \
+         {stalled} stalled"
     );
     assert!(attempts >= 100 * secs, "the flood ran ({attempts})");
     assert_eq!(refused, attempts, "a certificate-less handshake succeeded");
