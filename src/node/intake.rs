@@ -8,7 +8,8 @@
 //!    a local referral) and store it *held* under its idempotency key (source_system +
 //!    source_ref); sync the store;
 //! 3. audit: collection; for a batch also the combination (file hash and row); a deadline record
-//!    when already past `due_by`; the tally — all durable before the next step;
+//!    when already past `due_by`; the tally — one audit write and sync for the whole file (all
+//!    or none), durable before the next step;
 //! 4. release the envelopes into their peers' queues and sync: only now can the sender take them,
 //!    so no envelope leaves without its collection on record;
 //! 5. write the refused rows to `rejected/` (with an `.error.json` naming file, row, field and

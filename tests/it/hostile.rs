@@ -548,9 +548,9 @@ fn certless_config(fed: &Federation) -> quinn::ClientConfig {
     quinn::ClientConfig::new(Arc::new(quic))
 }
 
-/// A client that takes `0` to check the server's certificate (then refuses it): the victim has
-/// sent its whole flight and waits for the client's, so the handshake holds its slot until the
-/// victim's handshake timeout.
+/// A client that takes the given time to check the server's certificate (then refuses it):
+/// the victim has sent its whole flight and waits for the client's, so the handshake holds its
+/// slot until the victim's handshake timeout.
 #[derive(Debug)]
 struct Stall(Duration);
 
@@ -769,8 +769,6 @@ async fn flood_case(secs: u64) {
     fed.node_mut(VICTIM).start();
     let a = Attacker::new(&fed, ATTACKER);
     let flooding = tokio::spawn(flood(certless_config(&fed), a.addr, a.name.clone(), secs));
-    // And handshakes that hold the unreserved slots for the victim's whole handshake timeout.
-    let stalling = stalling_flood(a.addr, a.name.clone(), 6, Duration::from_millis(2500), secs);
     // The directory peer starts while the flood runs: its first handshake meets the flood.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::block_in_place(|| {
@@ -778,10 +776,8 @@ async fn flood_case(secs: u64) {
         honest_delivery(&fed, "HONEST-FLOOD", 1);
     });
     let (attempts, refused) = flooding.await.unwrap();
-    let stalled = tokio::task::block_in_place(|| stalling.join().unwrap());
     eprintln!(
-        "handshake flood: {attempts} certificate-less handshakes in {secs}s, {refused} refused; \
-         {stalled} stalled"
+        "handshake flood: {attempts} certificate-less handshakes in {secs}s, {refused} refused"
     );
     assert!(attempts >= 100 * secs, "the flood ran ({attempts})");
     assert_eq!(refused, attempts, "a certificate-less handshake succeeded");
