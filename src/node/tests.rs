@@ -656,7 +656,8 @@ async fn files_in_hand_stay_within_the_referral_budget() {
     let (store, _, outbox) = take_many_at_once(n, 16, (8 << 20, 1), 17_900).await;
     assert_eq!(outbox, n as u64, "one file in hand at a time");
     assert!(store >= 2 * n as u64, "{store}");
-    // A budget of four lets files share syncs again.
-    let (_, _, shared) = take_many_at_once(n, 16, (8 << 20, 4), 17_910).await;
+    // A budget that holds all 16 lets files share syncs again (with four in hand, sharing
+    // depends on two deletions meeting: CI once saw 20 syncs for 20 files).
+    let (_, _, shared) = take_many_at_once(n, 16, (8 << 20, 16), 17_910).await;
     assert!(shared < n as u64, "{shared}");
 }
