@@ -530,6 +530,24 @@ async fn full_frames_on_every_stream_stay_under_the_memory_bound() {
     );
 }
 
+/// An attacker's QUIC client configuration without a client certificate: TLS 1.3 and refex's
+/// ALPN, the server checked as `verify` says.
+fn attacker_config(
+    verify: impl FnOnce(
+        rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>,
+    )
+        -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap();
+    let mut tls = verify(builder).with_no_client_auth();
+    tls.alpn_protocols = vec![refex::adapters::transport::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(quic))
+}
+
 /// A certificate-less client configuration that trusts the federation CA (so only the
 /// victim refuses the handshake).
 fn certless_config(fed: &Federation) -> quinn::ClientConfig {
@@ -537,15 +555,7 @@ fn certless_config(fed: &Federation) -> quinn::ClientConfig {
     for c in CertificateDer::pem_file_iter(&fed.node(VICTIM).settings.keys.tls_ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![refex::adapters::transport::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    quinn::ClientConfig::new(Arc::new(quic))
+    attacker_config(|b| b.with_root_certificates(roots))
 }
 
 /// A client that takes the given time to check the server's certificate (then refuses it):
@@ -553,6 +563,11 @@ fn certless_config(fed: &Federation) -> quinn::ClientConfig {
 /// slot until the victim's handshake timeout.
 #[derive(Debug)]
 struct Stall(Duration);
+
+/// Every check of [`Stall`] ends in this refusal.
+fn stalled<T>() -> Result<T, rustls::Error> {
+    Err(rustls::Error::General("stalled".into()))
+}
 
 impl rustls::client::danger::ServerCertVerifier for Stall {
     fn verify_server_cert(
@@ -564,7 +579,7 @@ impl rustls::client::danger::ServerCertVerifier for Stall {
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         std::thread::sleep(self.0);
-        Err(rustls::Error::General("stalled".into()))
+        stalled()
     }
 
     fn verify_tls12_signature(
@@ -573,7 +588,7 @@ impl rustls::client::danger::ServerCertVerifier for Stall {
         _cert: &CertificateDer<'_>,
         _dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("stalled".into()))
+        stalled()
     }
 
     fn verify_tls13_signature(
@@ -582,7 +597,7 @@ impl rustls::client::danger::ServerCertVerifier for Stall {
         _cert: &CertificateDer<'_>,
         _dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("stalled".into()))
+        stalled()
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -601,16 +616,10 @@ fn stalling_flood(
     hold: Duration,
     secs: u64,
 ) -> std::thread::JoinHandle<u64> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Stall(hold)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![refex::adapters::transport::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let config = quinn::ClientConfig::new(Arc::new(quic));
+    let config = attacker_config(|b| {
+        b.dangerous()
+            .with_custom_certificate_verifier(Arc::new(Stall(hold)))
+    });
     std::thread::spawn(move || {
         let end = std::time::Instant::now() + Duration::from_secs(secs);
         let attackers: Vec<_> = (0..threads)
