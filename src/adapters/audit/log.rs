@@ -357,7 +357,6 @@ impl Writer {
                     push(rec, t, &mut head, &mut lines);
                     is_checkpoint = true;
                 }
-                JobKind::Tally(e) => push(tally_record(&e, &head, t), t, &mut head, &mut lines),
                 JobKind::Purge(now) => match self.purge(now, &head) {
                     Ok(Some(rec)) => push(rec, t, &mut head, &mut lines),
                     Ok(None) => {}
@@ -592,12 +591,12 @@ fn fail_injected(cfg: &AuditConfig) -> Option<std::io::Error> {
 
 /// What a caller asks of the writer.
 pub(super) enum JobKind {
-    Event(Event),
+    /// Boxed: an event is ~300 bytes, the other jobs a few words.
+    Event(Box<Event>),
     /// Several events written in order, then tally records for `tallies`, in the same write and
     /// sync (all or none), one answer.
     Events(Vec<Event>, Vec<TallyEntry>),
     Checkpoint,
-    Tally(TallyEntry),
     Purge(DateTime<Utc>),
 }
 

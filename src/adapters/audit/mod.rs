@@ -182,7 +182,7 @@ impl AuditLog {
 
     /// Appends `ev`; returns once it is on the device, with the new chain head.
     pub async fn record(&self, ev: Event) -> Result<Head, AuditError> {
-        self.submit(log::JobKind::Event(ev)).await
+        self.submit(log::JobKind::Event(Box::new(ev))).await
     }
 
     /// Appends `events` in order in one write and one sync: all of them are durable, or none
@@ -225,11 +225,6 @@ impl AuditLog {
     /// Writes a signed checkpoint.
     pub async fn checkpoint(&self) -> Result<Head, AuditError> {
         self.submit(log::JobKind::Checkpoint).await
-    }
-
-    /// Counts one referral in the aggregate tally (durable on return).
-    pub async fn tally(&self, t: TallyEntry) -> Result<(), AuditError> {
-        self.submit(log::JobKind::Tally(t)).await.map(|_| ())
     }
 
     /// Removes audit files past retention, recording the erasure.
