@@ -24,12 +24,13 @@
 //!
 //! Pipelined: up to `intake.parallel_files` ready files (and no new one while those in hand hold
 //! `intake.parallel_bytes` or `intake.parallel_referrals`, so large or many batches do not
-//! multiply memory) are worked on at once, each in the order above, so the store's group commit
-//! and the audit writer's share one sync among the files in flight; parsing and sealing run on
-//! the blocking pool so both cores work. A name is never taken twice at once (the same name
-//! re-appearing while in flight waits for the first to finish), and two files carrying the same
-//! referral (idempotency key) never overlap between storing and releasing it: the second waits,
-//! then finds it queued (a logged duplicate).
+//! multiply memory) are worked on at once: each is parsed and sealed on the blocking pool (so
+//! both cores work), then steps 2–5 are carried out for every file sealed at the same time
+//! together — one store transaction and sync, one audit job, one release, one directory sync
+//! for their deletions (`stage.rs`), each file still in the order above. A name is never taken
+//! twice at once (the same name re-appearing while in flight waits for the first to finish),
+//! and two files carrying the same referral (idempotency key) never overlap between storing and
+//! releasing it: the second waits, then finds it queued (a logged duplicate).
 //! Any failure that pauses intake stops new files for the retry pause, as with one file at a
 //! time; files in flight finish. Shutdown takes no new file and finishes every file in hand.
 //! Must not: send half a file's content, block on one bad file, or write personal data to logs.
@@ -42,9 +43,10 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::adapters::audit::{Actor, Event, Operation, Outcome, TallyEntry};
+use crate::adapters::audit::{Actor, Event, Operation, Outcome};
 use crate::adapters::outbox_dir::{self, FileKind, OutboxWatcher, Pickup, ReadyFile};
-use crate::adapters::store::{Enqueued, NewEnvelope};
+use crate::adapters::store::NewEnvelope;
+use crate::core::audit::SubjectKey;
 use crate::core::digest::sha256;
 use crate::core::envelope::Header;
 use crate::core::plan::{self, Accepted, Format, Plan, Refused};
@@ -52,6 +54,8 @@ use crate::core::referral::FieldError;
 use crate::core::types::{AreaId, EnvelopeId};
 use crate::crypto;
 use crate::node::build::Node;
+
+mod stage;
 
 /// A failure that leaves the file in the outbox to be tried again.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,10 @@ pub enum IntakeError {
     Seal(AreaId, String),
     #[error("intake worker failed: {0}")]
     Worker(String),
+    /// A shared step of the round this file was in failed (the error, and whether it pauses
+    /// intake); the round's first file carries the error itself.
+    #[error("{0}")]
+    Shared(String, bool),
 }
 
 impl IntakeError {
@@ -76,6 +84,7 @@ impl IntakeError {
         match self {
             Self::Store(_) | Self::Audit(_) => true,
             Self::Outbox(e) => e.is_disk_full(),
+            Self::Shared(_, pauses) => *pauses,
             Self::Seal(..) | Self::Worker(_) => false,
         }
     }
@@ -141,7 +150,11 @@ impl Drop for Claim {
 struct Work {
     node: Arc<Node>,
     claims: Arc<Claims>,
+    stage: Arc<stage::Stage>,
 }
+
+/// A file's accepted referrals sealed (one per referral, in order), and when they were.
+type Sealed = (Vec<(NewEnvelope, SubjectKey)>, DateTime<Utc>);
 
 /// What the intake loop waits for.
 enum Next {
@@ -350,6 +363,7 @@ impl Work {
         Self {
             node,
             claims: Arc::default(),
+            stage: Arc::default(),
         }
     }
 
@@ -363,18 +377,21 @@ impl Work {
                     rule: reason.rule().into(),
                     message: reason.to_string(),
                 };
-                let plan = plan::refuse_whole(&name, vec![err], Utc::now());
-                self.carry_out(&name, None, plan, None).await
+                let now = Utc::now();
+                let plan = plan::refuse_whole(&name, vec![err], now);
+                self.carry_out(&name, None, plan, None, Ok((Vec::new(), now)))
+                    .await
             }
             Pickup::Ready(file) => self.take_ready(file).await,
         }
     }
 
-    /// Plans one read file (on the blocking pool: parsing a batch is CPU work) and carries the
-    /// plan out.
+    /// Plans one read file and seals what it accepts, in one trip to the blocking pool (parsing
+    /// a batch and sealing are CPU work; sealing stores nothing, so it needs no claim), and
+    /// carries the plan out.
     async fn take_ready(&self, f: ReadyFile) -> Result<(), IntakeError> {
         let node = self.node.clone();
-        let (f, plan, hash) = off_thread(move || {
+        let (f, plan, hash, sealed) = off_thread(move || {
             let now = Utc::now();
             let format = match f.kind {
                 FileKind::Json => Format::Json,
@@ -384,21 +401,29 @@ impl Work {
                 plan::plan(format, &f.name, &f.bytes, ctx, &node.csv_limits(), now)
             });
             let hash = sha256(&f.bytes);
-            (f, plan, hash)
+            let sealed = match &plan {
+                Plan::Take { accepted, .. } => seal_all(&node, accepted, now),
+                Plan::RefuseFile { .. } => Ok(Vec::new()),
+            };
+            (f, plan, hash, sealed.map(|s| (s, now)))
         })
         .await?;
-        self.carry_out(&f.name, Some(&f), plan, Some(hash)).await
+        self.carry_out(&f.name, Some(&f), plan, Some(hash), sealed)
+            .await
     }
 
-    /// Carries out a plan in the one fixed order: refusals audited → accepted referrals sealed,
-    /// queued, synced and audited → refused rows written to `rejected/` → the file removed.
-    /// `file` is `None` for a file refused before it was read (it is moved, not removed).
+    /// Carries out a plan in the one fixed order: refusals audited → accepted referrals
+    /// (`sealed`, one per accepted referral, sealed at `now`) queued, synced and audited with the
+    /// other files of their round → refused rows written to `rejected/` → the file removed (by
+    /// the round when it has no refused rows). `file` is `None` for a file refused before it
+    /// was read (it is moved, not removed).
     async fn carry_out(
         &self,
         name: &str,
         file: Option<&ReadyFile>,
         plan: Plan,
         file_hash: Option<[u8; 32]>,
+        sealed: Result<Sealed, IntakeError>,
     ) -> Result<(), IntakeError> {
         let outbox = &self.node.settings.paths.outbox;
         match plan {
@@ -419,8 +444,33 @@ impl Work {
                 for r in &refused {
                     self.audit_refusal(r, file_hash).await?;
                 }
-                let now = Utc::now();
-                self.accept(name, file_hash, accepted, batch, now).await?;
+                let (sealed, now) = sealed?;
+                // The round removes the file unless refused rows must reach `rejected/` first.
+                let removed_by_round = !accepted.is_empty() && rejected.is_none() && file.is_some();
+                if !accepted.is_empty() {
+                    let keys = accepted
+                        .iter()
+                        .map(|i| {
+                            self.node
+                                .subject
+                                .index_key(&i.referral.source_system, &i.referral.source_ref)
+                        })
+                        .collect();
+                    let entry = stage::Entry {
+                        name: name.to_owned(),
+                        file_hash,
+                        items: accepted,
+                        sealed,
+                        keys,
+                        batch,
+                        now,
+                        remove: file.filter(|_| removed_by_round).map(|f| f.identity),
+                    };
+                    self.staged(entry).await?;
+                }
+                if removed_by_round {
+                    return Ok(());
+                }
                 crate::core::failpoint::hit("intake_before_delete");
                 if let Some((rows, doc)) = rejected {
                     warn!(file = %crate::core::text::escape_for_log(name), refused_rows = refused.len(), "batch rows refused; written to rejected/");
@@ -437,137 +487,6 @@ impl Work {
                     crate::core::failpoint::hit("intake_after_delete");
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// Seals and queues every accepted referral of one file, syncs, audits, wakes the senders.
-    async fn accept(
-        &self,
-        file: &str,
-        file_hash: [u8; 32],
-        items: Vec<Accepted>,
-        batch: bool,
-        now: DateTime<Utc>,
-    ) -> Result<(), IntakeError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        // No other file in flight may store or release one of these referrals until this file
-        // has released them (held until the end of this function).
-        let keys = items
-            .iter()
-            .map(|i| {
-                self.node
-                    .subject
-                    .index_key(&i.referral.source_system, &i.referral.source_ref)
-            })
-            .collect::<Vec<_>>();
-        let _claim = self.claims.claim(keys.clone()).await;
-        let node = self.node.clone();
-        let (items, sealed) = off_thread(move || {
-            let sealed = seal_all(&node, &items, now);
-            (items, sealed)
-        })
-        .await?;
-        // The whole file in the store committer's shared transaction, synced on return.
-        let (envs, meta): (Vec<_>, Vec<_>) = sealed?
-            .into_iter()
-            .zip(&keys)
-            .map(|((new, subject), idem)| {
-                let digest = new.digest;
-                ((new, *idem), (digest, subject))
-            })
-            .unzip();
-        let queued: Vec<_> = self
-            .node
-            .store
-            .enqueue_all_durably(envs)
-            .await?
-            .into_iter()
-            .zip(meta)
-            .map(|(result, (digest, subject))| (result, digest, subject))
-            .collect();
-        crate::core::failpoint::hit("intake_after_store");
-
-        // The records of a whole file are one audit job (one write and sync, all or none), and
-        // all are durable before any envelope is released.
-        let mut events = Vec::new();
-        let mut tallies = Vec::new();
-        let mut release = Vec::new();
-        for (item, (result, digest, subject)) in items.iter().zip(&queued) {
-            let id = result.id();
-            let duplicate = match result {
-                Enqueued::New(_) => false,
-                Enqueued::Duplicate(_) => true,
-                Enqueued::Resumed(_) => {
-                    release.push(id);
-                    self.already_recorded(&id, now)
-                }
-            };
-            if matches!(result, Enqueued::New(_)) {
-                release.push(id);
-            }
-            let mut ev = Event::new(Operation::Collection, Actor::System, Outcome::Ok)
-                .envelope(id)
-                .route(self.node.me(), &item.class.to)
-                .digest(*digest)
-                .subject(subject.clone())
-                .source_system(&item.referral.source_system)
-                .priority(item.class.priority)
-                .source(file_hash, item.row);
-            if duplicate {
-                ev = ev.reason("duplicate");
-                info!(file = %crate::core::text::escape_for_log(file), row = item.row, envelope_id = %id, "referral already queued earlier; duplicate not sent again");
-            }
-            events.push(ev);
-            if batch && !duplicate {
-                let ev = Event::new(Operation::Combination, Actor::System, Outcome::Ok)
-                    .envelope(id)
-                    .subject(subject.clone())
-                    .source_system(&item.referral.source_system)
-                    .source(file_hash, item.row)
-                    .reason("batch_split");
-                events.push(ev);
-            }
-            let late = item.class.due_by < now;
-            if late && !duplicate {
-                // Victims' Code deadline already missed before refex saw the referral.
-                warn!(file = %crate::core::text::escape_for_log(file), row = item.row, envelope_id = %id, due_by = %item.class.due_by.to_rfc3339(), "referral is already past its due_by at intake");
-                let ev = Event::new(Operation::Deadline, Actor::System, Outcome::Failed)
-                    .envelope(id)
-                    .route(self.node.me(), &item.class.to)
-                    .subject(subject.clone())
-                    .source_system(&item.referral.source_system)
-                    .priority(item.class.priority)
-                    .reason("late_at_intake");
-                events.push(ev);
-            }
-            if !duplicate {
-                tallies.push(TallyEntry {
-                    day: now.date_naive(),
-                    from: self.node.me().clone(),
-                    to: item.class.to.clone(),
-                    priority: item.class.priority,
-                    category: item.class.category.as_str().to_owned(),
-                    incident: item.class.incident.clone(),
-                    referred: chrono::DateTime::parse_from_rfc3339(&item.referral.referred_at)
-                        .ok()
-                        .map(|d| d.date_naive()),
-                    late: Some(late),
-                });
-            }
-        }
-        self.node.audit.record_all_counting(events, tallies).await?;
-        crate::core::failpoint::hit("intake_before_release");
-        self.node.store.release_durably(&release).await?;
-        let new = queued
-            .iter()
-            .filter(|(r, ..)| !matches!(r, Enqueued::Duplicate(_)))
-            .count();
-        info!(file = %crate::core::text::escape_for_log(file), queued = new, duplicates = queued.len() - new, "file taken");
-        for item in &items {
-            self.node.wake(&item.class.to);
         }
         Ok(())
     }
@@ -642,7 +561,7 @@ fn seal_all(
     node: &Node,
     items: &[Accepted],
     now: DateTime<Utc>,
-) -> Result<Vec<(NewEnvelope, crate::core::audit::SubjectKey)>, IntakeError> {
+) -> Result<Vec<(NewEnvelope, SubjectKey)>, IntakeError> {
     let directory = node.directory();
     let mut out = Vec::with_capacity(items.len());
     for item in items {

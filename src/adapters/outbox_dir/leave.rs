@@ -52,23 +52,55 @@ pub fn remove_taken_sharing(
     name: &str,
     identity: FileIdentity,
 ) -> Result<(), OutboxError> {
+    let files = [(name.to_owned(), identity)];
+    let mut results = remove_all_taken(sync, dir, &files);
+    results.pop().unwrap_or(Ok(()))
+}
+
+/// [`remove_taken_sharing`] for several files at once: each is deleted (if it still has the
+/// identity it was read under), then one directory sync, shared as there, makes every deletion
+/// durable. One result per file, in order; a failed sync fails every file it covered. Blocks.
+pub fn remove_all_taken(
+    sync: &crate::adapters::durable::DirSync,
+    dir: &Path,
+    files: &[(String, FileIdentity)],
+) -> Vec<Result<(), OutboxError>> {
+    let mut results: Vec<Result<bool, OutboxError>> = files
+        .iter()
+        .map(|(name, identity)| unlink_taken(dir, name, *identity))
+        .collect();
+    if results.iter().any(|r| matches!(r, Ok(true))) {
+        if let Err(e) = sync.sync() {
+            for r in results.iter_mut().filter(|r| matches!(r, Ok(true))) {
+                *r = Err(OutboxError::io("sync", dir)(io::Error::new(
+                    e.kind(),
+                    e.to_string(),
+                )));
+            }
+        }
+    }
+    results.into_iter().map(|r| r.map(|_| ())).collect()
+}
+
+/// Deletes `dir/name` if it still has `identity`; true when it was deleted here (a file
+/// already gone, or replaced since it was read, is left as it is: false).
+fn unlink_taken(dir: &Path, name: &str, identity: FileIdentity) -> Result<bool, OutboxError> {
     check_name(name)?;
     let path = dir.join(name);
     match fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(OutboxError::io("examine", &path)(e)),
         Ok(m) if FileIdentity::of(&m) != identity => {
             debug!(file = %crate::core::text::escape_for_log(name), "outbox file replaced after it was read; the new version stays");
-            return Ok(());
+            return Ok(false);
         }
         Ok(_) => {}
     }
     match fs::remove_file(&path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(OutboxError::io("remove", &path)(e)),
-        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(OutboxError::io("remove", &path)(e)),
+        Ok(()) => Ok(true),
     }
-    sync.sync().map_err(OutboxError::io("sync", dir))
 }
 
 /// Files a refusal in `dir/rejected/` and returns the path of the refused file there.

@@ -93,7 +93,8 @@ mod leave;
 mod watcher;
 
 pub use leave::{
-    expired_rejections, reject, remove_rejections, remove_taken, remove_taken_sharing,
+    expired_rejections, reject, remove_all_taken, remove_rejections, remove_taken,
+    remove_taken_sharing,
 };
 pub use watcher::OutboxWatcher;
 /// Most names tracked at once (waiting to settle, or emitted and not yet removed). Each costs a
