@@ -562,6 +562,14 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether `id`, whose record `rec` was read earlier, is still in its peer's queue: one
+    /// lookup of its queue entry (kept in the same transaction as the record's state), without
+    /// reading and decoding the record and its payload.
+    pub fn is_queued(&self, id: &EnvelopeId, rec: &OutRecord) -> Result<bool, StoreError> {
+        let key = queue_key(&rec.to, rec.priority, rec.due_by, id);
+        Ok(self.inner.queue.contains_key(key)?)
+    }
+
     fn update<T>(
         &self,
         id: &EnvelopeId,

@@ -269,8 +269,8 @@ fn unit_random() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn still_queued(ctx: &SenderContext, id: &EnvelopeId) -> bool {
-    matches!(ctx.node.store.get(id), Ok(Some(r)) if r.state == crate::adapters::store::OutState::Queued)
+fn still_queued(ctx: &SenderContext, id: &EnvelopeId, rec: &OutRecord) -> bool {
+    matches!(ctx.node.store.is_queued(id, rec), Ok(true))
 }
 
 /// An audit event about outgoing envelope `id` to `peer`: route, payload digest, subject key.
@@ -430,7 +430,7 @@ async fn send_one(
             .map_err(|e| SendOutcome::Transient(format!("audit unavailable, not sent: {e}")))
     };
     let reply_bytes = if peer == ctx.node.me() {
-        if !still_queued(ctx, &id) {
+        if !still_queued(ctx, &id, &rec) {
             return SendOutcome::Skipped;
         }
         if let Err(o) = record_transfer().await {
@@ -451,7 +451,7 @@ async fn send_one(
             let _ = ctx.node.store.note_attempt(&id, &e.to_string());
             return SendOutcome::Transient(e.to_string());
         }
-        if !still_queued(ctx, &id) {
+        if !still_queued(ctx, &id, &rec) {
             return SendOutcome::Skipped;
         }
         if let Err(o) = record_transfer().await {

@@ -96,6 +96,26 @@ async fn delivery_erases_the_payload_and_leaves_the_queue() {
 }
 
 #[tokio::test]
+async fn is_queued_follows_the_state_without_reading_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let e = env("london", PriorityClass::Standard, 1);
+    let id = e.id;
+    store.enqueue(e, &[1; 32]).unwrap();
+    let held = store.get(&id).unwrap().unwrap();
+    assert!(
+        !store.is_queued(&id, &held).unwrap(),
+        "held: not yet queued"
+    );
+    store.release(&[id]).unwrap();
+    assert!(store.is_queued(&id, &held).unwrap(), "released");
+    store
+        .mark_delivered(&id, b"receipt", "head", Utc::now())
+        .unwrap();
+    assert!(!store.is_queued(&id, &held).unwrap(), "delivered");
+}
+
+#[tokio::test]
 async fn non_delivered_envelopes_can_be_requeued_or_withdrawn() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
