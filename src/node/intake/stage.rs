@@ -55,6 +55,15 @@ pub(super) struct Entry {
 
 type Answer = oneshot::Sender<Result<(), IntakeError>>;
 
+/// What a round writes for its referrals: the audit records and tallies (one job), the ids to
+/// release.
+#[derive(Default)]
+struct Records {
+    events: Vec<Event>,
+    tallies: Vec<TallyEntry>,
+    release: Vec<crate::core::types::EnvelopeId>,
+}
+
 /// A file whose round dropped its answer (the round panicked): it stays in the outbox.
 fn round_failed() -> IntakeError {
     IntakeError::Worker("the intake round carrying this file failed".into())
@@ -136,14 +145,14 @@ impl Work {
     /// go back to wait for the next.
     async fn round(&self, entries: Vec<(Entry, Answer)>) {
         let mut keys: HashSet<[u8; 32]> = HashSet::new();
-        let mut now = Vec::with_capacity(entries.len());
+        let mut together = Vec::with_capacity(entries.len());
         let mut later = Vec::new();
         for (entry, answer) in entries {
             if entry.keys.iter().any(|k| keys.contains(k)) {
                 later.push((entry, answer));
             } else {
                 keys.extend(entry.keys.iter().copied());
-                now.push((entry, answer));
+                together.push((entry, answer));
             }
         }
         if !later.is_empty() {
@@ -152,7 +161,7 @@ impl Work {
                 waiting.push_front(e);
             }
         }
-        let (entries, answers): (Vec<_>, Vec<_>) = now.into_iter().unzip();
+        let (entries, answers): (Vec<_>, Vec<_>) = together.into_iter().unzip();
         let results = match self.carry_out_round(entries).await {
             Ok(each) => each,
             Err(e) => {
@@ -208,9 +217,7 @@ impl Work {
 
         // Every record of the round is one audit job (one write and sync, all or none), and
         // all are durable before any envelope is released.
-        let mut events = Vec::new();
-        let mut tallies = Vec::new();
-        let mut release = Vec::new();
+        let mut out = Records::default();
         let mut taken = Vec::with_capacity(entries.len());
         for e in &entries {
             let mut new = 0;
@@ -221,19 +228,15 @@ impl Work {
                     ));
                 };
                 new += usize::from(!matches!(result, Enqueued::Duplicate(_)));
-                self.records_of(
-                    e,
-                    item,
-                    result,
-                    digest,
-                    subject,
-                    &mut events,
-                    &mut tallies,
-                    &mut release,
-                );
+                self.records_of(e, item, result, digest, subject, &mut out);
             }
             taken.push((new, e.items.len() - new));
         }
+        let Records {
+            events,
+            tallies,
+            release,
+        } = out;
         self.node.audit.record_all_counting(events, tallies).await?;
         crate::core::failpoint::hit("intake_before_release");
         self.node.store.release_durably(&release).await?;
@@ -251,7 +254,6 @@ impl Work {
 
     /// The records of one referral of `e` (collection; for a batch the combination; a deadline
     /// already missed; its tally) and, unless a duplicate, its id to release.
-    #[allow(clippy::too_many_arguments)]
     fn records_of(
         &self,
         e: &Entry,
@@ -259,10 +261,13 @@ impl Work {
         result: Enqueued,
         digest: [u8; 32],
         subject: SubjectKey,
-        events: &mut Vec<Event>,
-        tallies: &mut Vec<TallyEntry>,
-        release: &mut Vec<crate::core::types::EnvelopeId>,
+        out: &mut Records,
     ) {
+        let Records {
+            events,
+            tallies,
+            release,
+        } = out;
         let (now, id) = (e.now, result.id());
         let duplicate = match result {
             Enqueued::New(_) => false,
