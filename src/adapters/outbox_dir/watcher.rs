@@ -470,11 +470,16 @@ impl OutboxWatcher {
             Look::Read(id, kind) => {
                 let path = self.cfg.dir.join(&name);
                 let max = self.cfg.max_file_bytes;
-                let read_path = path.clone();
-                // Large files are read off the async threads. If `next` is dropped here,
+                // A small file is read here, as `look` examined it (a few page-cache reads: a
+                // trip to the blocking pool and back cost more than the read). Larger files
+                // are read off the async threads. If `next` is dropped while one is read,
                 // nothing has been recorded yet and the file is simply looked at again.
-                let result =
-                    tokio::task::spawn_blocking(move || read_whole(&read_path, max, id)).await;
+                let result = if id.len <= READ_INLINE_MAX {
+                    Ok(read_whole(&path, max, id))
+                } else {
+                    let read_path = path.clone();
+                    tokio::task::spawn_blocking(move || read_whole(&read_path, max, id)).await
+                };
                 self.after_read(name, path, id, kind, result)
             }
         }
@@ -696,6 +701,9 @@ fn rename_in_outbox(from: &Path, to: &Path) -> io::Result<bool> {
 
 /// Opens without following links or blocking, checks it is still the regular file that was
 /// looked at, and reads at most `max + 1` bytes.
+/// Files up to this size are read on the watcher's own thread (see `take_due`).
+const READ_INLINE_MAX: u64 = 64 << 10;
+
 pub(super) fn read_whole(path: &Path, max: u64, expected: FileIdentity) -> io::Result<ReadOutcome> {
     let fd = rustix::fs::open(
         path,
