@@ -699,11 +699,11 @@ fn rename_in_outbox(from: &Path, to: &Path) -> io::Result<bool> {
     }
 }
 
-/// Opens without following links or blocking, checks it is still the regular file that was
-/// looked at, and reads at most `max + 1` bytes.
 /// Files up to this size are read on the watcher's own thread (see `take_due`).
 const READ_INLINE_MAX: u64 = 64 << 10;
 
+/// Opens without following links or blocking, checks it is still the regular file that was
+/// looked at, and reads at most `max + 1` bytes.
 pub(super) fn read_whole(path: &Path, max: u64, expected: FileIdentity) -> io::Result<ReadOutcome> {
     let fd = rustix::fs::open(
         path,
