@@ -96,22 +96,23 @@ pub struct Intake {
     pub watcher: OutboxWatcher,
 }
 
-/// Idempotency keys of referrals between "stored" and "released" in some file in flight.
+/// Idempotency keys of referrals between "stored" and "released" in some intake round in flight
+/// (`stage.rs`: at most two rounds run at once).
 #[derive(Default)]
 struct Claims {
     keys: Mutex<HashSet<[u8; 32]>>,
     freed: tokio::sync::Notify,
 }
 
-/// Holds a file's keys; dropping it frees them and wakes the files waiting for one.
+/// Holds a round's keys; dropping it frees them and wakes the rounds waiting for one.
 struct Claim {
     claims: Arc<Claims>,
     keys: Vec<[u8; 32]>,
 }
 
 impl Claims {
-    /// Waits until none of `keys` is claimed by another file, then claims them all at once (all
-    /// or none, so two files can never wait for each other).
+    /// Waits until none of `keys` is claimed by another round, then claims them all at once (all
+    /// or none, so two rounds can never wait for each other).
     async fn claim(self: &Arc<Self>, mut keys: Vec<[u8; 32]>) -> Claim {
         keys.sort_unstable();
         keys.dedup();
