@@ -133,8 +133,9 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
     }
 
     println!("5. Stopping the daemons (SIGTERM)");
-    for d in &mut daemons {
-        let status = d.stop()?;
+    let stopped = crate::edge::harness::stop_all(&mut daemons);
+    for (d, status) in daemons.iter().zip(stopped) {
+        let status = status?;
         println!("  {:<20} stopped ({status})", d.area);
         if !status.success() {
             bail!("{} did not exit cleanly: {status}", d.area);

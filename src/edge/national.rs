@@ -166,8 +166,9 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
     }
 
     println!("6. Stopping the daemons (SIGTERM) and verifying every audit log");
-    for d in &mut daemons {
-        let status = d.stop()?;
+    let stopped = crate::edge::harness::stop_all(&mut daemons);
+    for (d, status) in daemons.iter().zip(stopped) {
+        let status = status?;
         if !status.success() {
             bail!("{} did not exit cleanly: {status}", d.area);
         }
