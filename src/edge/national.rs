@@ -62,6 +62,8 @@ struct NodeFigures {
     cpu_secs: f64,
     store_syncs: u64,
     audit_syncs: u64,
+    /// Context switches of its threads alive at the end of the run.
+    switches: u64,
 }
 
 /// Runs the national federation in `dir` (created; it must not hold a federation already).
@@ -108,7 +110,7 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         batches.len(),
         n - 1
     );
-    let lo_before = loopback_tx_bytes();
+    let lo_before = loopback_tx();
     let t0 = Instant::now();
     for (s, name, bytes) in &batches {
         daemons[*s].drop_file(name, bytes)?;
@@ -148,9 +150,9 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     };
     bar.finish_and_clear();
-    let lo_bytes = loopback_tx_bytes()
+    let lo_sent = loopback_tx()
         .zip(lo_before)
-        .map(|(a, b)| a.saturating_sub(b));
+        .map(|((a, p), (b, q))| (a.saturating_sub(b), p.saturating_sub(q)));
 
     let figures: Vec<NodeFigures> = daemons.iter().map(node_figures).collect::<Result<_>>()?;
 
@@ -194,11 +196,17 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         cpu * 1000.0 / expected as f64,
         syncs as f64 / expected as f64
     );
-    if let Some(b) = lo_bytes {
+    let switches: u64 = figures.iter().map(|f| f.switches).sum();
+    println!(
+        "   context switches (every thread of every node alive at the end): {:.1} per delivery",
+        switches as f64 / expected as f64
+    );
+    if let Some((bytes, packets)) = lo_sent {
         println!(
-            "   loopback bytes sent during the run (every process on lo, QUIC and UDP headers \
-             included): {:.0} per delivery",
-            b as f64 / expected as f64
+            "   sent on loopback during the run (every process on lo, QUIC and UDP headers \
+             included): {:.0} bytes and {:.1} packets per delivery",
+            bytes as f64 / expected as f64,
+            packets as f64 / expected as f64
         );
     }
     println!(
@@ -297,12 +305,36 @@ fn check_exactly_once(settings: &[Settings], areas: &[AreaId], per_pair: usize) 
 }
 
 /// Bytes sent on the loopback interface so far (every process), when Linux says.
-fn loopback_tx_bytes() -> Option<u64> {
-    fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// Bytes and packets sent on the loopback interface so far (a packet is one send: quinn hands
+/// the kernel one datagram, or several at once with GSO).
+fn loopback_tx() -> Option<(u64, u64)> {
+    let read = |what: &str| -> Option<u64> {
+        fs::read_to_string(format!("/sys/class/net/lo/statistics/{what}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((read("tx_bytes")?, read("tx_packets")?))
+}
+
+/// Context switches, voluntary and not, of the threads of `pid` alive now (a blocking-pool
+/// thread that has ended took its count with it, so this is a lower bound).
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// Reads `/proc/PID/status` and asks the daemon's control socket for its runtime counts.
@@ -344,6 +376,7 @@ fn node_figures(d: &Daemon) -> Result<NodeFigures> {
         cpu_secs: ticks / rustix::param::clock_ticks_per_second() as f64,
         store_syncs: reply["syncs"]["store"].as_u64().unwrap_or(0),
         audit_syncs: reply["syncs"]["audit"].as_u64().unwrap_or(0),
+        switches: context_switches(pid),
     })
 }
 
