@@ -7,7 +7,8 @@
 //! should, then checks every delivery arrived exactly once (each inbox file's `delivery.from_area`
 //! and `source_ref`, no repeat, none missing), stops the daemons with SIGTERM and verifies every
 //! audit log. It prints the wall time from the first drop to the last arrival, deliveries per
-//! second, and per node: peak and current RSS, open QUIC connections, live tasks and threads.
+//! second, and per node: peak and current RSS, open QUIC connections, live tasks and threads,
+//! and what it costs at rest once every delivery is in (wake-ups and CPU per second).
 //! Must not: leave processes behind (each [`Daemon`] is killed when dropped), or report a figure
 //! it did not measure.
 
@@ -22,6 +23,9 @@ use chrono::Utc;
 use crate::core::types::AreaId;
 use crate::edge::harness::{inbox_files, Daemon};
 use crate::node::settings::Settings;
+
+/// How long the nodes are watched at rest once every delivery is in.
+const REST_WINDOW: Duration = Duration::from_secs(5);
 
 /// The 43 areas, as refex area ids.
 pub const AREAS_TOML: &str = include_str!("../../config/areas.toml");
@@ -167,7 +171,13 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
         }
     }
 
-    println!("6. Stopping the daemons (SIGTERM) and verifying every audit log");
+    println!(
+        "6. Measuring the nodes at rest for {} s",
+        REST_WINDOW.as_secs()
+    );
+    let (rest, rest_packets) = at_rest(&daemons, REST_WINDOW);
+
+    println!("7. Stopping the daemons (SIGTERM) and verifying every audit log");
     let stopped = crate::edge::harness::stop_all(&mut daemons);
     for (d, status) in daemons.iter().zip(stopped) {
         let status = status?;
@@ -181,7 +191,19 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: audit log does not verify: {e}", s.area))?;
     }
 
-    print_figures(&figures);
+    print_figures(&figures, &rest);
+    let n_rest = rest.len().max(1) as f64;
+    println!(
+        "   at rest (every delivery in, {} s): per node {:.0} wake-ups/s and {:.1} ms of CPU per \
+         second on average{}",
+        REST_WINDOW.as_secs(),
+        rest.iter().map(|r| r.0).sum::<f64>() / n_rest,
+        rest.iter().map(|r| r.1).sum::<f64>() / n_rest,
+        rest_packets.map_or(String::new(), |p| format!(
+            ", {:.0} loopback packets/s (keep-alives and their acknowledgements)",
+            p / n_rest
+        ))
+    );
     let mib = |k: u64| k as f64 / 1024.0;
     let total: u64 = figures.iter().map(|f| f.peak_rss_kib).sum();
     let largest = figures
@@ -337,6 +359,52 @@ fn context_switches(pid: u32) -> u64 {
         .sum()
 }
 
+/// User + system CPU seconds of `pid` so far: utime and stime, fields 14 and 15 of
+/// `/proc/PID/stat` (after the parenthesised name).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    ticks / rustix::param::clock_ticks_per_second() as f64
+}
+
+/// What each node costs with nothing to do (every delivery done): context switches per second
+/// (every wake-up of a thread: timers firing, keep-alives arriving, periodic work) and CPU
+/// milliseconds per second, over `window`; and the loopback packets per second of all of them.
+/// tokio keeps no count of armed timers, so this measures what they cost instead.
+fn at_rest(daemons: &[Daemon], window: Duration) -> (Vec<(f64, f64)>, Option<f64>) {
+    let pids: Vec<Option<u32>> = daemons.iter().map(Daemon::pid).collect();
+    let read = |pid: &Option<u32>| pid.map_or((0, 0.0), |p| (context_switches(p), cpu_secs(p)));
+    let before: Vec<_> = pids.iter().map(read).collect();
+    let lo_before = loopback_tx();
+    let start = Instant::now();
+    std::thread::sleep(window);
+    let after: Vec<_> = pids.iter().map(read).collect();
+    let secs = start.elapsed().as_secs_f64();
+    let packets = loopback_tx()
+        .zip(lo_before)
+        .map(|((_, p), (_, q))| p.saturating_sub(q) as f64 / secs);
+    let rates = before
+        .iter()
+        .zip(&after)
+        .map(|((s0, c0), (s1, c1))| {
+            (
+                s1.saturating_sub(*s0) as f64 / secs,
+                (c1 - c0).max(0.0) * 1000.0 / secs,
+            )
+        })
+        .collect();
+    (rates, packets)
+}
+
 /// Reads `/proc/PID/status` and asks the daemon's control socket for its runtime counts.
 fn node_figures(d: &Daemon) -> Result<NodeFigures> {
     let pid = d
@@ -354,18 +422,6 @@ fn node_figures(d: &Daemon) -> Result<NodeFigures> {
     };
     let reply = control_status(&d.settings.control_socket).unwrap_or_default();
     let runtime = &reply["runtime"];
-    // utime and stime, fields 14 and 15 of /proc/PID/stat (after the parenthesised name).
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks: f64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0);
     Ok(NodeFigures {
         area: d.area.clone(),
         peak_rss_kib: field("VmHWM:"),
@@ -373,7 +429,7 @@ fn node_figures(d: &Daemon) -> Result<NodeFigures> {
         threads: field("Threads:"),
         connections: runtime["connections"].as_u64(),
         tasks: runtime["tasks"].as_u64(),
-        cpu_secs: ticks / rustix::param::clock_ticks_per_second() as f64,
+        cpu_secs: cpu_secs(pid),
         store_syncs: reply["syncs"]["store"].as_u64().unwrap_or(0),
         audit_syncs: reply["syncs"]["audit"].as_u64().unwrap_or(0),
         switches: context_switches(pid),
@@ -398,11 +454,12 @@ fn control_status(socket: &Path) -> Option<serde_json::Value> {
     rt.block_on(crate::node::control::call(socket, &req)).ok()
 }
 
-fn print_figures(figures: &[NodeFigures]) {
+/// One row per node; `rest` is each node's wake-ups and CPU milliseconds per second at rest.
+fn print_figures(figures: &[NodeFigures], rest: &[(f64, f64)]) {
     let mib = |k: u64| k as f64 / 1024.0;
     let opt = |v: Option<u64>| v.map_or("?".to_owned(), |v| v.to_string());
     println!(
-        "   {:<20} {:>9} {:>9} {:>11} {:>6} {:>8} {:>8} {:>11} {:>11}",
+        "   {:<20} {:>9} {:>9} {:>11} {:>6} {:>8} {:>8} {:>11} {:>11} {:>14} {:>12}",
         "area",
         "peak MiB",
         "now MiB",
@@ -411,11 +468,13 @@ fn print_figures(figures: &[NodeFigures]) {
         "threads",
         "CPU s",
         "store syncs",
-        "audit syncs"
+        "audit syncs",
+        "rest wakeups/s",
+        "rest CPU ms/s"
     );
-    for f in figures {
+    for (f, (wakeups, cpu_ms)) in figures.iter().zip(rest) {
         println!(
-            "   {:<20} {:>9.1} {:>9.1} {:>11} {:>6} {:>8} {:>8.1} {:>11} {:>11}",
+            "   {:<20} {:>9.1} {:>9.1} {:>11} {:>6} {:>8} {:>8.1} {:>11} {:>11} {:>14.0} {:>12.1}",
             f.area,
             mib(f.peak_rss_kib),
             mib(f.rss_kib),
@@ -424,7 +483,9 @@ fn print_figures(figures: &[NodeFigures]) {
             f.threads,
             f.cpu_secs,
             f.store_syncs,
-            f.audit_syncs
+            f.audit_syncs,
+            wakeups,
+            cpu_ms
         );
     }
 }
