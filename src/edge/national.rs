@@ -326,9 +326,8 @@ fn check_exactly_once(settings: &[Settings], areas: &[AreaId], per_pair: usize) 
     Ok(())
 }
 
-/// Bytes sent on the loopback interface so far (every process), when Linux says.
-/// Bytes and packets sent on the loopback interface so far (a packet is one send: quinn hands
-/// the kernel one datagram, or several at once with GSO).
+/// Bytes and packets sent on the loopback interface so far by every process, when Linux says
+/// (a packet is one send: quinn hands the kernel one datagram, or several at once with GSO).
 fn loopback_tx() -> Option<(u64, u64)> {
     let read = |what: &str| -> Option<u64> {
         fs::read_to_string(format!("/sys/class/net/lo/statistics/{what}"))
@@ -378,8 +377,9 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// What each node costs with nothing to do (every delivery done): context switches per second
 /// (every wake-up of a thread: timers firing, keep-alives arriving, periodic work) and CPU
-/// milliseconds per second, over `window`; and the loopback packets per second of all of them.
-/// tokio keeps no count of armed timers, so this measures what they cost instead.
+/// milliseconds per second, over `window` (CPU time is counted in clock ticks, 10 ms each, so a
+/// node's figure is coarse; their average is not); and the loopback packets per second of all
+/// of them. tokio keeps no count of armed timers, so this measures what they cost instead.
 fn at_rest(daemons: &[Daemon], window: Duration) -> (Vec<(f64, f64)>, Option<f64>) {
     let pids: Vec<Option<u32>> = daemons.iter().map(Daemon::pid).collect();
     let read = |pid: &Option<u32>| pid.map_or((0, 0.0), |p| (context_switches(p), cpu_secs(p)));
