@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::core::types::AreaId;
-use crate::edge::harness::{inbox_files, wait_for, Daemon};
+use crate::edge::harness::{count_inbox_files, inbox_files, wait_for, Daemon};
 use crate::node::settings::Settings;
 
 const AREAS: [&str; 4] = [
@@ -85,7 +85,7 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
     let count = || {
         settings
             .iter()
-            .map(|s| inbox_files(&s.paths.inbox).len())
+            .map(|s| count_inbox_files(&s.paths.inbox))
             .sum::<usize>()
     };
     let bar = crate::edge::progress::counter("   delivered", expected as u64);

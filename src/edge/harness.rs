@@ -253,6 +253,11 @@ impl Daemon {
         inbox_files(self.inbox())
     }
 
+    /// How many delivered referral files there are ([`count_inbox_files`]).
+    pub fn inbox_count(&self) -> usize {
+        count_inbox_files(self.inbox())
+    }
+
     /// Files still waiting in the outbox (not `rejected/`).
     pub fn outbox_files(&self) -> Vec<PathBuf> {
         list(self.outbox(), |_| true)
@@ -277,9 +282,27 @@ impl Drop for Daemon {
     }
 }
 
+/// Whether `name` is a delivered referral file (a visible `*.json` name).
+fn is_inbox_file(name: &str) -> bool {
+    name.ends_with(".json") && !name.starts_with('.')
+}
+
 /// The delivered referral files of an inbox directory (visible `*.json` names), sorted.
 pub fn inbox_files(dir: &Path) -> Vec<PathBuf> {
-    list(dir, |n| n.ends_with(".json") && !n.starts_with('.'))
+    list(dir, is_inbox_file)
+}
+
+/// How many delivered referral files an inbox directory holds; 0 when it cannot be read.
+/// What the demos and benches poll while they wait: no path is built and nothing sorted
+/// (sorting 43 inboxes of ~2,000 paths four times a second took a core-sized share of the
+/// very CPU the national run measures).
+pub fn count_inbox_files(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(is_inbox_file))
+        .count()
 }
 
 /// Stops every daemon at once (SIGTERM to all, then each exit status, in order): a daemon

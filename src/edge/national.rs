@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 
 use crate::core::types::AreaId;
-use crate::edge::harness::{inbox_files, Daemon};
+use crate::edge::harness::{count_inbox_files, inbox_files, Daemon};
 use crate::node::settings::Settings;
 
 /// How long the nodes are watched at rest once every delivery is in.
@@ -126,7 +126,7 @@ pub fn run_in(dir: &Path, base_port: u16, opts: &Options) -> Result<()> {
     let count = || {
         settings
             .iter()
-            .map(|s| inbox_files(&s.paths.inbox).len())
+            .map(|s| count_inbox_files(&s.paths.inbox))
             .sum::<usize>()
     };
     let mut last_report = Instant::now();

@@ -162,7 +162,7 @@ fn bench_end_to_end(n: usize, batch: usize) {
         }
     }
     wait_until(Duration::from_secs(600), "all referrals to arrive", || {
-        fed.node("london").inbox_files().len() >= n
+        fed.node("london").inbox_count() >= n
     });
     let secs = start.elapsed().as_secs_f64();
     let cpu_used = [

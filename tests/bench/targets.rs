@@ -226,7 +226,7 @@ fn refex_single(files: &[(String, Vec<u8>)]) -> f64 {
         fed.node("west-midlands").drop_file(name, bytes);
     }
     wait_until(Duration::from_secs(600), "all referrals to arrive", || {
-        fed.node("london").inbox_files().len() >= files.len()
+        fed.node("london").inbox_count() >= files.len()
     });
     let secs = start.elapsed().as_secs_f64();
     let used: Vec<f64> = cpu(&fed)
@@ -467,7 +467,7 @@ fn bench_drain(rate: u32, secs: u32) {
     fed.node_mut("london").start();
     let mut first = None;
     wait_until(Duration::from_secs(900), "the backlog to drain", || {
-        let have = fed.node("london").inbox_files().len();
+        let have = fed.node("london").inbox_count();
         if have > 0 && first.is_none() {
             first = Some(Instant::now());
         }
