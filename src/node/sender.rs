@@ -142,20 +142,31 @@ impl PeerWorker {
             // While stored receipts wait to be completed, nothing new is sent: they go first
             // (and the sends in flight drain, so the resume can run).
             if !backing_off && !resume && in_flight.len() < max {
+                let room = max - in_flight.len();
+                // No more is read than the free node-wide slots can send now (at least one, to
+                // learn whether anything waits): what is read beyond them is decoded and
+                // dropped, and with 42 peers sharing 64 slots a worker woken for one slot read
+                // its whole queue for each send (~20 % of a national node's CPU).
+                let free = slots.available_permits() + usize::from(spare.is_some());
+                let want = room.min(free.max(1));
                 match self
                     .ctx
                     .node
                     .store
-                    .next_queued(&self.peer, max - in_flight.len(), &in_flight)
+                    .next_queued(&self.peer, want, &in_flight)
                 {
                     Ok(batch) => {
                         starved = false;
+                        // The slots limited the read: more may be queued, so wait for a slot.
+                        let limited = batch.len() == want && want < room;
+                        let mut held_back = false;
                         for (id, rec) in batch {
                             // Enhanced first, strictly: no standard envelope is sent while an
                             // enhanced one is still in flight, so a backlog arrives in priority
                             // order, not merely leaves in it (the batch is priority-ordered, so
                             // what is skipped here is read again once the enhanced ones finish).
                             if rec.priority != PriorityClass::Enhanced && !enhanced.is_empty() {
+                                held_back = true;
                                 break;
                             }
                             // Node-wide, at most `max_in_flight_total` sends at once; what is
@@ -178,6 +189,11 @@ impl PeerWorker {
                                 (id, outcome)
                             });
                             task_ids.insert(task.id(), id);
+                        }
+                        // Held back behind enhanced sends, a slot would only be taken and given
+                        // back: the finishing enhanced send wakes this worker instead.
+                        if limited && !held_back {
+                            starved = true;
                         }
                         // A slot waited for but not used (nothing queued, or only standard
                         // envelopes behind an enhanced one in flight) goes back at once.
