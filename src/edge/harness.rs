@@ -305,6 +305,24 @@ pub fn count_inbox_files(dir: &Path) -> usize {
         .count()
 }
 
+/// User + system CPU seconds process `pid` has used so far (all its threads, also those that
+/// have ended): utime and stime, fields 14 and 15 of `/proc/PID/stat` (after the parenthesised
+/// name, which may hold spaces); 0 when unreadable. Clock-tick resolution (10 ms).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    ticks / rustix::param::clock_ticks_per_second().max(1) as f64
+}
+
 /// Stops every daemon at once (SIGTERM to all, then each exit status, in order): a daemon
 /// takes up to ~0.3 s to close its connections and sync, so 43 of them one after the other
 /// would wait ~43 times that.

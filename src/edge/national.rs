@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 
 use crate::core::types::AreaId;
-use crate::edge::harness::{count_inbox_files, inbox_files, Daemon};
+use crate::edge::harness::{count_inbox_files, cpu_secs, inbox_files, Daemon};
 use crate::node::settings::Settings;
 
 /// How long the nodes are watched at rest once every delivery is in.
@@ -356,23 +356,6 @@ fn context_switches(pid: u32) -> u64 {
                 .sum::<u64>()
         })
         .sum()
-}
-
-/// User + system CPU seconds of `pid` so far: utime and stime, fields 14 and 15 of
-/// `/proc/PID/stat` (after the parenthesised name).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks: f64 = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .skip(11)
-                .take(2)
-                .filter_map(|v| v.parse::<f64>().ok())
-                .sum()
-        })
-        .unwrap_or(0.0);
-    ticks / rustix::param::clock_ticks_per_second() as f64
 }
 
 /// What each node costs with nothing to do (every delivery done): context switches per second

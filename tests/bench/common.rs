@@ -123,18 +123,7 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// CPU time a process has used so far (user + system, all its threads, also those that have
-/// ended), in milliseconds; 0 when unreadable. Clock-tick resolution (10 ms).
+/// ended), in milliseconds; 0 when unreadable ([`refex::edge::harness::cpu_secs`]).
 pub fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses: utime is the 12th
-    // and stime the 13th of them (fields 14 and 15 of proc(5)).
-    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let tick = rustix::param::clock_ticks_per_second().max(1);
-    fields.iter().sum::<u64>() * 1000 / tick
+    (refex::edge::harness::cpu_secs(pid) * 1000.0).round() as u64
 }
