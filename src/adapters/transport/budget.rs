@@ -101,12 +101,6 @@ pub(super) async fn read_frame_budgeted(
         .acquire_many_owned(claim)
         .await
         .map_err(|e| lost(&e))?;
-    // quinn's own chunks, in order: no 8 KiB buffer of ours in every served stream's future.
-    loop {
-        match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => reader.feed(&chunk.bytes).map_err(protocol)?,
-            Ok(None) => return Ok((reader.finish().map_err(protocol)?, permit)),
-            Err(e) => return Err(lost(&e)),
-        }
-    }
+    let frame = super::frame::read_rest(recv, reader, peer).await?;
+    Ok((frame, permit))
 }

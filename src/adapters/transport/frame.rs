@@ -109,14 +109,23 @@ pub(super) async fn read_frame(
     max: u32,
     peer: &AreaId,
 ) -> Result<Vec<u8>, TransportError> {
+    read_rest(recv, FrameReader::new(max), peer).await
+}
+
+/// Feeds `reader` (which may already hold the start of the frame) until the stream ends, and
+/// returns the frame. Reads quinn's own chunks, in order: the future keeps no buffer of its own
+/// while it waits (an 8 KiB array here made every request's future 8.7 KB, held for the whole
+/// wait for a reply, and every served stream's the same).
+pub(super) async fn read_rest(
+    recv: &mut quinn::RecvStream,
+    mut reader: FrameReader,
+    peer: &AreaId,
+) -> Result<Vec<u8>, TransportError> {
     let protocol = |e: FrameError| TransportError::Protocol {
         peer: peer.clone(),
         rule: e.rule(),
         reason: e.to_string(),
     };
-    let mut reader = FrameReader::new(max);
-    // quinn's own chunks, in order: this future keeps no buffer of its own while it waits (an
-    // 8 KiB array here made every request's future 8.7 KB, held for the whole wait for a reply).
     loop {
         match recv.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => reader.feed(&chunk.bytes).map_err(protocol)?,
