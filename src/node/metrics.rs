@@ -300,7 +300,7 @@ pub fn render(node: &Node, handshake_failures: &BTreeMap<&'static str, u64>) -> 
     }
     reg.register(
         "refex_handshake_failures",
-        "Inbound connections refused, by reason",
+        "Inbound connections refused, or abandoned by the peer mid-handshake, by reason",
         handshakes,
     );
     let certs = Family::<Labels, Gauge>::default();

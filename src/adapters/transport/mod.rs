@@ -81,6 +81,25 @@ const RECHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// 2.0-2.2 s, and the national demo stops 43 of them).
 const CLOSE_NOTICE: Duration = Duration::from_millis(250);
 
+/// The refusal reason for a handshake that did not complete. A peer that closes its own
+/// connection attempt before the handshake is done (QUIC then carries only APPLICATION_ERROR,
+/// RFC 9000 section 10.2.3) has not been refused by us: that is what a dial abandoned on
+/// purpose looks like (two areas dialling each other at start, where one starts its dial over)
+/// and a peer stopping mid-handshake. A failure of the TLS exchange itself — our verifier
+/// refusing the peer's certificate, or the peer's refusing ours (a crypto error code) — stays
+/// `TLS handshake failed`.
+fn handshake_failure(e: &quinn::ConnectionError) -> &'static str {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(_) => refusals::ABANDONED,
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn_proto::TransportErrorCode::APPLICATION_ERROR =>
+        {
+            refusals::ABANDONED
+        }
+        _ => "TLS handshake failed",
+    }
+}
+
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -499,7 +518,7 @@ impl Transport {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     debug!(%remote, "TLS handshake refused: {e}");
-                    refusals.note("TLS handshake failed", remote);
+                    refusals.note(handshake_failure(&e), remote);
                     return;
                 }
                 Err(_) => {

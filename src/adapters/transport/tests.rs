@@ -621,3 +621,68 @@ fn unknown_addresses_get_only_the_unreserved_handshake_slots() {
     known.add(addr);
     assert!(known.contains(&addr));
 }
+
+/// A dial abandoned mid-handshake (as crossing dials at a federation's start leave) is counted
+/// apart from TLS failures and logged at DEBUG: no WARN, nothing in the summary window. The
+/// server's replies are dropped by a one-way UDP relay, so the handshake is still under way
+/// when the client gives its dial up, every run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dial_the_peer_abandons_mid_handshake_is_not_a_tls_failure() {
+    let ca = DevCa::generate("test ca", 30).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (srv, _stop) = server(&identity(&ca, "london"), calls.clone()).await;
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let target = srv.local_addr().unwrap();
+    let (relay_tx, mut stop_relay) = tokio::sync::oneshot::channel::<()>();
+    let forwarded = Arc::new(AtomicUsize::new(0));
+    let counted = forwarded.clone();
+    tokio::spawn(async move {
+        let out = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                _ = &mut stop_relay => return,
+                r = relay.recv_from(&mut buf) => {
+                    let (n, _) = r.unwrap();
+                    out.send_to(&buf[..n], target).await.unwrap();
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    let c = client(&identity(&ca, "west-midlands"));
+    let config = c.shared.client.read().unwrap().clone();
+    let connecting = c
+        .shared
+        .endpoint
+        .connect_with(config, relay_addr, &area_server_name(&area("london")))
+        .unwrap();
+    // The Initial reached the server (which answered into the void): now give the dial up.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while forwarded.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the client's Initial never reached the relay");
+    drop(connecting);
+    let totals = || lock(&srv.shared.refusals.totals).clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while totals().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the abandoned handshake was never counted"));
+    drop(relay_tx);
+    assert_eq!(
+        totals().into_iter().collect::<Vec<_>>(),
+        vec![(refusals::ABANDONED, 1)]
+    );
+    assert!(
+        lock(&srv.shared.refusals.counts).is_empty(),
+        "an abandoned dial must not enter the WARN summary"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
