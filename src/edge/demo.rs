@@ -2,8 +2,8 @@
 //!
 //! Builds a development federation (four areas) in a temporary directory, starts one real
 //! `refex run` process per area (QUIC on 127.0.0.1), drops the shipped sample referrals — single
-//! JSON files and a daily CSV batch with two bad rows — into West Midlands' outbox the way a
-//! provider would (temporary name, then rename), waits for each to arrive, shows where each
+//! JSON files and a daily CSV batch with two bad rows, `referred_at` set to now — into West
+//! Midlands' outbox the way a provider would (temporary name, then rename), waits for each to arrive, shows where each
 //! landed and what was refused, stops the daemons with SIGTERM, and verifies every audit log.
 //! Must not: leave processes behind (children are killed on any error path).
 
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::core::types::AreaId;
 use crate::edge::harness::{count_inbox_files, inbox_files, wait_for, Daemon};
@@ -70,18 +71,19 @@ fn run_in(dir: &Path, base_port: u16) -> Result<()> {
     let mut daemons = start_daemons(dir, &settings, &configs)?;
 
     let sender = &settings[0];
+    let samples = referred_now(Utc::now())?;
     println!(
-        "3. Dropping {} sample files into {}'s outbox",
-        crate::core::samples::SAMPLES.len(),
+        "3. Dropping {} sample files into {}'s outbox (referred_at set to now)",
+        samples.len(),
         sender.area
     );
-    for (name, bytes) in crate::core::samples::SAMPLES {
+    for (name, bytes) in &samples {
         daemons[0].drop_file(name, bytes)?;
         println!("   dropped {name}");
     }
 
     println!("4. Waiting for the referrals to arrive");
-    let expected = expected_deliveries(sender);
+    let expected = expected_deliveries(sender, &samples);
     let count = || {
         settings
             .iter()
@@ -178,9 +180,50 @@ pub(crate) fn start_daemons(
     Ok(daemons)
 }
 
+/// The shipped samples as if referred just now. Their `referred_at` is a fixed day (they are
+/// the bytes providers are shown), so dropped as they are every referral would be past its due
+/// time before it left (a WARN at intake and a late arrival at the other end), and a year on
+/// older than intake accepts. Only valid `referred_at` values change: a row refused for another
+/// field is refused as before.
+fn referred_now(now: DateTime<Utc>) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let at = now.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let valid = |v: &str| DateTime::parse_from_rfc3339(v).is_ok();
+    crate::core::samples::SAMPLES
+        .iter()
+        .map(|&(name, bytes)| {
+            let out = if name.ends_with(".csv") {
+                let mut r = ::csv::Reader::from_reader(bytes);
+                let header = r.headers()?.clone();
+                let col = header.iter().position(|h| h == "referred_at");
+                let mut w = ::csv::Writer::from_writer(Vec::new());
+                w.write_record(&header)?;
+                for row in r.records() {
+                    let row = row?;
+                    w.write_record(row.iter().enumerate().map(|(i, v)| {
+                        if Some(i) == col && valid(v) {
+                            at.as_str()
+                        } else {
+                            v
+                        }
+                    }))?;
+                }
+                w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?
+            } else {
+                let mut doc: serde_json::Value = serde_json::from_slice(bytes)?;
+                if doc["referred_at"].as_str().is_some_and(valid) {
+                    doc["referred_at"] = at.clone().into();
+                }
+                serde_json::to_vec_pretty(&doc)?
+            };
+            Ok((name, out))
+        })
+        .collect::<Result<_>>()
+        .with_context(|| "a shipped sample does not parse")
+}
+
 /// How many inbox files the samples should produce: every sample referral that validates and
 /// routes with the sender's own configuration.
-fn expected_deliveries(sender: &Settings) -> usize {
+fn expected_deliveries(sender: &Settings, samples: &[(&str, Vec<u8>)]) -> usize {
     let known = |a: &AreaId| sender.directory.contains(a);
     let ctx = crate::core::referral::Context {
         routing: &sender.routing,
@@ -189,7 +232,7 @@ fn expected_deliveries(sender: &Settings) -> usize {
     };
     let routes =
         |r: &crate::core::referral::Referral| crate::core::referral::classify(r, &ctx).is_ok();
-    crate::core::samples::SAMPLES
+    samples
         .iter()
         .map(|(name, bytes)| {
             if name.ends_with(".csv") {

@@ -7,6 +7,11 @@ use std::process::Command;
 use crate::harness::port_block;
 
 fn demo(args: &[&str]) -> String {
+    demo_with_logs(args).0
+}
+
+/// The demo's output, and every WARN or ERROR line its daemons logged (`fed/AREA.log`).
+fn demo_with_logs(args: &[&str]) -> (String, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_refex"))
         .arg("demo")
@@ -21,18 +26,37 @@ fn demo(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "refex demo {args:?} failed:\n{text}");
-    text
+    let mut alarms = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("fed")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let log = std::fs::read_to_string(&path).unwrap();
+            alarms.extend(
+                log.lines()
+                    .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    (text, alarms)
 }
 
 #[test]
 fn the_sample_demo_delivers_every_valid_referral_and_refuses_the_bad_rows() {
     let port = port_block(4).to_string();
-    let text = demo(&["--base-port", &port]);
+    let (text, alarms) = demo_with_logs(&["--base-port", &port]);
     assert!(
         text.contains("referrals delivered exactly once, all audit logs verified"),
         "{text}"
     );
     assert_eq!(text.matches("   refused: ").count(), 2, "{text}");
+    // What an operator would be woken for is the batch's two bad rows, nothing else: not the
+    // crossing dials of the start (a handshake the peer abandons is not a TLS failure), nor
+    // samples past their due time (the demo drops them as referred now).
+    assert!(
+        alarms.len() == 1 && alarms[0].contains("batch rows refused"),
+        "{alarms:#?}"
+    );
 }
 
 #[test]
