@@ -34,11 +34,20 @@ fn federation(dir: &Path, port: u16) -> (Settings, Settings) {
     (load(WM), load(LONDON))
 }
 
-/// The burglary sample, living in `area`, as a provider's JSON file.
+/// The burglary sample, living in `area`, as a provider's JSON file. Referred 15 days ago, as
+/// the sample's own date was when these tests were written: a fixed day would fall outside the
+/// year intake accepts a year later.
 fn sample_json(area: &str) -> Vec<u8> {
     let bytes = include_bytes!("../../config/samples/burglary-greater-manchester.json");
     let mut v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
     v["residence"] = serde_json::json!({ "area": area });
+    // Fixed for the process, so the sample made twice is the same bytes.
+    static MADE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let at = MADE.get_or_init(|| {
+        (chrono::Utc::now() - chrono::Duration::days(15))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    });
+    v["referred_at"] = at.as_str().into();
     serde_json::to_vec(&v).unwrap()
 }
 

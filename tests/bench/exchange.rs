@@ -152,10 +152,13 @@ fn bench_end_to_end(n: usize, batch: usize) {
             );
         }
     } else {
+        let at = harness::referred_at();
         for b in 0..n / batch {
             let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
             for i in 0..batch {
-                csv.push_str(&format!("bench,B-{b}-{i},2026-11-20T14:03:00Z,london,Test Person,07700 900999,theft,yes\n"));
+                csv.push_str(&format!(
+                    "bench,B-{b}-{i},{at},london,Test Person,07700 900999,theft,yes\n"
+                ));
             }
             fed.node("west-midlands")
                 .drop_file(&format!("b{b}.csv"), csv.as_bytes());

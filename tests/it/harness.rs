@@ -227,6 +227,22 @@ impl Drop for Node {
 }
 
 /// A valid referral (fake person) for `area`, as REFERRAL.md's JSON.
+/// When the fixtures' referrals were made: 15 days before now, so they are past their due time
+/// at intake (the standard referral is late, which tests of deadlines count on) yet well inside
+/// the year intake accepts. A fixed day here would make the suite fail a year after it was
+/// written, when every fixture became too old for intake.
+pub fn referred_at() -> String {
+    referred_at_minus(0)
+}
+
+/// [`referred_at`] less `minutes` (a consent recorded before the referral). Fixed for the
+/// process, so a fixture made twice is the same bytes (tests compare them).
+pub fn referred_at_minus(minutes: i64) -> String {
+    static MADE: std::sync::OnceLock<chrono::DateTime<chrono::Utc>> = std::sync::OnceLock::new();
+    let made = *MADE.get_or_init(|| chrono::Utc::now() - chrono::Duration::days(15));
+    (made - chrono::Duration::minutes(minutes)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 pub fn referral(source_ref: &str, area: &str) -> String {
     referral_with(source_ref, area, "burglary", false)
 }
@@ -238,7 +254,7 @@ pub fn referral_with(source_ref: &str, area: &str, category: &str, enhanced: boo
         "source_system": "test-records",
         "source_ref": source_ref,
         "referring_org": "Test Police",
-        "referred_at": "2026-11-20T14:03:00Z",
+        "referred_at": referred_at(),
         "residence": { "area": area },
         "victim": {
             "name": "Testy McTestface",
@@ -257,7 +273,7 @@ pub fn referral_with(source_ref: &str, area: &str, category: &str, enhanced: boo
         },
         "consent": {
             "referral": true,
-            "explicit": { "given": true, "recorded_by": "PC 0000", "recorded_at": "2026-11-20T13:55:00Z" }
+            "explicit": { "given": true, "recorded_by": "PC 0000", "recorded_at": referred_at_minus(8) }
         },
         "incident": null,
         "notes": "Fake note for tests."

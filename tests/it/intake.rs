@@ -5,7 +5,9 @@ use std::fs;
 use std::io::Write;
 use std::time::Duration;
 
-use crate::harness::{audit_records, referral, wait_until, Federation};
+use crate::harness::{
+    audit_records, referral, referred_at, referred_at_minus, wait_until, Federation,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 const FAST: &str = "[intake]\nsettle_ms = 300\nrescan_ms = 1000\n";
@@ -17,14 +19,15 @@ const HEADER: &str = "source_system,source_ref,referred_at,residence_area,reside
 fn a_batch_with_good_and_bad_rows_lands_row_by_row_and_lists_the_bad_ones() {
     let mut fed = Federation::with_config(&AREAS, FAST);
     fed.start_all();
+    let (at, consent) = (referred_at(), referred_at_minus(60));
     let rows = [
-        "batch,B-1,2026-11-20T08:00:00Z,greater-manchester,,Test Person,0,theft,yes,,,,",
-        "batch,B-2,2026-11-20T08:00:00Z,,SE1 7PB,Test Person,0,burglary,yes,,,,\"flat 2, rear\"",
-        "batch,B-3,2026-11-20T08:00:00Z,,ZZ9 9ZZ,Test Person,0,theft,yes,,,,",
-        "batch,B-4,2026-11-20T08:00:00Z,west-midlands,,Test Person,0,fraud,yes,,,,\"two\nlines\"",
-        "batch,B-5,2026-11-20T08:00:00Z,london,,Test Person,0,domestic_abuse,yes,,,,",
-        "batch,B-6,2026-11-20T08:00:00Z,london,,Test Person,0,domestic_abuse,yes,yes,PC 1,2026-11-20T07:00:00Z,",
-        "batch,B-7,2026-11-20T08:00:00Z,london,,Test Person,,theft,no,,,,",
+        format!("batch,B-1,{at},greater-manchester,,Test Person,0,theft,yes,,,,"),
+        format!("batch,B-2,{at},,SE1 7PB,Test Person,0,burglary,yes,,,,\"flat 2, rear\""),
+        format!("batch,B-3,{at},,ZZ9 9ZZ,Test Person,0,theft,yes,,,,"),
+        format!("batch,B-4,{at},west-midlands,,Test Person,0,fraud,yes,,,,\"two\nlines\""),
+        format!("batch,B-5,{at},london,,Test Person,0,domestic_abuse,yes,,,,"),
+        format!("batch,B-6,{at},london,,Test Person,0,domestic_abuse,yes,yes,PC 1,{consent},"),
+        format!("batch,B-7,{at},london,,Test Person,,theft,no,,,,"),
     ];
     let csv = format!("\u{feff}{HEADER}\r\n{}\r\n", rows.join("\r\n"));
     fed.node("west-midlands")

@@ -437,11 +437,12 @@ fn peers_share_the_node_wide_send_slots_in_turn() {
     );
     fed.start_all();
     // One file, so both peers' queues fill in the same store transaction.
+    let at = crate::harness::referred_at();
     let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
     for i in 0..20 {
         for area in ["london", "greater-manchester"] {
             csv.push_str(&format!(
-                "turns,T-{area}-{i},2026-11-20T14:03:00Z,{area},Test Person,07700 900999,theft,yes\n"
+                "turns,T-{area}-{i},{at},{area},Test Person,07700 900999,theft,yes\n"
             ));
         }
     }

@@ -45,8 +45,11 @@ fn csv_batch(refs: &[String], area: &str) -> String {
     let mut out = String::from(
         "source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\r\n",
     );
+    let at = crate::harness::referred_at();
     for r in refs {
-        out.push_str(&format!("test-records,{r},2026-11-20T14:03:00Z,{area},\"Test, Person\",07700 900999,theft,yes\r\n"));
+        out.push_str(&format!(
+            "test-records,{r},{at},{area},\"Test, Person\",07700 900999,theft,yes\r\n"
+        ));
     }
     out
 }
