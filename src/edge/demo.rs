@@ -3,8 +3,9 @@
 //! Builds a development federation (four areas) in a temporary directory, starts one real
 //! `refex run` process per area (QUIC on 127.0.0.1), drops the shipped sample referrals — single
 //! JSON files and a daily CSV batch with two bad rows, `referred_at` set to now — into West
-//! Midlands' outbox the way a provider would (temporary name, then rename), waits for each to arrive, shows where each
-//! landed and what was refused, stops the daemons with SIGTERM, and verifies every audit log.
+//! Midlands' outbox the way a provider would (temporary name, then rename), waits for each to
+//! arrive, shows where each landed and what was refused, stops the daemons with SIGTERM, and
+//! verifies every audit log.
 //! Must not: leave processes behind (children are killed on any error path).
 
 use std::fs;

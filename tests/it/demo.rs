@@ -52,11 +52,13 @@ fn the_sample_demo_delivers_every_valid_referral_and_refuses_the_bad_rows() {
     assert_eq!(text.matches("   refused: ").count(), 2, "{text}");
     // What an operator would be woken for is the batch's two bad rows, nothing else: not the
     // crossing dials of the start (a handshake the peer abandons is not a TLS failure), nor
-    // samples past their due time (the demo drops them as referred now).
-    assert!(
-        alarms.len() == 1 && alarms[0].contains("batch rows refused"),
-        "{alarms:#?}"
-    );
+    // samples past their due time (the demo drops them as referred now). A send that timed out
+    // on a loaded machine and is retried is allowed: that WARN is the design working.
+    let (rows, other): (Vec<_>, Vec<_>) = alarms
+        .iter()
+        .filter(|l| !l.contains("delivery failed, will retry"))
+        .partition(|l| l.contains("batch rows refused"));
+    assert!(rows.len() == 1 && other.is_empty(), "{alarms:#?}");
 }
 
 #[test]

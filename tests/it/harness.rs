@@ -226,7 +226,6 @@ impl Drop for Node {
     }
 }
 
-/// A valid referral (fake person) for `area`, as REFERRAL.md's JSON.
 /// When the fixtures' referrals were made: 15 days before now, so they are past their due time
 /// at intake (the standard referral is late, which tests of deadlines count on) yet well inside
 /// the year intake accepts. A fixed day here would make the suite fail a year after it was
@@ -243,6 +242,7 @@ pub fn referred_at_minus(minutes: i64) -> String {
     (made - chrono::Duration::minutes(minutes)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// A valid referral (fake person) for `area`, as REFERRAL.md's JSON.
 pub fn referral(source_ref: &str, area: &str) -> String {
     referral_with(source_ref, area, "burglary", false)
 }
