@@ -148,11 +148,10 @@ fn plan_csv(
     let mut accepted = Vec::new();
     let mut refused = Vec::new();
     let mut bad_rows = Vec::new();
-    for row in &batch.rows {
-        let outcome = match &row.parsed {
-            Ok(r) => judge(r, ctx, now).map(|c| (r.clone(), c)),
-            Err(e) => Err(e.clone()),
-        };
+    // Rows are taken apart, not copied: an accepted row's referral moves into the plan.
+    for mut row in batch.rows {
+        let parsed = std::mem::replace(&mut row.parsed, Err(Vec::new()));
+        let outcome = parsed.and_then(|r| judge(&r, ctx, now).map(|c| (r, c)));
         match outcome {
             Ok((referral, class)) => accepted.push(Accepted {
                 referral,
@@ -178,7 +177,7 @@ fn plan_csv(
     let rejected = (!bad_rows.is_empty()).then(|| {
         let all: Vec<FieldError> = refused.iter().flat_map(|r| r.errors.clone()).collect();
         (
-            write_rows(&batch.header, &bad_rows),
+            write_rows(&batch.header, &bad_rows.iter().collect::<Vec<_>>()),
             error_document(name, now, &all),
         )
     });

@@ -6,6 +6,9 @@
 //! 3. end to end between two real daemons over QUIC on loopback: referrals per second from
 //!    outbox drop to the last inbox file, single JSON files and CSV batches.
 //! 4. startup with 100,000 envelopes queued: time until the control socket answers, and RSS.
+//! 5. intake's plan (parse, validate, route, classify) in this process: time and heap
+//!    allocations per referral, for a 100-row CSV batch and a single JSON file. Allocations are
+//!    counted exactly (this binary's allocator counts them), so a change shows without noise.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,6 +17,8 @@ mod common;
 #[path = "../it/harness.rs"]
 mod harness;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -24,6 +29,78 @@ use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
 
 use common::{cpu_ms, header, rss_kib};
 use harness::{referral, wait_until, Federation};
+
+/// The system allocator, counting allocations (stage 5 reads the count around its loop).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on unchanged to the system allocator; only a counter is added.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Stage 5: intake's plan of a 100-row CSV batch and of one JSON file, per referral.
+fn bench_plan() {
+    use refex::core::calendar::Calendar;
+    use refex::core::plan::{plan, Format};
+    use refex::core::referral::{csv::CsvLimits, Context};
+    use refex::core::routing::RoutingTable;
+    let routing = RoutingTable::from_toml(include_str!("../../config/postcodes.toml")).unwrap();
+    let calendar = Calendar::from_toml(include_str!("../../config/bank-holidays.toml")).unwrap();
+    let known = |_: &AreaId| true;
+    let ctx = Context {
+        routing: &routing,
+        calendar: &calendar,
+        is_known_area: &known,
+    };
+    let limits = CsvLimits {
+        max_rows: 10_000,
+        max_field_bytes: 8192,
+    };
+    let at = harness::referred_at();
+    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
+    for i in 0..100 {
+        csv.push_str(&format!(
+            "bench,P-{i},{at},london,Test Person,07700 900999,theft,yes\n"
+        ));
+    }
+    let json = referral("P-JSON", "london");
+    for (what, format, bytes, per_file) in [
+        ("a CSV batch of 100", Format::Csv, csv.as_bytes(), 100),
+        ("a single JSON file", Format::Json, json.as_bytes(), 1),
+    ] {
+        let files = 20_000 / per_file;
+        let (allocs, start) = (ALLOCATIONS.load(Ordering::Relaxed), Instant::now());
+        for _ in 0..files {
+            std::hint::black_box(plan(format, "f", bytes, &ctx, &limits, Utc::now()));
+        }
+        let n = (files * per_file) as f64;
+        println!(
+            "plan ({what}): {:.1} µs and {:.1} heap allocations per referral",
+            start.elapsed().as_secs_f64() * 1e6 / n,
+            (ALLOCATIONS.load(Ordering::Relaxed) - allocs) as f64 / n
+        );
+    }
+}
 
 fn bench_crypto() {
     let (signer, _) = SigningKey::generate().unwrap();
@@ -226,14 +303,14 @@ fn main() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // REFEX_BENCH_ONLY=crypto,store,single,csv,startup runs only the stages named.
+    // REFEX_BENCH_ONLY=crypto,store,single,csv,startup,plan runs only the stages named.
     let only = std::env::var("REFEX_BENCH_ONLY").unwrap_or_default();
     let on = |stage: &str| only.is_empty() || only.split(',').any(|s| s.trim() == stage);
     if ["single", "csv", "startup"].iter().any(|s| on(s)) {
         common::use_shipped_daemon();
     }
-    // A bar of the five stages on a terminal only; the figures stay plain lines.
-    let bar = refex::edge::progress::counter("bench stages", 5);
+    // A bar of the six stages on a terminal only; the figures stay plain lines.
+    let bar = refex::edge::progress::counter("bench stages", 6);
     if on("crypto") {
         bench_crypto();
     }
@@ -259,6 +336,10 @@ fn main() {
     bar.inc(1);
     if on("startup") {
         rt.block_on(bench_startup(100_000));
+    }
+    bar.inc(1);
+    if on("plan") {
+        bench_plan();
     }
     bar.finish_and_clear();
 }

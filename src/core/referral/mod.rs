@@ -285,28 +285,42 @@ fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
         .filter(|v| !v.is_null())
 }
 
-fn walk_unknown(obj: &Map<String, Value>, path: &str, errors: &mut Vec<FieldError>) {
+/// Reports every key of `obj` (at `path`, which it extends in place and restores) that the
+/// schema does not know. The path is one buffer for the whole walk: a valid referral (most of
+/// them) allocates nothing here, where a string per key was ~19 allocations a CSV row.
+fn walk_unknown(obj: &Map<String, Value>, path: &mut String, errors: &mut Vec<FieldError>) {
     let known = KNOWN
         .iter()
-        .find(|(p, _)| *p == path)
+        .find(|(p, _)| *p == path.as_str())
         .map(|(_, k)| *k)
         .unwrap_or(&[]);
     for (k, v) in obj {
-        let child = if path.is_empty() {
-            k.clone()
-        } else {
-            format!("{path}.{k}")
-        };
         if !known.contains(&k.as_str()) {
-            errors.push(FieldError::new(
-                &child,
-                "unknown_field",
-                format!("'{child}' is not a field of {SCHEMA_V1} (check the spelling)"),
-            ));
-        } else if let Value::Object(o) = v {
-            walk_unknown(o, &child, errors);
+            unknown_field(path, k, errors);
+            continue;
         }
+        let Value::Object(o) = v else { continue };
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(k);
+        walk_unknown(o, path, errors);
+        path.truncate(len);
     }
+}
+
+fn unknown_field(path: &str, key: &str, errors: &mut Vec<FieldError>) {
+    let child = if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    };
+    errors.push(FieldError::new(
+        &child,
+        "unknown_field",
+        format!("'{child}' is not a field of {SCHEMA_V1} (check the spelling)"),
+    ));
 }
 
 /// Parses and validates one JSON referral, reporting every problem found.
@@ -355,7 +369,7 @@ pub fn parse_value(value: Value) -> Result<Referral, Vec<FieldError>> {
         )]);
     };
     let mut errors = Vec::new();
-    walk_unknown(obj, "", &mut errors);
+    walk_unknown(obj, &mut String::new(), &mut errors);
     for path in REQUIRED {
         if get(&value, path).is_none() {
             let parent_missing = path

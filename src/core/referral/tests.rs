@@ -86,6 +86,22 @@ fn unknown_fields_are_refused_with_their_path() {
         "unknown_field",
     );
     has(with(good(), "extra", json!(1)), "extra", "unknown_field");
+    // Three levels down, then siblings after it: each path is exact (the walk shares one
+    // path buffer and must restore it after every object).
+    let explicit = json!({ "given": true, "recorded_by": "PC 1", "witness": "x" });
+    let v = with(good(), "consent.explicit", explicit);
+    let v = with(v, "victim.nickname", json!("x"));
+    let v = with(v, "zz", json!(1));
+    let unknown: Vec<String> = rules_of(v)
+        .into_iter()
+        .filter(|(_, rule)| rule == "unknown_field")
+        .map(|(field, _)| field)
+        .collect();
+    assert_eq!(
+        unknown,
+        ["consent.explicit.witness", "victim.nickname", "zz"],
+        "{unknown:?}"
+    );
 }
 
 #[test]
