@@ -81,22 +81,20 @@ const RECHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// 2.0-2.2 s, and the national demo stops 43 of them).
 const CLOSE_NOTICE: Duration = Duration::from_millis(250);
 
-/// The refusal reason for a handshake that did not complete. A peer that closes its own
-/// connection attempt before the handshake is done (QUIC then carries only APPLICATION_ERROR,
-/// RFC 9000 section 10.2.3) has not been refused by us: that is what a dial abandoned on
-/// purpose looks like (two areas dialling each other at start, where one starts its dial over)
-/// and a peer stopping mid-handshake. A failure of the TLS exchange itself — our verifier
-/// refusing the peer's certificate, or the peer's refusing ours (a crypto error code) — stays
-/// `TLS handshake failed`.
-fn handshake_failure(e: &quinn::ConnectionError) -> &'static str {
+/// Whether a handshake that did not complete was closed by the peer itself. A peer that closes
+/// its own connection attempt before the handshake is done (QUIC then carries only
+/// APPLICATION_ERROR, RFC 9000 section 10.2.3) has not been refused by us: that is what a dial
+/// abandoned on purpose looks like (two areas dialling each other at start, where one starts
+/// its dial over) and a peer stopping mid-handshake. A failure of the TLS exchange itself —
+/// our verifier refusing the peer's certificate, or the peer's refusing ours (a crypto error
+/// code) — is not, and stays `TLS handshake failed`.
+fn abandoned_by_peer(e: &quinn::ConnectionError) -> bool {
     match e {
-        quinn::ConnectionError::ApplicationClosed(_) => refusals::ABANDONED,
-        quinn::ConnectionError::ConnectionClosed(c)
-            if c.error_code == quinn_proto::TransportErrorCode::APPLICATION_ERROR =>
-        {
-            refusals::ABANDONED
+        quinn::ConnectionError::ApplicationClosed(_) => true,
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            c.error_code == quinn_proto::TransportErrorCode::APPLICATION_ERROR
         }
-        _ => "TLS handshake failed",
+        _ => false,
     }
 }
 
@@ -513,19 +511,25 @@ impl Transport {
                 return;
             }
         };
-        let conn =
-            match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    debug!(%remote, "TLS handshake refused: {e}");
-                    refusals.note(handshake_failure(&e), remote);
-                    return;
-                }
-                Err(_) => {
-                    refusals.note("TLS handshake timed out", remote);
-                    return;
-                }
-            };
+        let conn = match tokio::time::timeout(self.shared.limits.handshake_timeout, connecting)
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) if abandoned_by_peer(&e) => {
+                debug!(%remote, "connection attempt closed by the peer before its handshake completed: {e}");
+                refusals.count(refusals::ABANDONED);
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(%remote, "TLS handshake refused: {e}");
+                refusals.note("TLS handshake failed", remote);
+                return;
+            }
+            Err(_) => {
+                refusals.note("TLS handshake timed out", remote);
+                return;
+            }
+        };
         drop(handshake);
         let peer = match area_of(conn.peer_identity()) {
             Ok(a) => a,

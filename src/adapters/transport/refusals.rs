@@ -1,16 +1,16 @@
 //! Refusal counting for the transport: the first refusal of each reason (and the first framing
 //! violation per peer and rule) is logged at once, the rest summarised every
 //! `SUMMARY_INTERVAL`, so a flood cannot fill the log; `totals` never resets (metrics read it).
-//! A handshake the peer abandoned itself ([`ABANDONED`]) is not a refusal by this node: it is
-//! counted with the others (metrics read `totals`) but logged at DEBUG, so the crossing dials of
-//! a federation's start leave no WARN for an operator to chase.
+//! A handshake the peer abandoned itself ([`ABANDONED`]) is not a refusal by this node: the
+//! transport only `count`s it (metrics read `totals`; it logs it at DEBUG), so the crossing dials
+//! of a federation's start leave no WARN for an operator to chase.
 //! Must not: log anything that came from the network (reasons are our own text).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{lock, SUMMARY_INTERVAL};
 use crate::core::types::AreaId;
@@ -26,16 +26,19 @@ pub(super) struct Refusals {
     pub(super) streams: Mutex<BTreeMap<(AreaId, &'static str), u64>>,
 }
 
-/// A handshake the peer closed itself before it completed (see `handshake_failure`).
+/// A handshake the peer closed itself before it completed (see `abandoned_by_peer`).
 pub(super) const ABANDONED: &str = "handshake abandoned by the peer";
 
 impl Refusals {
-    pub(super) fn note(&self, reason: &'static str, remote: SocketAddr) {
+    /// Counts `reason` in the totals only: no WARN, no summary (an attempt that is not a
+    /// refusal by this node, such as [`ABANDONED`]).
+    pub(super) fn count(&self, reason: &'static str) {
         *lock(&self.totals).entry(reason).or_insert(0) += 1;
-        if reason == ABANDONED {
-            debug!(%remote, "connection attempt closed by the peer before its handshake completed");
-            return;
-        }
+    }
+
+    /// Counts a refusal and logs the first of its reason in the window at WARN.
+    pub(super) fn note(&self, reason: &'static str, remote: SocketAddr) {
+        self.count(reason);
         let first = {
             let mut m = lock(&self.counts);
             let n = m.entry(reason).or_insert(0);
