@@ -58,6 +58,18 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// A CSV batch of `rows` referrals to London, source refs `PREFIX-0`, `PREFIX-1`, ...
+fn csv_batch(prefix: &str, rows: usize) -> String {
+    let at = harness::referred_at();
+    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
+    for i in 0..rows {
+        csv.push_str(&format!(
+            "bench,{prefix}-{i},{at},london,Test Person,07700 900999,theft,yes\n"
+        ));
+    }
+    csv
+}
+
 /// Stage 5: intake's plan of a 100-row CSV batch and of one JSON file, per referral.
 fn bench_plan() {
     use refex::core::calendar::Calendar;
@@ -76,13 +88,7 @@ fn bench_plan() {
         max_rows: 10_000,
         max_field_bytes: 8192,
     };
-    let at = harness::referred_at();
-    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
-    for i in 0..100 {
-        csv.push_str(&format!(
-            "bench,P-{i},{at},london,Test Person,07700 900999,theft,yes\n"
-        ));
-    }
+    let csv = csv_batch("P", 100);
     let json = referral("P-JSON", "london");
     for (what, format, bytes, per_file) in [
         ("a CSV batch of 100", Format::Csv, csv.as_bytes(), 100),
@@ -229,14 +235,8 @@ fn bench_end_to_end(n: usize, batch: usize) {
             );
         }
     } else {
-        let at = harness::referred_at();
         for b in 0..n / batch {
-            let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
-            for i in 0..batch {
-                csv.push_str(&format!(
-                    "bench,B-{b}-{i},{at},london,Test Person,07700 900999,theft,yes\n"
-                ));
-            }
+            let csv = csv_batch(&format!("B-{b}"), batch);
             fed.node("west-midlands")
                 .drop_file(&format!("b{b}.csv"), csv.as_bytes());
         }
