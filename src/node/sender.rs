@@ -23,7 +23,8 @@
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
 //! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer
 //! (nor more than `max_in_flight_total` for all peers together: a send holds a node-wide slot;
-//! a worker left without one waits for the next that frees, fairly, in the order they asked).
+//! a worker left without one waits, fairly, in the order they asked, for the next
+//! [`SLOT_GROUP`] that free, so a peer's sends leave together rather than one by one).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -99,7 +100,8 @@ impl PeerWorker {
         let mut backoff_until: Option<Instant> = None;
         let max = self.ctx.node.settings.delivery.max_in_flight_per_peer.get() as usize;
         let slots = self.ctx.node.send_slots.clone();
-        // A node-wide slot taken while waiting for one, used by the next send.
+        let total = self.ctx.node.settings.delivery.max_in_flight_total.get() as usize;
+        // Node-wide slots taken while waiting for them, used by the next sends.
         let mut spare: Option<tokio::sync::OwnedSemaphorePermit> = None;
         // Queued envelopes were left unsent for want of a node-wide slot.
         let mut starved = false;
@@ -147,7 +149,8 @@ impl PeerWorker {
                 // learn whether anything waits): what is read beyond them is decoded and
                 // dropped, and with 42 peers sharing 64 slots a worker woken for one slot read
                 // its whole queue for each send (~20 % of a national node's CPU).
-                let free = slots.available_permits() + usize::from(spare.is_some());
+                let free =
+                    slots.available_permits() + spare.as_ref().map_or(0, |p| p.num_permits());
                 let want = room.min(free.max(1));
                 match self
                     .ctx
@@ -171,9 +174,11 @@ impl PeerWorker {
                             }
                             // Node-wide, at most `max_in_flight_total` sends at once; what is
                             // left is read again once a slot frees (the branch below waits).
-                            let Some(slot) = spare
-                                .take()
-                                .or_else(|| slots.clone().try_acquire_owned().ok())
+                            let one = match spare.as_mut() {
+                                Some(p) if p.num_permits() > 1 => p.split(1),
+                                _ => spare.take(),
+                            };
+                            let Some(slot) = one.or_else(|| slots.clone().try_acquire_owned().ok())
                             else {
                                 starved = true;
                                 break;
@@ -195,8 +200,8 @@ impl PeerWorker {
                         if limited && !held_back {
                             starved = true;
                         }
-                        // A slot waited for but not used (nothing queued, or only standard
-                        // envelopes behind an enhanced one in flight) goes back at once.
+                        // Slots waited for but not used (nothing more queued, or only standard
+                        // envelopes behind an enhanced one in flight) go back at once.
                         spare = None;
                     }
                     Err(e) => {
@@ -213,7 +218,7 @@ impl PeerWorker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Ok(slot) = slots.clone().acquire_owned(), if starved && spare.is_none() && !backing_off => {
+                Ok(slot) = slots.clone().acquire_many_owned(slot_group(total, max.saturating_sub(in_flight.len()))), if starved && spare.is_none() && !backing_off => {
                     spare = Some(slot);
                     starved = false;
                 }
@@ -277,6 +282,21 @@ impl PeerWorker {
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
     }
+}
+
+/// How many node-wide slots a worker left without one waits for at once. One at a time, 42
+/// peers sharing 64 slots each sent alone: every envelope in its own datagram, its own ACK and
+/// stream credit back, and each wake-up of either node found one event. Eight together leave
+/// in one burst (GSO), are acknowledged together and are received, stored and receipted in the
+/// same rounds. National run (43 areas × 50), seven pairs alternating with one at a time: CPU
+/// per delivery −14 % (median), 0.2–0.7 fewer loopback packets and ~2 fewer context switches
+/// per delivery (README, national scale).
+const SLOT_GROUP: usize = 8;
+
+/// The slots to wait for: [`SLOT_GROUP`], but never more than the node has (`total`, or the
+/// wait would never end) nor than this peer may still put in flight (`room`), and at least one.
+fn slot_group(total: usize, room: usize) -> u32 {
+    SLOT_GROUP.min(total).min(room).max(1) as u32
 }
 
 fn unit_random() -> f64 {
