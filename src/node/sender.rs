@@ -587,3 +587,19 @@ async fn send_one(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::slot_group;
+
+    #[test]
+    fn a_slot_group_never_asks_for_more_than_the_node_has_or_the_peer_may_send() {
+        assert_eq!(slot_group(64, 64), 8, "the default: eight at once");
+        // `max_in_flight_total = 1` (the turn-taking test runs with it): waiting for eight
+        // slots of a node that has one would never end.
+        assert_eq!(slot_group(1, 64), 1);
+        assert_eq!(slot_group(5, 64), 5);
+        assert_eq!(slot_group(64, 3), 3, "the peer's own room");
+        assert_eq!(slot_group(64, 0), 1, "at least one");
+    }
+}
