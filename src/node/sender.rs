@@ -289,8 +289,8 @@ impl PeerWorker {
 /// stream credit back, and each wake-up of either node found one event. Eight together leave
 /// in one burst (GSO), are acknowledged together and are received, stored and receipted in the
 /// same rounds. National run (43 areas × 50), seven pairs alternating with one at a time: CPU
-/// per delivery −14 % (median), 0.2–0.7 fewer loopback packets and ~2 fewer context switches
-/// per delivery (README, national scale).
+/// per delivery −14 % (median), 0.1–0.7 fewer loopback packets and 1–3 fewer context
+/// switches per delivery (README, national scale).
 const SLOT_GROUP: usize = 8;
 
 /// The slots to wait for: [`SLOT_GROUP`], but never more than the node has (`total`, or the
