@@ -177,7 +177,7 @@ fn plan_csv(
     let rejected = (!bad_rows.is_empty()).then(|| {
         let all: Vec<FieldError> = refused.iter().flat_map(|r| r.errors.clone()).collect();
         (
-            write_rows(&batch.header, &bad_rows.iter().collect::<Vec<_>>()),
+            write_rows(&batch.header, &bad_rows),
             error_document(name, now, &all),
         )
     });

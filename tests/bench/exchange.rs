@@ -60,14 +60,10 @@ static ALLOCATOR: Counting = Counting;
 
 /// A CSV batch of `rows` referrals to London, source refs `PREFIX-0`, `PREFIX-1`, ...
 fn csv_batch(prefix: &str, rows: usize) -> String {
-    let at = harness::referred_at();
-    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
-    for i in 0..rows {
-        csv.push_str(&format!(
-            "bench,{prefix}-{i},{at},london,Test Person,07700 900999,theft,yes\n"
-        ));
-    }
-    csv
+    let rows: Vec<(String, &str)> = (0..rows)
+        .map(|i| (format!("{prefix}-{i}"), "london"))
+        .collect();
+    harness::theft_csv("bench", &rows)
 }
 
 /// Stage 5: intake's plan of a 100-row CSV batch and of one JSON file, per referral.

@@ -226,6 +226,20 @@ impl Drop for Node {
     }
 }
 
+/// A CSV batch of theft referrals with consent, one row per `(source_ref, residence_area)`,
+/// referred at [`referred_at`] (the header and row the intake and bench batches share).
+pub fn theft_csv<R: AsRef<str>, A: AsRef<str>>(source_system: &str, rows: &[(R, A)]) -> String {
+    let at = referred_at();
+    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
+    for (r, area) in rows {
+        let (r, area) = (r.as_ref(), area.as_ref());
+        csv.push_str(&format!(
+            "{source_system},{r},{at},{area},Test Person,07700 900999,theft,yes\n"
+        ));
+    }
+    csv
+}
+
 /// When the fixtures' referrals were made: 15 days before now, so they are past their due time
 /// at intake (the standard referral is late, which tests of deadlines count on) yet well inside
 /// the year intake accepts. A fixed day here would make the suite fail a year after it was

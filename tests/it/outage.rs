@@ -437,15 +437,10 @@ fn peers_share_the_node_wide_send_slots_in_turn() {
     );
     fed.start_all();
     // One file, so both peers' queues fill in the same store transaction.
-    let at = crate::harness::referred_at();
-    let mut csv = String::from("source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,offence_category,consent_referral\n");
-    for i in 0..20 {
-        for area in ["london", "greater-manchester"] {
-            csv.push_str(&format!(
-                "turns,T-{area}-{i},{at},{area},Test Person,07700 900999,theft,yes\n"
-            ));
-        }
-    }
+    let rows: Vec<(String, &str)> = (0..20)
+        .flat_map(|i| ["london", "greater-manchester"].map(|area| (format!("T-{area}-{i}"), area)))
+        .collect();
+    let csv = crate::harness::theft_csv("turns", &rows);
     fed.node("west-midlands")
         .drop_file("turns.csv", csv.as_bytes());
     let (mut first_done, mut other_then) = (None, 0);

@@ -327,7 +327,7 @@ pub fn formula_safe(cell: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Writes rows back as CSV with the batch's header (for `rejected/`), formula-safe.
-pub fn write_rows(header: &[String], rows: &[&CsvRow]) -> Vec<u8> {
+pub fn write_rows(header: &[String], rows: &[CsvRow]) -> Vec<u8> {
     let mut w = ::csv::WriterBuilder::new()
         .flexible(true)
         .terminator(::csv::Terminator::CRLF)
