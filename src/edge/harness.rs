@@ -116,9 +116,6 @@ impl Daemon {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
-        // A daemon killed or crashed leaves its control socket behind; start waits for this
-        // daemon's socket (bound once start-up recovery is done), not for that stale file.
-        let _ = fs::remove_file(&self.settings.control_socket);
         let child = cmd.spawn().map_err(self.io("spawn refex run"))?;
         self.child = Some(child);
         let start = Instant::now();
