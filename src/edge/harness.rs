@@ -91,6 +91,18 @@ impl Daemon {
         if self.child.is_some() {
             return Ok(());
         }
+        self.spawn()?;
+        self.wait_serving()
+    }
+
+    /// Starts the process and returns at once, for a daemon expected to exit at start (it never
+    /// binds its control socket). A daemon killed or crashed leaves its socket behind; it is
+    /// removed first, so [`Daemon::start`] waits for this daemon's own socket, which is bound
+    /// only once start-up recovery is done.
+    pub fn spawn(&mut self) -> Result<(), HarnessError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -116,8 +128,19 @@ impl Daemon {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
+        match fs::remove_file(&self.settings.control_socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(self.io("remove the stale control socket")(e))
+            }
+            _ => {}
+        }
         let child = cmd.spawn().map_err(self.io("spawn refex run"))?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the spawned daemon's control socket exists; an exit before then is an error.
+    fn wait_serving(&mut self) -> Result<(), HarnessError> {
         let start = Instant::now();
         while !self.settings.control_socket.exists() {
             if let Some(status) = self

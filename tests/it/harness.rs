@@ -166,6 +166,14 @@ impl Node {
         }
     }
 
+    /// Starts a daemon that is expected to exit at start (it never serves); see
+    /// `faults::wait_exit`.
+    pub fn start_expecting_exit(&mut self) {
+        if let Err(e) = self.0.spawn() {
+            panic!("{e}; log:\n{}", self.log_text());
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.pid().expect("running")
     }
