@@ -51,9 +51,19 @@ fn verdict(met: bool) -> &'static str {
 }
 
 /// A referral JSON file of about 2 KB (the notes padded with fake text), as in the issue.
+/// A referral of ~2 KB, referred a minute before the bench started (consent recorded eight
+/// minutes before that), as a provider's drop of the day is: on time, so each file is the
+/// common case. (The test fixtures are referred 15 days back so that deadline tests see late
+/// referrals; every file here was then late too, with a deadline record and a warning at each
+/// end.)
 fn file_2k(source_ref: &str, enhanced: bool) -> Vec<u8> {
+    static NOW: std::sync::OnceLock<chrono::DateTime<Utc>> = std::sync::OnceLock::new();
+    let now = *NOW.get_or_init(|| Utc::now() - chrono::Duration::minutes(1));
+    let at = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut v: serde_json::Value =
         serde_json::from_str(&referral_with(source_ref, "london", "burglary", enhanced)).unwrap();
+    v["referred_at"] = at(now).into();
+    v["consent"]["explicit"]["recorded_at"] = at(now - chrono::Duration::minutes(8)).into();
     let len = v.to_string().len();
     let pad = 2048usize.saturating_sub(len + 1);
     v["notes"] = serde_json::Value::String(format!("Fake note for tests.{}", ".".repeat(pad)));
