@@ -50,12 +50,11 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-/// A referral JSON file of about 2 KB (the notes padded with fake text), as in the issue.
-/// A referral of ~2 KB, referred a minute before the bench started (consent recorded eight
-/// minutes before that), as a provider's drop of the day is: on time, so each file is the
-/// common case. (The test fixtures are referred 15 days back so that deadline tests see late
-/// referrals; every file here was then late too, with a deadline record and a warning at each
-/// end.)
+/// A referral JSON file of about 2 KB (the notes padded with fake text), as in the issue,
+/// referred a minute before the bench started (consent recorded eight minutes before that), as
+/// a provider's drop of the day is: on time, the common case. (The test fixtures are referred
+/// 15 days back so that deadline tests see late referrals; every file here was then late too,
+/// with a deadline record and a warning at each end.)
 fn file_2k(source_ref: &str, enhanced: bool) -> Vec<u8> {
     static NOW: std::sync::OnceLock<chrono::DateTime<Utc>> = std::sync::OnceLock::new();
     let now = *NOW.get_or_init(|| Utc::now() - chrono::Duration::minutes(1));
