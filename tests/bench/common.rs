@@ -1,17 +1,19 @@
 //! Shared by the benches: a store filled with `n` sealed, queued envelopes for london (one in
 //! seven enhanced), written directly before the daemon starts (the restart figures), and a
-//! process's memory figures from `/proc`; and the daemon the benches measure.
+//! process's memory figures from `/proc`; the daemon the benches measure; and the public-key
+//! work of one delivery, timed.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 use chrono::Utc;
 use refex::adapters::store::{NewEnvelope, Store};
-use refex::core::envelope::{Header, CONTENT_TYPE_REFERRAL_V1};
+use refex::core::envelope::{Header, ReceiptBody, ReceiptStatus, CONTENT_TYPE_REFERRAL_V1};
 use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
-use refex::crypto::{self, SigningKey};
+use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
 
 use crate::harness::{referral, Node};
 
@@ -68,6 +70,53 @@ pub fn header(from: &AreaId, to: &AreaId, len: usize) -> Header {
         content_type: CONTENT_TYPE_REFERRAL_V1.into(),
         payload_len: len as u64,
     }
+}
+
+/// µs of one core for all of one delivery's public-key work, both ends, averaged over `n`:
+/// seal (HPKE and the signature), verify, open, and the signed receipt (signed by the
+/// receiver, verified by the sender). No durability or network work can go below it, so it
+/// bounds what two daemons sharing this machine's cores can deliver. Timed in the bench's own
+/// build (the `bench` profile); the crypto crates' hot paths are assembly or hand-tuned Rust,
+/// and a program built as shipped measured the same per-operation costs.
+pub fn delivery_crypto_us(n: u32) -> f64 {
+    let (signer, _) = SigningKey::generate().unwrap();
+    let (kem, _) = KemSecretKey::generate().unwrap();
+    let (a, b): (AreaId, AreaId) = ("west-midlands".parse().unwrap(), "london".parse().unwrap());
+    let payload = parse_json(referral("BENCH-1", "london").as_bytes())
+        .unwrap()
+        .to_cbor();
+    let policy = OpenPolicy {
+        max_bytes: 1 << 20,
+        max_age: chrono::Duration::days(1),
+        max_skew: chrono::Duration::minutes(5),
+    };
+    let keys = vec![signer.public_key()];
+    let start = Instant::now();
+    for _ in 0..n {
+        let sealed = crypto::seal(
+            header(&a, &b, payload.len()),
+            &payload,
+            &signer,
+            &kem.public_key(),
+        )
+        .unwrap();
+        let bytes = sealed.to_bytes();
+        let v =
+            crypto::verify(&bytes, &b, &a, |_| Some(keys.clone()), Utc::now(), &policy).unwrap();
+        let opened = v.decrypt(&kem).unwrap();
+        let body = ReceiptBody {
+            v: 1,
+            envelope_id: opened.header.id,
+            envelope_sha256: opened.digest,
+            receiver: b.clone(),
+            received_at: Utc::now(),
+            status: ReceiptStatus::Delivered,
+            audit_head: "0".repeat(64),
+        };
+        let receipt = crypto::sign_receipt(&body, &signer).to_bytes();
+        crypto::verify_receipt(&receipt, &keys, &opened.header.id, &opened.digest, &b).unwrap();
+    }
+    start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
 }
 
 /// Writes `n` queued envelopes for london into `wm`'s (stopped) store.

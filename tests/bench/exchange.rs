@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use refex::adapters::store::{NewEnvelope, Store};
-use refex::core::envelope::{ReceiptBody, ReceiptStatus};
 use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
@@ -146,35 +145,7 @@ fn bench_crypto() {
         "crypto: seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s",
         payload.len()
     );
-    // All of one delivery's public-key work, both ends: the above and the signed receipt
-    // (signed by the receiver, verified by the sender). No durability or network work can go
-    // below it, so it bounds what two daemons sharing this machine's cores can deliver.
-    let start = Instant::now();
-    for _ in 0..n {
-        let sealed = crypto::seal(
-            header(&a, &b, payload.len()),
-            &payload,
-            &signer,
-            &kem.public_key(),
-        )
-        .unwrap();
-        let bytes = sealed.to_bytes();
-        let v =
-            crypto::verify(&bytes, &b, &a, |_| Some(keys.clone()), Utc::now(), &policy).unwrap();
-        let opened = v.decrypt(&kem).unwrap();
-        let body = ReceiptBody {
-            v: 1,
-            envelope_id: opened.header.id,
-            envelope_sha256: opened.digest,
-            receiver: b.clone(),
-            received_at: Utc::now(),
-            status: ReceiptStatus::Delivered,
-            audit_head: "0".repeat(64),
-        };
-        let receipt = crypto::sign_receipt(&body, &signer).to_bytes();
-        crypto::verify_receipt(&receipt, &keys, &opened.header.id, &opened.digest, &b).unwrap();
-    }
-    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let us = common::delivery_crypto_us(n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     println!(
         "crypto: one whole delivery (seal, sign, verify, open; receipt sign and verify): {us:.0} µs \

@@ -6,6 +6,8 @@
 //!    (≈2 KB each) to a private `sshd` on loopback, then the same 2,000 files dropped by rename
 //!    into one area's outbox → the other area's inbox; files/s of each and the ratio
 //!    (target ≥ 1.2×). Skipped with a line saying why when `sshd`/`sftp`/`ssh-keygen` are absent.
+//!    Then the floor: one delivery's public-key work timed in this process, and what 1.2× sftp
+//!    leaves per file for everything else.
 //! 2. drop → inbox latency at a steady 20 drops/s for 15 s (inotify on the inbox): p50 ≤ 20 ms,
 //!    p99 ≤ 100 ms.
 //! 3. restart with 100,000 envelopes queued: serving (`status --json` answers) within 1 s,
@@ -281,6 +283,24 @@ fn bench_sftp_vs_refex(n: usize) {
         println!(
             "  ratio refex / sftp: {ratio:.2}x (target >= 1.2x: {})",
             verdict(ratio >= 1.2)
+        );
+    }
+    // The floor: what the public-key work alone costs on this machine, and what 1.2x sftp
+    // leaves for everything else.
+    let us = common::delivery_crypto_us(500);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+    println!(
+        "  public-key work per delivery, both ends (timed here, one core): {us:.0} µs; alone it \
+         allows {:.0} files/s on {cores} cores",
+        cores * 1e6 / us
+    );
+    if let Some(sftp) = sftp {
+        let budget = cores * 1e6 / (1.2 * sftp);
+        println!(
+            "  1.2x sftp = {:.0} files/s: {budget:.0} µs of all cores per file for everything \
+             (both daemons, the kernel, this bench), {:.0} µs of it left after the public-key work",
+            1.2 * sftp,
+            budget - us
         );
     }
 }
