@@ -25,11 +25,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use refex::adapters::store::{NewEnvelope, Store};
-use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
-use refex::crypto::{self, KemSecretKey, OpenPolicy, SigningKey};
 
-use common::{cpu_ms, header, rss_kib};
+use common::{cpu_ms, rss_kib};
 use harness::{referral, wait_until, Federation};
 
 /// The system allocator, counting allocations (stage 5 reads the count around its loop).
@@ -107,43 +105,16 @@ fn bench_plan() {
 }
 
 fn bench_crypto() {
-    let (signer, _) = SigningKey::generate().unwrap();
-    let (kem, _) = KemSecretKey::generate().unwrap();
-    let (a, b): (AreaId, AreaId) = ("west-midlands".parse().unwrap(), "london".parse().unwrap());
-    let payload = parse_json(referral("BENCH-1", "london").as_bytes())
-        .unwrap()
-        .to_cbor();
-    let policy = OpenPolicy {
-        max_bytes: 1 << 20,
-        max_age: chrono::Duration::days(1),
-        max_skew: chrono::Duration::minutes(5),
-    };
-    let keys = vec![signer.public_key()];
+    let c = common::DeliveryCrypto::new();
     let n = 2_000;
     let start = Instant::now();
     for _ in 0..n {
-        let sealed = crypto::seal(
-            header(&a, &b, payload.len()),
-            &payload,
-            &signer,
-            &kem.public_key(),
-        )
-        .unwrap();
-        let v = crypto::verify(
-            &sealed.to_bytes(),
-            &b,
-            &a,
-            |_| Some(keys.clone()),
-            Utc::now(),
-            &policy,
-        )
-        .unwrap();
-        v.decrypt(&kem).unwrap();
+        c.envelope();
     }
     let per_sec = n as f64 / start.elapsed().as_secs_f64();
     println!(
         "crypto: seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s",
-        payload.len()
+        c.payload.len()
     );
     let us = common::delivery_crypto_us(n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
