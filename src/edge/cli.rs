@@ -251,9 +251,10 @@ pub fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            let resp = match block_on(control::call(
+            let resp = match block_on(control::call_within(
                 &settings.control_socket,
                 &request("status", None, None, None),
+                control::ANSWER_LIMIT,
             )) {
                 Ok(r) => r,
                 Err(e) => {
@@ -286,9 +287,10 @@ pub fn main() -> ExitCode {
                 OutboxCmd::Withdraw { config, id } => (config, id, "withdraw"),
             };
             with_settings(&config, |s| {
-                let resp = block_on(control::call(
+                let resp = block_on(control::call_within(
                     &s.control_socket,
                     &request(action, Some(id), None, None),
+                    control::ANSWER_LIMIT,
                 ))
                 .map_err(|e| {
                     format!(

@@ -434,7 +434,12 @@ fn control_status(socket: &Path) -> Option<serde_json::Value> {
         .enable_all()
         .build()
         .ok()?;
-    rt.block_on(crate::node::control::call(socket, &req)).ok()
+    rt.block_on(crate::node::control::call_within(
+        socket,
+        &req,
+        crate::node::control::ANSWER_LIMIT,
+    ))
+    .ok()
 }
 
 /// One row per node; `rest` is each node's wake-ups and CPU milliseconds per second at rest.

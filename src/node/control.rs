@@ -296,7 +296,29 @@ pub fn user_name(uid: u32) -> String {
         .unwrap_or_else(|| format!("uid:{uid}"))
 }
 
-/// Client side: sends one request and returns the response.
+/// How long `refex status`, `requeue` and `withdraw` wait for the daemon's answer. A daemon
+/// that accepts the connection but never answers (wedged on a stuck volume, say) must not hang
+/// a monitoring check or an operator's shell: the command fails, saying so, instead.
+pub const ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Client side: [`call`] bounded by `limit`; past it, an error of kind `TimedOut` naming it.
+pub async fn call_within(
+    path: &Path,
+    req: &Request,
+    limit: std::time::Duration,
+) -> std::io::Result<Value> {
+    tokio::time::timeout(limit, call(path, req))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?}"),
+            ))
+        })
+}
+
+/// Client side: sends one request and returns the response (unbounded: `backup` copies the
+/// whole state and takes as long as that takes; see [`call_within`]).
 pub async fn call(path: &Path, req: &Request) -> std::io::Result<Value> {
     let mut stream = UnixStream::connect(path).await?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
@@ -349,4 +371,39 @@ pub async fn complete_withdrawals(h: &Node) -> Result<usize, String> {
     }
     h.store.durable().await.map_err(|e| e.to_string())?;
     Ok(pending.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon that takes the connection and never answers: the bounded call gives up, naming
+    /// its limit, instead of waiting for ever (what `refex status` relies on).
+    #[tokio::test]
+    async fn a_daemon_that_never_answers_times_out_the_bounded_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let held = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            drop(s);
+        });
+        let req = Request {
+            v: 1,
+            cmd: "status".into(),
+            id: None,
+            user: None,
+            what: None,
+            subject: None,
+            to: None,
+            with_keys: false,
+        };
+        let e = call_within(&path, &req, std::time::Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("no answer within"), "{e}");
+        held.abort();
+    }
 }

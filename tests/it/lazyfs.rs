@@ -10,7 +10,9 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::harness::wait_until;
 
@@ -26,6 +28,184 @@ pub struct LazyFs {
     /// `finished::clear-cache` there once a clear has been applied.
     completed: fs::File,
     child: Child,
+    watchdog: Watchdog,
+}
+
+/// How long a test may keep a LazyFS mount before the watchdog fires (see [`Watchdog`]); the
+/// power-cut tests take seconds to two minutes here. REFEX_LAZYFS_WATCHDOG_SECS overrides it.
+const WATCHDOG_LIMIT: Duration = Duration::from_secs(600);
+
+/// A hung FUSE filesystem hangs its test for ever: a request LazyFS never answers leaves the
+/// caller in the kernel's uninterruptible wait (a SIGKILLed daemon cannot even be reaped), so no
+/// timeout in the test can fire. That happened once in CI (a power-cut test ran 80 minutes,
+/// until CI's limit). The watchdog turns it into a failure with evidence: past its limit it
+/// prints each process's state and kernel stack, LazyFS's threads (gdb, when installed) and its
+/// log, then aborts the FUSE connection (every pending request fails with ENOTCONN, so the test
+/// thread wakes and fails where it waited) and kills LazyFS. If the test still has not finished
+/// two minutes later, it ends the test process with exit 101.
+struct Watchdog {
+    done: Arc<AtomicBool>,
+    /// The current LazyFS process (it changes at [`LazyFs::remount`]).
+    pid: Arc<AtomicU32>,
+    limit_secs: Arc<AtomicU64>,
+}
+
+impl Watchdog {
+    fn start(mnt: PathBuf, log: PathBuf, pid: u32) -> Self {
+        let limit = std::env::var("REFEX_LAZYFS_WATCHDOG_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(WATCHDOG_LIMIT.as_secs());
+        let me = Self {
+            done: Arc::new(AtomicBool::new(false)),
+            pid: Arc::new(AtomicU32::new(pid)),
+            limit_secs: Arc::new(AtomicU64::new(limit)),
+        };
+        let (done, pid, limit) = (me.done.clone(), me.pid.clone(), me.limit_secs.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed().as_secs() < limit.load(Ordering::SeqCst) {
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let lazyfs = pid.load(Ordering::SeqCst);
+            eprintln!(
+                "WATCHDOG: a LazyFS test has held {} for {:?}; the filesystem or a process on it \
+                 is stuck. What each process is doing:\n{}\n--- tail of {} ---\n{}",
+                mnt.display(),
+                start.elapsed(),
+                stuck_report(lazyfs),
+                log.display(),
+                tail(&log)
+            );
+            match abort_fuse_connection(&mnt) {
+                Ok(conn) => eprintln!("WATCHDOG: aborted FUSE connection {conn}"),
+                Err(e) => eprintln!("WATCHDOG: could not abort the FUSE connection: {e}"),
+            }
+            let _ = Command::new("kill")
+                .args(["-9", &lazyfs.to_string()])
+                .status();
+            let grace = Instant::now();
+            while grace.elapsed() < Duration::from_secs(120) {
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            eprintln!(
+                "WATCHDOG: the test is still stuck 120 s after the abort; ending the test process"
+            );
+            std::process::exit(101);
+        });
+        me
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Every process of this test run (this one, its children such as the daemons, LazyFS): its
+/// state, kernel wait channel and, when it is in an uninterruptible wait, its kernel stack; then
+/// LazyFS's own threads as gdb sees them, when gdb is installed.
+fn stuck_report(lazyfs: u32) -> String {
+    let me = std::process::id();
+    let mut out = String::new();
+    let mut pids: Vec<u32> = vec![me, lazyfs];
+    let children = fs::read_dir(format!("/proc/{me}/task"))
+        .map(|d| {
+            d.flatten()
+                .flat_map(|t| {
+                    fs::read_to_string(t.path().join("children"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect::<Vec<u32>>()
+        })
+        .unwrap_or_default();
+    pids.extend(children);
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        let cmd = fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ");
+        for t in fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state is the field after the parenthesised command name.
+            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            out.push_str(&format!(
+                "pid {pid} task {} state {state} wchan {wchan} ({cmd})\n",
+                t.file_name().to_string_lossy()
+            ));
+            if state == "D" {
+                out.push_str(&fs::read_to_string(t.path().join("stack")).unwrap_or_default());
+            }
+        }
+    }
+    let gdb = Command::new("timeout")
+        .args([
+            "60",
+            "gdb",
+            "-p",
+            &lazyfs.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(Stdio::null())
+        .output();
+    match gdb {
+        Ok(o) => {
+            out.push_str("--- LazyFS threads (gdb) ---\n");
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        Err(e) => out.push_str(&format!("(no gdb backtrace of LazyFS: {e})\n")),
+    }
+    out
+}
+
+/// Aborts the FUSE connection of the mount at `mnt` (fusectl's `abort`), found by the mount's
+/// device number in /proc/self/mountinfo; mounts fusectl first when it is not mounted.
+fn abort_fuse_connection(mnt: &Path) -> Result<String, String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let want = mnt.to_string_lossy();
+    let dev = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[4] == want)
+        .map(|f| f[2].to_owned())
+        .ok_or("the mount is not in /proc/self/mountinfo")?;
+    let minor = dev.rsplit(':').next().unwrap_or_default().to_owned();
+    let conns = Path::new("/sys/fs/fuse/connections");
+    if fs::read_dir(conns)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+    {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(conns)
+            .status();
+    }
+    fs::write(conns.join(&minor).join("abort"), "1").map_err(|e| format!("{dev}: {e}"))?;
+    Ok(dev)
+}
+
+fn tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// The LazyFS binary: REFEX_LAZYFS_BIN, or built by the shared tool; `None` when neither is
@@ -101,7 +281,9 @@ impl LazyFs {
         )
         .unwrap();
         let child = spawn(&bin, &mnt, &cfg, &root, &work.join("lazyfs.log"));
+        let watchdog = Watchdog::start(mnt.clone(), work.join("lazyfs.log"), child.id());
         let me = Self {
+            watchdog,
             log: work.join("lazyfs.log"),
             bin,
             cfg,
@@ -125,8 +307,20 @@ impl LazyFs {
 
     /// Sends one command to LazyFS's fault FIFO (e.g. `lazyfs::crash::timing=before::op=fsync::from_rgx=x`).
     pub fn command(&self, cmd: &str) {
-        let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
-        writeln!(f, "{cmd}").unwrap();
+        writeln!(self.open_fifo(), "{cmd}").unwrap();
+    }
+
+    /// The command FIFO, opened without waiting: LazyFS holds its read end while it lives, and a
+    /// blocking open would wait for ever once it has died (ENXIO instead).
+    fn open_fifo(&self) -> fs::File {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(0o4000)
+            .open(&self.fifo)
+            .unwrap_or_else(|e| {
+                panic!("LazyFS's command FIFO has no reader (is LazyFS gone?): {e}")
+            })
     }
 
     /// Unmounts (a dead mount too) and reaps the LazyFS process.
@@ -144,6 +338,7 @@ impl LazyFs {
     pub fn remount(&mut self) {
         self.unmount();
         self.child = spawn(&self.bin, &self.mnt, &self.cfg, &self.root, &self.log);
+        self.watchdog.pid.store(self.child.id(), Ordering::SeqCst);
         self.wait_mounted();
     }
 
@@ -154,7 +349,7 @@ impl LazyFs {
     pub fn clear_cache(&mut self) {
         use std::io::Read;
         self.assert_alive();
-        let mut f = fs::OpenOptions::new().write(true).open(&self.fifo).unwrap();
+        let mut f = self.open_fifo();
         f.write_all(b"lazyfs::clear-cache\n").unwrap();
         drop(f);
         let mut got = Vec::new();
@@ -210,9 +405,14 @@ impl LazyFs {
 
     /// The last 40 lines of LazyFS's log.
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        tail(&self.log)
+    }
+
+    /// How long this test may hold the mount before the watchdog fires (a long soak's own).
+    pub fn set_watchdog_limit(&self, limit: Duration) {
+        self.watchdog
+            .limit_secs
+            .store(limit.as_secs(), Ordering::SeqCst);
     }
 }
 

@@ -187,6 +187,8 @@ fn power_cuts(cuts: usize, per_cut: usize) {
     let Some((mut fed, mut lfs, mut provider)) = crate::powercut::on_lazyfs() else {
         return;
     };
+    // A cut takes seconds; a minute each is room for a loaded machine (the long soak's 100).
+    lfs.set_watchdog_limit(Duration::from_secs(600.max(60 * cuts as u64)));
     fed.start_all();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
