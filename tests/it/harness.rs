@@ -43,8 +43,11 @@ const BLOCK: u16 = 8;
 
 pub fn port_block(n: usize) -> u16 {
     if NEXT_PORT.load(Ordering::SeqCst) == 0 {
-        // Spread concurrent test runs (e.g. CI and a developer) apart by process id.
-        let start = 20_000 + (std::process::id() % 200) as u16 * 100;
+        // Spread concurrent test runs (e.g. CI and a developer) apart by process id, below
+        // Linux's ephemeral range (32768-60999): a port checked free here is bound again at
+        // every restart of its daemon, and in that range any socket bound to port 0 meanwhile
+        // (an attacker's or a client's in another test) can take it ("Address already in use").
+        let start = 20_000 + (std::process::id() % 120) as u16 * 100;
         let _ = NEXT_PORT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
     }
     loop {
