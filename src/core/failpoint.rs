@@ -1,5 +1,6 @@
-//! Crash points for the torture tests: `REFEX_CRASH_AT=<point>[:<n>]` makes the process abort
-//! (as `kill -9` would, no cleanup, no flush) the n-th time (default 1st) it passes `point`.
+//! Crash points for the torture tests: `REFEX_CRASH_AT=<point>[:<n>]` makes the process die by
+//! SIGKILL (as `kill -9` would: no cleanup, no flush, no core dump) the n-th time (default 1st)
+//! it passes `point`.
 //!
 //! The points sit in the windows where a crash is most dangerous: between a durable store write
 //! and the deletion of the outbox file, between staging and publishing an inbox file, between
@@ -41,6 +42,13 @@ pub fn hit(point: &str) {
     if let Some((p, n)) = target() {
         if p == point && PASSES.fetch_add(1, Ordering::SeqCst) + 1 == *n {
             eprintln!("REFEX_CRASH_AT: aborting at {point}");
+            // SIGKILL to itself: the crash a test means (no handler, no flush) without the core
+            // dump an abort() writes where the host enables them (58 MB into the working
+            // directory per crash, and a dumping process the test cannot reap until it is done).
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
             std::process::abort();
         }
     }
