@@ -143,7 +143,10 @@ fn stuck_report(lazyfs: u32) -> String {
         {
             let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
             // The state is the field after the parenthesised command name.
-            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.get(..1))
+                .unwrap_or("?");
             let wchan = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
             out.push_str(&format!(
                 "pid {pid} task {} state {state} wchan {wchan} ({cmd})\n",
@@ -170,6 +173,13 @@ fn stuck_report(lazyfs: u32) -> String {
         Ok(o) => {
             out.push_str("--- LazyFS threads (gdb) ---\n");
             out.push_str(&String::from_utf8_lossy(&o.stdout));
+            if !o.status.success() {
+                out.push_str(&format!(
+                    "(gdb: {}: {})\n",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+            }
         }
         Err(e) => out.push_str(&format!("(no gdb backtrace of LazyFS: {e})\n")),
     }
