@@ -630,17 +630,27 @@ fn stalling_flood(
                         .enable_all()
                         .build()
                         .unwrap();
+                    // One endpoint per attacker, on another loopback address (thousands of
+                    // ephemeral ports taken on 127.0.0.1 could take a daemon's port before it
+                    // binds it). An endpoint per attempt leaked its socket until this runtime
+                    // next ran its driver, and a victim with its slots full refuses at once, so
+                    // the loop spun: ~15,000 sockets in the first two seconds here, and
+                    // "Too many open files" where the limit is 20,000 (2 runs in 6).
+                    let ep = rt.block_on(async {
+                        quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap()
+                    });
                     let mut attempts = 0u64;
                     while std::time::Instant::now() < end {
                         attempts += 1;
+                        let began = std::time::Instant::now();
                         rt.block_on(async {
-                            // Another loopback address: thousands of ephemeral ports taken
-                            // on 127.0.0.1 could take a daemon's port before it binds it.
-                            let ep =
-                                quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
                             let c = ep.connect_with(config.clone(), addr, &name).unwrap();
                             let _ = tokio::time::timeout(hold + Duration::from_secs(1), c).await;
                         });
+                        if began.elapsed() < hold / 2 {
+                            // Refused at once (no slot free): try again shortly, not in a spin.
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                     attempts
                 })
