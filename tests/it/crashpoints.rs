@@ -1,4 +1,4 @@
-//! Crashes (REFEX_CRASH_AT, an abort as `kill -9` would be) during a SIGHUP reload, a retention
+//! Crashes (REFEX_CRASH_AT, a SIGKILL the daemon sends itself) during a SIGHUP reload, a retention
 //! purge, an operator's withdraw and an audit checkpoint write. After each: restart, nothing lost
 //! or duplicated (history checker), both chains verify, and — record before change — the
 //! operation's record exists although the change was never made.

@@ -635,7 +635,7 @@ fn stalling_flood(
                     // binds it). An endpoint per attempt leaked its socket until this runtime
                     // next ran its driver, and a victim with its slots full refuses at once, so
                     // the loop spun: ~15,000 sockets in the first two seconds here, and
-                    // "Too many open files" where the limit is 20,000 (2 runs in 6).
+                    // "Too many open files" where the limit is 20,000 (3 runs in 8).
                     let ep = rt.block_on(async {
                         quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap()
                     });

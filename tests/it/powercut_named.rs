@@ -1,9 +1,10 @@
-//! Power cuts at named operations: the process aborts at a crash point just before or just after
-//! the operation (REFEX_CRASH_AT), every daemon is killed at once and LazyFS drops everything not
-//! fsynced (`clear-cache`) — the power cut lands exactly there. The operations: the outbox
-//! unlink (intake), the store's fsync (group commit), the audit append (sender and receiver) and
-//! the inbox rename (publish). One federation on one LazyFS mount takes every cut in turn; at
-//! the end the history checker, `refex audit verify` on both sides, and the store opens.
+//! Power cuts at named operations: the process kills itself at a crash point just before or
+//! just after the operation (REFEX_CRASH_AT), every daemon is killed at once and LazyFS drops
+//! everything not fsynced (`clear-cache`) — the power cut lands exactly there. The operations:
+//! the outbox unlink (intake), the store's fsync (group commit), the audit append (sender and
+//! receiver) and the inbox rename (publish). One federation on one LazyFS mount takes every cut
+//! in turn; at the end the history checker, `refex audit verify` on both sides, and the store
+//! opens.
 
 use std::fs;
 use std::time::Duration;
