@@ -15,7 +15,8 @@
 //! append is durable the head moves even if `checkpoints.jsonl` then fails (its lines are
 //! retried with the next commit), so nothing is ever written twice under one sequence number.
 //! Files: `audit-YYYY-MM-DD-NN.jsonl` (UTC date of the records; NN starts at 00 and rises when a
-//! file must not be appended to, e.g. after a torn tail), created mode 0640 with the directory
+//! file must not be appended to, e.g. after a torn tail; 100 and on have three digits, and the
+//! chain order is by date, then NN as a number), created mode 0640 with the directory
 //! fsynced; `checkpoints.jsonl` (every checkpoint line again, so truncation of the main log after
 //! a checkpoint is detectable). Tally counts are chained `tally` records (no `tally.json`).
 //! Must not: answer a caller before its record is durable; append to a file after a failed
@@ -57,26 +58,37 @@ struct Writer {
     beat: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Files of the log in chain order.
+/// Files of the log in chain order: by date, then by the suffix as a number. (By name, the
+/// 101st file of a day, `…-100`, sorted before `…-11`: the writer then took its head from
+/// `…-99` and reused sequence numbers, and `verify` reported records missing.)
 pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+    // (date and suffix when the name has them, the name, the path)
+    type Keyed = (Option<(NaiveDate, u32)>, String, PathBuf);
+    let mut v: Vec<Keyed> = fs::read_dir(dir)
         .map_err(|e| AuditError::io(dir, e))?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            let n = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            n.starts_with("audit-") && n.ends_with(".jsonl")
+        .filter_map(|p| {
+            let n = p.file_name()?.to_string_lossy().into_owned();
+            (n.starts_with("audit-") && n.ends_with(".jsonl")).then_some((n, p))
         })
+        .map(|(n, p)| (file_date(&n).zip(file_suffix(&n)), n, p))
         .collect();
     v.sort();
-    Ok(v)
+    Ok(v.into_iter().map(|(_, _, p)| p).collect())
 }
 
 fn file_date(name: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(name.get(6..16)?, "%Y-%m-%d").ok()
+}
+
+/// The `NN` of `audit-YYYY-MM-DD-NN.jsonl`: two digits or more (`{n:02}`).
+fn file_suffix(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".jsonl")?.get(17..)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
@@ -174,10 +186,7 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let (Some(d), Some(n)) = (
-            file_date(&name),
-            name.get(17..19).and_then(|s| s.parse::<u32>().ok()),
-        ) {
+        if let (Some(d), Some(n)) = (file_date(&name), file_suffix(&name)) {
             let e = next_suffix.entry(d).or_insert(0);
             *e = (*e).max(n + 1);
         }

@@ -827,3 +827,57 @@ async fn search_any_finds_records_under_several_keys_in_one_pass() {
         .iter()
         .all(|(i, l)| *i != 0 && l.contains(if *i == 1 { &b.0 } else { &a.0 })));
 }
+
+/// The 101st file of a day is `…-100`: by name it sorted before `…-11`, so a restart took its
+/// head from `…-99` and reused sequence numbers (found by the 100-cut power-cut soak, where
+/// every cut leaves a torn tail and so a new file). Files are ordered by suffix as a number.
+#[tokio::test]
+async fn a_day_with_more_than_a_hundred_files_keeps_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _) = SigningKey::generate().unwrap();
+    let signer = Arc::new(signer);
+    let keys = vec![signer.public_key()];
+    let (secret, _) = SubjectSecret::generate().unwrap();
+    let a = secret.key("sys", "A-1");
+    let session = |n: u64| {
+        let (dir, signer, a) = (dir.path().to_owned(), signer.clone(), a.clone());
+        async move {
+            let log = AuditLog::open(config(&dir), signer).unwrap();
+            for i in 0..n {
+                log.record(event(i, &a)).await.unwrap();
+            }
+            let head = log.head();
+            log.close().await.unwrap();
+            head
+        }
+    };
+    session(2).await;
+    // As if 99 files had come before: the day's only file becomes its 100th.
+    let first = only_file(dir.path());
+    let day_99 = first.with_file_name(name_of(&first).replace("-00.jsonl", "-99.jsonl"));
+    fs::rename(&first, &day_99).unwrap();
+    session(2).await; // opens `…-100`
+    let names: Vec<String> = log::log_files(dir.path())
+        .unwrap()
+        .iter()
+        .map(|p| name_of(p).to_owned())
+        .collect();
+    assert!(
+        names[0].ends_with("-99.jsonl") && names[1].ends_with("-100.jsonl"),
+        "{names:?}"
+    );
+    let before = verify(dir.path(), &keys).unwrap().records;
+    let head = session(1).await; // must continue from `…-100`, in `…-101`
+    assert_eq!(
+        head.seq,
+        before + 1,
+        "the chain goes on from the newest file"
+    );
+    let report = verify(dir.path(), &keys).unwrap();
+    assert_eq!(
+        report.records,
+        before + 2,
+        "one event and its closing checkpoint"
+    );
+    assert_eq!(report.files, 3);
+}
