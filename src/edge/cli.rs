@@ -406,14 +406,10 @@ fn request(
     subject: Option<String>,
 ) -> Request {
     Request {
-        v: 1,
-        cmd: cmd.into(),
         id,
-        user: None,
         what,
         subject,
-        to: None,
-        with_keys: false,
+        ..Request::new(cmd)
     }
 }
 

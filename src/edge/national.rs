@@ -420,16 +420,7 @@ fn node_figures(d: &Daemon) -> Result<NodeFigures> {
 }
 
 fn control_status(socket: &Path) -> Option<serde_json::Value> {
-    let req = crate::node::control::Request {
-        v: 1,
-        cmd: "status".into(),
-        id: None,
-        user: None,
-        what: None,
-        subject: None,
-        to: None,
-        with_keys: false,
-    };
+    let req = crate::node::control::Request::new("status");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -13,14 +13,9 @@ use crate::node::settings::Settings;
 pub async fn backup(s: &Settings, to: &Path, with_keys: bool, user: &str) -> Result<(), String> {
     let to = std::path::absolute(to).map_err(|e| format!("{}: {e}", to.display()))?;
     let req = Request {
-        v: 1,
-        cmd: "backup".into(),
-        id: None,
-        user: None,
-        what: None,
-        subject: None,
         to: Some(to.display().to_string()),
         with_keys,
+        ..Request::new("backup")
     };
     let keys_note = if with_keys {
         "keys included"

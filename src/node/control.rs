@@ -65,6 +65,22 @@ pub struct Request {
     pub with_keys: bool,
 }
 
+impl Request {
+    /// A version-1 request for `cmd` with no arguments; callers set the fields `cmd` needs.
+    pub fn new(cmd: &str) -> Self {
+        Self {
+            v: 1,
+            cmd: cmd.into(),
+            id: None,
+            user: None,
+            what: None,
+            subject: None,
+            to: None,
+            with_keys: false,
+        }
+    }
+}
+
 /// Binds the socket (replacing a stale one) with mode 0660 (group: the directory's, see above).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
@@ -389,19 +405,13 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_secs(60)).await;
             drop(s);
         });
-        let req = Request {
-            v: 1,
-            cmd: "status".into(),
-            id: None,
-            user: None,
-            what: None,
-            subject: None,
-            to: None,
-            with_keys: false,
-        };
-        let e = call_within(&path, &req, std::time::Duration::from_millis(300))
-            .await
-            .unwrap_err();
+        let e = call_within(
+            &path,
+            &Request::new("status"),
+            std::time::Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("no answer within"), "{e}");
         held.abort();
