@@ -131,9 +131,70 @@ impl DeliveryCrypto {
         .unwrap()
     }
 
-    /// The receipt's part: signed by the receiver, verified by the sender.
-    pub fn receipt(&self, opened: &OpenedEnvelope) {
-        let body = ReceiptBody {
+    /// µs of one core per step of a delivery's public-key work, each timed over `n` in a row:
+    /// seal (HPKE to the receiver's key, then the Ed25519 signature), verify (decode and
+    /// signature), open (HPKE), and the receipt's signature and its check.
+    pub fn steps_us(&self, n: u32) -> [(&'static str, f64); 5] {
+        let (from, to, keys) = (&self.from, &self.to, &self.keys);
+        let per = |start: Instant| start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+        let start = Instant::now();
+        let sealed: Vec<Vec<u8>> = (0..n)
+            .map(|_| {
+                crypto::seal(
+                    header(from, to, self.payload.len()),
+                    &self.payload,
+                    &self.signer,
+                    &self.kem.public_key(),
+                )
+                .unwrap()
+                .to_bytes()
+            })
+            .collect();
+        let seal = per(start);
+        let start = Instant::now();
+        let verified: Vec<_> = sealed
+            .iter()
+            .map(|b| {
+                crypto::verify(
+                    b,
+                    to,
+                    from,
+                    |_| Some(keys.clone()),
+                    Utc::now(),
+                    &self.policy,
+                )
+                .unwrap()
+            })
+            .collect();
+        let verify = per(start);
+        let start = Instant::now();
+        let opened: Vec<OpenedEnvelope> = verified
+            .into_iter()
+            .map(|v| v.decrypt(&self.kem).unwrap())
+            .collect();
+        let open = per(start);
+        let start = Instant::now();
+        let receipts: Vec<Vec<u8>> = opened
+            .iter()
+            .map(|o| crypto::sign_receipt(&self.receipt_body(o), &self.signer).to_bytes())
+            .collect();
+        let sign = per(start);
+        let start = Instant::now();
+        for (r, o) in receipts.iter().zip(&opened) {
+            crypto::verify_receipt(r, keys, &o.header.id, &o.digest, to).unwrap();
+        }
+        let check = per(start);
+        [
+            ("seal (HPKE + signature)", seal),
+            ("verify", verify),
+            ("open (HPKE)", open),
+            ("receipt signature", sign),
+            ("receipt check", check),
+        ]
+    }
+
+    fn receipt_body(&self, opened: &OpenedEnvelope) -> ReceiptBody {
+        ReceiptBody {
             v: 1,
             envelope_id: opened.header.id,
             envelope_sha256: opened.digest,
@@ -141,8 +202,12 @@ impl DeliveryCrypto {
             received_at: Utc::now(),
             status: ReceiptStatus::Delivered,
             audit_head: "0".repeat(64),
-        };
-        let receipt = crypto::sign_receipt(&body, &self.signer).to_bytes();
+        }
+    }
+
+    /// The receipt's part: signed by the receiver, verified by the sender.
+    pub fn receipt(&self, opened: &OpenedEnvelope) {
+        let receipt = crypto::sign_receipt(&self.receipt_body(opened), &self.signer).to_bytes();
         let (id, digest) = (&opened.header.id, &opened.digest);
         crypto::verify_receipt(&receipt, &self.keys, id, digest, &self.to).unwrap();
     }
@@ -163,6 +228,16 @@ pub fn delivery_crypto_us(n: u32) -> f64 {
         c.receipt(&opened);
     }
     start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+/// [`DeliveryCrypto::steps_us`] as one line: "seal (HPKE + signature) 80, verify 45, …".
+pub fn crypto_steps_line(n: u32) -> String {
+    DeliveryCrypto::new()
+        .steps_us(n)
+        .iter()
+        .map(|(what, us)| format!("{what} {us:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Writes `n` queued envelopes for london into `wm`'s (stopped) store.

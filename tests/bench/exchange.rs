@@ -123,6 +123,10 @@ fn bench_crypto() {
          of one core; alone it caps {cores} cores at {:.0} deliveries/s",
         cores as f64 * 1e6 / us
     );
+    println!(
+        "crypto: per step, µs of one core: {}",
+        common::crypto_steps_line(n)
+    );
 }
 
 async fn bench_store() {

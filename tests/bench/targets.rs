@@ -294,6 +294,10 @@ fn bench_sftp_vs_refex(n: usize) {
          allows {:.0} files/s on {cores} cores",
         cores * 1e6 / us
     );
+    println!(
+        "    per step, µs of one core: {}",
+        common::crypto_steps_line(500)
+    );
     if let Some(sftp) = sftp {
         let budget = cores * 1e6 / (1.2 * sftp);
         println!(
