@@ -13,7 +13,9 @@ use refex::adapters::store::{NewEnvelope, Store};
 use refex::core::envelope::{Header, ReceiptBody, ReceiptStatus, CONTENT_TYPE_REFERRAL_V1};
 use refex::core::referral::parse_json;
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
-use refex::crypto::{self, KemSecretKey, OpenPolicy, OpenedEnvelope, SigningKey, VerifyingKey};
+use refex::crypto::{
+    self, KemSecretKey, OpenPolicy, OpenedEnvelope, SigningKey, VerifiedEnvelope, VerifyingKey,
+};
 
 use crate::harness::{referral, Node};
 
@@ -107,65 +109,78 @@ impl DeliveryCrypto {
         }
     }
 
-    /// The envelope's part: seal (HPKE and the signature), then verify and open it.
-    pub fn envelope(&self) -> OpenedEnvelope {
-        let (from, to) = (&self.from, &self.to);
-        let sealed = crypto::seal(
-            header(from, to, self.payload.len()),
+    /// Seals the referral for london (HPKE, then the signature): the envelope's bytes.
+    fn seal(&self) -> Vec<u8> {
+        crypto::seal(
+            header(&self.from, &self.to, self.payload.len()),
             &self.payload,
             &self.signer,
             &self.kem.public_key(),
         )
-        .unwrap();
+        .unwrap()
+        .to_bytes()
+    }
+
+    /// london's checks of an envelope's bytes (decode, signature), before opening it.
+    fn verify(&self, sealed: &[u8]) -> VerifiedEnvelope {
         let keys = &self.keys;
         crypto::verify(
-            &sealed.to_bytes(),
-            to,
-            from,
+            sealed,
+            &self.to,
+            &self.from,
             |_| Some(keys.clone()),
             Utc::now(),
             &self.policy,
         )
         .unwrap()
-        .decrypt(&self.kem)
-        .unwrap()
+    }
+
+    /// london's signed receipt for `opened`, as bytes.
+    fn sign_receipt(&self, opened: &OpenedEnvelope) -> Vec<u8> {
+        let body = ReceiptBody {
+            v: 1,
+            envelope_id: opened.header.id,
+            envelope_sha256: opened.digest,
+            receiver: self.to.clone(),
+            received_at: Utc::now(),
+            status: ReceiptStatus::Delivered,
+            audit_head: "0".repeat(64),
+        };
+        crypto::sign_receipt(&body, &self.signer).to_bytes()
+    }
+
+    /// west-midlands' check of london's receipt for `opened`.
+    fn check_receipt(&self, receipt: &[u8], opened: &OpenedEnvelope) {
+        crypto::verify_receipt(
+            receipt,
+            &self.keys,
+            &opened.header.id,
+            &opened.digest,
+            &self.to,
+        )
+        .unwrap();
+    }
+
+    /// The envelope's part: seal (HPKE and the signature), then verify and open it.
+    pub fn envelope(&self) -> OpenedEnvelope {
+        self.verify(&self.seal()).decrypt(&self.kem).unwrap()
+    }
+
+    /// The receipt's part: signed by the receiver, verified by the sender.
+    pub fn receipt(&self, opened: &OpenedEnvelope) {
+        self.check_receipt(&self.sign_receipt(opened), opened);
     }
 
     /// µs of one core per step of a delivery's public-key work, each timed over `n` in a row:
     /// seal (HPKE to the receiver's key, then the Ed25519 signature), verify (decode and
     /// signature), open (HPKE), and the receipt's signature and its check.
     pub fn steps_us(&self, n: u32) -> [(&'static str, f64); 5] {
-        let (from, to, keys) = (&self.from, &self.to, &self.keys);
         let per = |start: Instant| start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
         let start = Instant::now();
-        let sealed: Vec<Vec<u8>> = (0..n)
-            .map(|_| {
-                crypto::seal(
-                    header(from, to, self.payload.len()),
-                    &self.payload,
-                    &self.signer,
-                    &self.kem.public_key(),
-                )
-                .unwrap()
-                .to_bytes()
-            })
-            .collect();
+        let sealed: Vec<Vec<u8>> = (0..n).map(|_| self.seal()).collect();
         let seal = per(start);
         let start = Instant::now();
-        let verified: Vec<_> = sealed
-            .iter()
-            .map(|b| {
-                crypto::verify(
-                    b,
-                    to,
-                    from,
-                    |_| Some(keys.clone()),
-                    Utc::now(),
-                    &self.policy,
-                )
-                .unwrap()
-            })
-            .collect();
+        let verified: Vec<VerifiedEnvelope> = sealed.iter().map(|b| self.verify(b)).collect();
         let verify = per(start);
         let start = Instant::now();
         let opened: Vec<OpenedEnvelope> = verified
@@ -174,14 +189,11 @@ impl DeliveryCrypto {
             .collect();
         let open = per(start);
         let start = Instant::now();
-        let receipts: Vec<Vec<u8>> = opened
-            .iter()
-            .map(|o| crypto::sign_receipt(&self.receipt_body(o), &self.signer).to_bytes())
-            .collect();
+        let receipts: Vec<Vec<u8>> = opened.iter().map(|o| self.sign_receipt(o)).collect();
         let sign = per(start);
         let start = Instant::now();
         for (r, o) in receipts.iter().zip(&opened) {
-            crypto::verify_receipt(r, keys, &o.header.id, &o.digest, to).unwrap();
+            self.check_receipt(r, o);
         }
         let check = per(start);
         [
@@ -191,25 +203,6 @@ impl DeliveryCrypto {
             ("receipt signature", sign),
             ("receipt check", check),
         ]
-    }
-
-    fn receipt_body(&self, opened: &OpenedEnvelope) -> ReceiptBody {
-        ReceiptBody {
-            v: 1,
-            envelope_id: opened.header.id,
-            envelope_sha256: opened.digest,
-            receiver: self.to.clone(),
-            received_at: Utc::now(),
-            status: ReceiptStatus::Delivered,
-            audit_head: "0".repeat(64),
-        }
-    }
-
-    /// The receipt's part: signed by the receiver, verified by the sender.
-    pub fn receipt(&self, opened: &OpenedEnvelope) {
-        let receipt = crypto::sign_receipt(&self.receipt_body(opened), &self.signer).to_bytes();
-        let (id, digest) = (&opened.header.id, &opened.digest);
-        crypto::verify_receipt(&receipt, &self.keys, id, digest, &self.to).unwrap();
     }
 }
 
