@@ -72,10 +72,15 @@ pub fn log_files(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
             let n = p.file_name()?.to_string_lossy().into_owned();
             (n.starts_with("audit-") && n.ends_with(".jsonl")).then_some((n, p))
         })
-        .map(|(n, p)| (file_date(&n).zip(file_suffix(&n)), n, p))
+        .map(|(n, p)| (file_key(&n), n, p))
         .collect();
     v.sort();
     Ok(v.into_iter().map(|(_, _, p)| p).collect())
+}
+
+/// The chain position in a file's name: its date, then `NN` as a number.
+fn file_key(name: &str) -> Option<(NaiveDate, u32)> {
+    file_date(name).zip(file_suffix(name))
 }
 
 fn file_date(name: &str) -> Option<NaiveDate> {
@@ -186,7 +191,7 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let (Some(d), Some(n)) = (file_date(&name), file_suffix(&name)) {
+        if let Some((d, n)) = file_key(&name) {
             let e = next_suffix.entry(d).or_insert(0);
             *e = (*e).max(n + 1);
         }
