@@ -64,11 +64,8 @@ impl Watchdog {
         let (done, pid, limit) = (me.done.clone(), me.pid.clone(), me.limit_secs.clone());
         std::thread::spawn(move || {
             let start = Instant::now();
-            while start.elapsed().as_secs() < limit.load(Ordering::SeqCst) {
-                if done.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(500));
+            if ended_within(&done, || Duration::from_secs(limit.load(Ordering::SeqCst))) {
+                return;
             }
             let lazyfs = pid.load(Ordering::SeqCst);
             eprintln!(
@@ -87,12 +84,8 @@ impl Watchdog {
             let _ = Command::new("kill")
                 .args(["-9", &lazyfs.to_string()])
                 .status();
-            let grace = Instant::now();
-            while grace.elapsed() < Duration::from_secs(120) {
-                if done.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(500));
+            if ended_within(&done, || Duration::from_secs(120)) {
+                return;
             }
             eprintln!(
                 "WATCHDOG: the test is still stuck 120 s after the abort; ending the test process"
@@ -101,6 +94,19 @@ impl Watchdog {
         });
         me
     }
+}
+
+/// Whether the test set `done` before `limit` (read again at each look: a test may extend it)
+/// passed; looks twice a second.
+fn ended_within(done: &AtomicBool, limit: impl Fn() -> Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit() {
+        if done.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    done.load(Ordering::SeqCst)
 }
 
 impl Drop for Watchdog {
