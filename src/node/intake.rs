@@ -27,7 +27,12 @@
 //! multiply memory) are worked on at once: each is parsed and sealed on the blocking pool (so
 //! both cores work), then steps 2–5 are carried out for every file sealed at the same time
 //! together — one store transaction and sync, one audit job, one release, one directory sync
-//! for their deletions (`stage.rs`), each file still in the order above. A name is never taken
+//! for their deletions (`stage.rs`), each file still in the order above. A batch with more
+//! accepted rows than `intake.parallel_referrals` goes through steps 2–4 in slices of that many,
+//! one slice after the other, and is removed after the last: a round then holds one slice's
+//! store transaction and audit job, not the file's (a 20,000-row CSV in one round peaked at
+//! ~500 MB, in slices of 256 at ~110 MB). A failure or crash between slices leaves the file, and
+//! taken again its queued slices are logged duplicates, as for any file. A name is never taken
 //! twice at once (the same name re-appearing while in flight waits for the first to finish),
 //! and two files carrying the same referral (idempotency key) never overlap between storing and
 //! releasing it: the second waits, then finds it queued (a logged duplicate).
@@ -448,24 +453,41 @@ impl Work {
                 let (sealed, now) = sealed?;
                 // The round removes the file unless refused rows must reach `rejected/` first.
                 let removed_by_round = !accepted.is_empty() && rejected.is_none() && file.is_some();
-                if !accepted.is_empty() {
-                    let keys = accepted
-                        .iter()
-                        .map(|i| {
-                            self.node
-                                .subject
-                                .index_key(&i.referral.source_system, &i.referral.source_ref)
-                        })
-                        .collect();
+                let keys: Vec<[u8; 32]> = accepted
+                    .iter()
+                    .map(|i| {
+                        self.node
+                            .subject
+                            .index_key(&i.referral.source_system, &i.referral.source_ref)
+                    })
+                    .collect();
+                // A batch larger than `intake.parallel_referrals` is carried out in slices of
+                // that many, one after the other (stored, recorded, released), the file removed
+                // with the last: a round holds one slice's store transaction and audit job, not
+                // the whole file's (20,000 rows in one round peaked at ~500 MB). A failure
+                // between slices leaves the file: taken again, the slices already queued are
+                // logged duplicates, as after a crash.
+                let slice = usize::try_from(self.node.settings.intake.parallel_referrals)
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                let parts = accepted.len().div_ceil(slice);
+                let (mut items, mut sealed, mut keys) =
+                    (accepted.into_iter(), sealed.into_iter(), keys.into_iter());
+                for part in 1..=parts {
+                    let items: Vec<_> = items.by_ref().take(slice).collect();
+                    let n = items.len();
                     let entry = stage::Entry {
                         name: name.to_owned(),
                         file_hash,
-                        items: accepted,
-                        sealed,
-                        keys,
+                        items,
+                        sealed: sealed.by_ref().take(n).collect(),
+                        keys: keys.by_ref().take(n).collect(),
                         batch,
                         now,
-                        remove: file.filter(|_| removed_by_round).map(|f| f.identity),
+                        part: (parts > 1).then_some((part, parts)),
+                        remove: file
+                            .filter(|_| removed_by_round && part == parts)
+                            .map(|f| f.identity),
                     };
                     self.staged(entry).await?;
                 }

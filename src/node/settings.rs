@@ -84,7 +84,8 @@ pub struct Intake {
     /// Referrals in the files in hand at once (a JSON file is one, a CSV file its rows): no new
     /// file is taken while those in flight hold this many. Memory in flight follows referrals
     /// (each is sealed, stored and recorded), not input bytes: a 200-byte CSV row becomes a
-    /// ~2.5 KB sealed envelope plus its records.
+    /// ~2.5 KB sealed envelope plus its records. A larger batch is also carried out in slices
+    /// of this many referrals (stored, recorded and released slice by slice).
     pub parallel_referrals: u64,
     /// Refused files in `rejected/` (personal data) are purged after this long.
     pub rejected_retention: chrono::Duration,

@@ -696,6 +696,101 @@ async fn files_in_hand_stay_within_the_byte_budget() {
     assert!(shared < n as u64, "{shared}");
 }
 
+/// One CSV batch of `rows` referrals to London taken by intake with `intake.parallel_referrals`
+/// = `slice`; returns the store transactions and audit fsyncs that took, after checking every
+/// row was queued once with its collection and combination records and the file removed.
+async fn take_one_batch(rows: usize, slice: u64, port: u16) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wm, _) = federation(dir.path(), port);
+    wm.intake.parallel_referrals = slice;
+    let node = Node::open(wm).unwrap();
+    let s = node.settings.clone();
+    let watcher = watch(&s, Duration::from_millis(10));
+    let at = chrono::Utc::now() - chrono::Duration::days(1);
+    let mut csv = String::from(
+        "source_system,source_ref,referring_org,referred_at,residence_area,residence_postcode,\
+         victim_name,victim_date_of_birth,victim_phone,victim_email,victim_address,\
+         preferred_language,needs,offence_category,crime_ref,offence_date,most_serious_crime,\
+         persistently_targeted,vulnerable_or_intimidated,consent_referral,explicit_consent,\
+         consent_recorded_by,consent_recorded_at,incident,notes\n",
+    );
+    for i in 0..rows {
+        csv.push_str(&format!(
+            "test-batch,SLICE-{i},Test Police,{},london,,Pat Example,1970-01-01,07700 900001,,,en,,theft,\
+             TEST{i:05},{},no,no,no,yes,,,,,\n",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            (at - chrono::Duration::days(1)).date_naive(),
+        ));
+    }
+    std::fs::write(s.paths.outbox.join("batch.csv"), csv).unwrap();
+    let (tx0, audit0) = (node.store.transaction_count(), node.audit.sync_count());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Intake {
+            node: node.clone(),
+            watcher,
+        }
+        .run(shutdown.clone()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.paths.outbox.join("batch.csv").exists() {
+        assert!(std::time::Instant::now() < deadline, "batch not taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    run.await.unwrap();
+    let counts = (
+        node.store.transaction_count() - tx0,
+        node.audit.sync_count() - audit0,
+    );
+    let london: AreaId = LONDON.parse().unwrap();
+    let queued = node
+        .store
+        .next_queued(&london, 10 * rows, &Default::default())
+        .unwrap();
+    let refused = std::fs::read_to_string(s.paths.outbox.join("rejected/batch.csv.error.json"))
+        .unwrap_or_default();
+    assert_eq!(
+        queued.len(),
+        rows,
+        "each row made exactly one envelope; {refused}"
+    );
+    let lines = audit_lines(&s.paths.audit);
+    for op in ["collection", "combination"] {
+        let ids: std::collections::HashSet<String> = lines
+            .iter()
+            .filter(|r| r["op"] == op)
+            .map(|r| r["envelope_id"].to_string())
+            .collect();
+        assert_eq!(ids.len(), rows, "one {op} record per row");
+    }
+    assert!(
+        !lines.iter().any(|r| r["op"] == "refusal"),
+        "no row refused"
+    );
+    node.audit.close().await.unwrap();
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_referral_budget_is_carried_out_in_slices() {
+    // 25 rows with a budget of 10: three slices, each stored, recorded and released on its
+    // own (a round holds one slice, not the whole file); within the budget, one round.
+    let rows = 25;
+    let (sliced_tx, sliced_audit) = take_one_batch(rows, 10, 17_930).await;
+    let (whole_tx, whole_audit) = take_one_batch(rows, 256, 17_940).await;
+    eprintln!(
+        "{rows} rows: slices of 10 {sliced_tx} store transactions / {sliced_audit} audit fsyncs; \
+         whole {whole_tx} / {whole_audit}"
+    );
+    assert!(sliced_audit >= 3, "one audit job per slice: {sliced_audit}");
+    assert!(
+        sliced_audit > whole_audit && sliced_tx > whole_tx,
+        "slices of 10: {sliced_tx} transactions, {sliced_audit} audit fsyncs; \
+         whole: {whole_tx}, {whole_audit}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_in_hand_stay_within_the_referral_budget() {
     // Each JSON file is one referral: with a budget of one, each file is taken alone although

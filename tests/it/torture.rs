@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::harness::{referral, wait_until, Federation};
+use crate::harness::{referral, theft_csv, wait_until, Federation};
 
 const FAST: &str = crate::harness::FAST_CRASH_CONFIG;
 
@@ -217,5 +217,32 @@ fn a_crash_at_each_dangerous_point_loses_and_duplicates_nothing() {
         node.extra_env.clear();
         node.start();
     }
+    assert_exactly_once(&mut fed, &expected, Duration::from_secs(60));
+}
+
+#[test]
+fn a_crash_between_the_slices_of_a_batch_loses_and_duplicates_nothing() {
+    // 25 rows carried out in slices of 10: the sender dies before the second slice's release,
+    // after the first slice was released (and perhaps sent). Taken again, the first slice's
+    // rows are logged duplicates and the rest go once.
+    let config = FAST.replacen("[intake]\n", "[intake]\nparallel_referrals = 10\n", 1);
+    let mut fed = Federation::with_config(&["west-midlands", "london"], &config);
+    fed.start_all();
+    let rows: Vec<(String, &str)> = (0..25).map(|i| (format!("SL-{i}"), "london")).collect();
+    let point = "intake_before_release";
+    let node = fed.node_mut("west-midlands");
+    node.stop();
+    node.extra_env = vec![("REFEX_CRASH_AT".into(), format!("{point}:2"))];
+    node.start();
+    fed.node("west-midlands")
+        .drop_file("sliced.csv", theft_csv("test-slices", &rows).as_bytes());
+    let node = fed.node_mut("west-midlands");
+    wait_until(Duration::from_secs(30), "the crash between slices", || {
+        node.log_text().contains(&format!("aborting at {point}"))
+    });
+    node.kill();
+    node.extra_env.clear();
+    node.start();
+    let expected: Vec<String> = rows.into_iter().map(|(r, _)| r).collect();
     assert_exactly_once(&mut fed, &expected, Duration::from_secs(60));
 }

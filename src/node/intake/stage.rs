@@ -48,6 +48,8 @@ pub(super) struct Entry {
     pub keys: Vec<[u8; 32]>,
     pub batch: bool,
     pub now: DateTime<Utc>,
+    /// Which slice of its file this is (k of n), when the file is carried out in slices.
+    pub part: Option<(usize, usize)>,
     /// The identity the file was read under, when the round removes it after the release;
     /// `None` when its own task does (refused rows to write first).
     pub remove: Option<FileIdentity>,
@@ -242,7 +244,14 @@ impl Work {
         self.node.store.release_durably(&release).await?;
         let mut woken = HashSet::new();
         for (e, (new, duplicates)) in entries.iter().zip(taken) {
-            info!(file = %escape_for_log(&e.name), queued = new, duplicates, "file taken");
+            match e.part {
+                Some((k, n)) => {
+                    info!(file = %escape_for_log(&e.name), part = %format!("{k}/{n}"), queued = new, duplicates, "file taken")
+                }
+                None => {
+                    info!(file = %escape_for_log(&e.name), queued = new, duplicates, "file taken")
+                }
+            }
             for item in &e.items {
                 if woken.insert(&item.class.to) {
                     self.node.wake(&item.class.to);
