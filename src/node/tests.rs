@@ -707,19 +707,14 @@ async fn take_one_batch(rows: usize, slice: u64, port: u16) -> (u64, u64) {
     let s = node.settings.clone();
     let watcher = watch(&s, Duration::from_millis(10));
     let at = chrono::Utc::now() - chrono::Duration::days(1);
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut csv = String::from(
-        "source_system,source_ref,referring_org,referred_at,residence_area,residence_postcode,\
-         victim_name,victim_date_of_birth,victim_phone,victim_email,victim_address,\
-         preferred_language,needs,offence_category,crime_ref,offence_date,most_serious_crime,\
-         persistently_targeted,vulnerable_or_intimidated,consent_referral,explicit_consent,\
-         consent_recorded_by,consent_recorded_at,incident,notes\n",
+        "source_system,source_ref,referred_at,residence_area,victim_name,victim_phone,\
+         offence_category,consent_referral\n",
     );
     for i in 0..rows {
         csv.push_str(&format!(
-            "test-batch,SLICE-{i},Test Police,{},london,,Pat Example,1970-01-01,07700 900001,,,en,,theft,\
-             TEST{i:05},{},no,no,no,yes,,,,,\n",
-            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            (at - chrono::Duration::days(1)).date_naive(),
+            "test-batch,SLICE-{i},{at},london,Test Person,07700 900999,theft,yes\n"
         ));
     }
     std::fs::write(s.paths.outbox.join("batch.csv"), csv).unwrap();
