@@ -535,6 +535,34 @@ async fn refused_files_are_kept_0640_and_purged_after_their_retention_with_a_rec
     node.audit.close().await.unwrap();
 }
 
+/// Runs intake (as the daemon does) until `left(outbox)`, the files not yet taken, is 0 (at
+/// most 60 s), then stops it.
+async fn run_intake_until_taken(
+    node: &Arc<Node>,
+    watcher: OutboxWatcher,
+    left: impl Fn(&Path) -> usize,
+) {
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(
+        Intake {
+            node: node.clone(),
+            watcher,
+        }
+        .run(shutdown.clone()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = left(&node.settings.paths.outbox);
+        if n == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} files not taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    run.await.unwrap();
+}
+
 /// Drops `n` distinct referral files at once into a fresh West Midlands outbox and runs intake
 /// (as the daemon does) with `parallel` files (holding at most `bytes` and `referrals`) at once
 /// until all are taken; returns the store syncs, audit fsyncs and outbox directory syncs that
@@ -576,33 +604,15 @@ async fn take_many_carrying(
     }
     let (store0, audit0) = (node.store.sync_count(), node.audit.sync_count());
     let outbox0 = node.outbox_sync.syncs();
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(
-        Intake {
-            node: node.clone(),
-            watcher,
-        }
-        .run(shutdown.clone()),
-    );
-    let london: AreaId = LONDON.parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = std::fs::read_dir(&s.paths.outbox)
+    run_intake_until_taken(&node, watcher, |outbox| {
+        std::fs::read_dir(outbox)
             .unwrap()
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .count();
-        if left == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{left} files not taken"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    shutdown.cancel();
-    run.await.unwrap();
+            .count()
+    })
+    .await;
+    let london: AreaId = LONDON.parse().unwrap();
     let syncs = (
         node.store.sync_count() - store0,
         node.audit.sync_count() - audit0,
@@ -719,21 +729,10 @@ async fn take_one_batch(rows: usize, slice: u64, port: u16) -> (u64, u64) {
     }
     std::fs::write(s.paths.outbox.join("batch.csv"), csv).unwrap();
     let (tx0, audit0) = (node.store.transaction_count(), node.audit.sync_count());
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(
-        Intake {
-            node: node.clone(),
-            watcher,
-        }
-        .run(shutdown.clone()),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while s.paths.outbox.join("batch.csv").exists() {
-        assert!(std::time::Instant::now() < deadline, "batch not taken");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    shutdown.cancel();
-    run.await.unwrap();
+    run_intake_until_taken(&node, watcher, |outbox| {
+        usize::from(outbox.join("batch.csv").exists())
+    })
+    .await;
     let counts = (
         node.store.transaction_count() - tx0,
         node.audit.sync_count() - audit0,
