@@ -244,14 +244,11 @@ impl Work {
         self.node.store.release_durably(&release).await?;
         let mut woken = HashSet::new();
         for (e, (new, duplicates)) in entries.iter().zip(taken) {
-            match e.part {
-                Some((k, n)) => {
-                    info!(file = %escape_for_log(&e.name), part = %format!("{k}/{n}"), queued = new, duplicates, "file taken")
-                }
-                None => {
-                    info!(file = %escape_for_log(&e.name), queued = new, duplicates, "file taken")
-                }
-            }
+            // `part` (k/n) only for a file carried out in slices; absent otherwise.
+            let part = e
+                .part
+                .map(|(k, n)| tracing::field::display(format!("{k}/{n}")));
+            info!(file = %escape_for_log(&e.name), part, queued = new, duplicates, "file taken");
             for item in &e.items {
                 if woken.insert(&item.class.to) {
                     self.node.wake(&item.class.to);
