@@ -30,9 +30,11 @@
 //! for their deletions (`stage.rs`), each file still in the order above. A batch with more
 //! accepted rows than `intake.parallel_referrals` goes through steps 2–4 in slices of that many,
 //! one slice after the other, and is removed after the last: a round then holds one slice's
-//! store transaction and audit job, not the file's (a 20,000-row CSV in one round peaked at
-//! ~500 MB, in slices of 256 at ~110 MB). A failure or crash between slices leaves the file, and
-//! taken again its queued slices are logged duplicates, as for any file. A name is never taken
+//! store transaction and audit job, not the file's, and a slice is sealed when its turn comes
+//! (the first with the parse), so only one slice of sealed envelopes is held; the file's
+//! content is let go once it is planned. (A 20,000-row CSV to one peer: sender peak ~500 MB in
+//! one round, ~120 MB in slices sealed together, ~90 MB now.) A failure or crash between slices
+//! leaves the file, and taken again its queued slices are logged duplicates, as for any file. A name is never taken
 //! twice at once (the same name re-appearing while in flight waits for the first to finish),
 //! and two files carrying the same referral (idempotency key) never overlap between storing and
 //! releasing it: the second waits, then finds it queued (a logged duplicate).
@@ -373,6 +375,14 @@ impl Work {
         }
     }
 
+    /// Accepted referrals carried out (sealed, stored, recorded, released) at a time:
+    /// `intake.parallel_referrals`.
+    fn slice(&self) -> usize {
+        usize::try_from(self.node.settings.intake.parallel_referrals)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+
     /// One pickup, start to finish.
     async fn take(&self, p: Pickup) -> Result<(), IntakeError> {
         match p {
@@ -392,12 +402,15 @@ impl Work {
         }
     }
 
-    /// Plans one read file and seals what it accepts, in one trip to the blocking pool (parsing
-    /// a batch and sealing are CPU work; sealing stores nothing, so it needs no claim), and
-    /// carries the plan out.
+    /// Plans one read file and seals its first slice of accepted referrals (all of them, unless
+    /// the file is larger than a slice), in one trip to the blocking pool (parsing a batch and
+    /// sealing are CPU work; sealing stores nothing, so it needs no claim), and carries the plan
+    /// out; [`Self::carry_out`] seals each later slice just before storing it.
     async fn take_ready(&self, f: ReadyFile) -> Result<(), IntakeError> {
         let node = self.node.clone();
+        let slice = self.slice();
         let (f, plan, hash, sealed) = off_thread(move || {
+            let mut f = f;
             let now = Utc::now();
             let format = match f.kind {
                 FileKind::Json => Format::Json,
@@ -407,8 +420,13 @@ impl Work {
                 plan::plan(format, &f.name, &f.bytes, ctx, &node.csv_limits(), now)
             });
             let hash = sha256(&f.bytes);
+            // The plan holds what it needs; the content is not kept while the file is carried
+            // out (a large batch's slices take a while).
+            drop(std::mem::take(&mut f.bytes));
             let sealed = match &plan {
-                Plan::Take { accepted, .. } => seal_all(&node, accepted, now),
+                Plan::Take { accepted, .. } => {
+                    seal_all(&node, &accepted[..slice.min(accepted.len())], now)
+                }
                 Plan::RefuseFile { .. } => Ok(Vec::new()),
             };
             (f, plan, hash, sealed.map(|s| (s, now)))
@@ -418,11 +436,13 @@ impl Work {
             .await
     }
 
-    /// Carries out a plan in the one fixed order: refusals audited → accepted referrals
-    /// (`sealed`, one per accepted referral, sealed at `now`) queued, synced and audited with the
-    /// other files of their round → refused rows written to `rejected/` → the file removed (by
-    /// the round when it has no refused rows). `file` is `None` for a file refused before it
-    /// was read (it is moved, not removed).
+    /// Carries out a plan in the one fixed order: refusals audited → accepted referrals queued,
+    /// synced and audited with the other files of their round → refused rows written to
+    /// `rejected/` → the file removed (by the round when it has no refused rows). `sealed` holds
+    /// the first slice's envelopes (one per accepted referral, in order, sealed at `now`); a
+    /// later slice is sealed on the blocking pool when its turn comes, so a large batch holds
+    /// one slice of sealed envelopes at a time, not the file's. `file` is `None` for a file
+    /// refused before it was read (it is moved, not removed).
     async fn carry_out(
         &self,
         name: &str,
@@ -467,20 +487,31 @@ impl Work {
                 // the whole file's (20,000 rows in one round peaked at ~500 MB). A failure
                 // between slices leaves the file: taken again, the slices already queued are
                 // logged duplicates, as after a crash.
-                let slice = usize::try_from(self.node.settings.intake.parallel_referrals)
-                    .unwrap_or(usize::MAX)
-                    .max(1);
+                let slice = self.slice();
                 let parts = accepted.len().div_ceil(slice);
-                let (mut items, mut sealed, mut keys) =
-                    (accepted.into_iter(), sealed.into_iter(), keys.into_iter());
+                let (mut items, mut first, mut keys) =
+                    (accepted.into_iter(), Some(sealed), keys.into_iter());
                 for part in 1..=parts {
                     let items: Vec<_> = items.by_ref().take(slice).collect();
                     let n = items.len();
+                    let (items, sealed) = match first.take() {
+                        Some(sealed) => (items, sealed),
+                        None => {
+                            let node = self.node.clone();
+                            let (items, sealed) = off_thread(move || {
+                                let sealed = seal_all(&node, &items, now);
+                                (items, sealed)
+                            })
+                            .await?;
+                            (items, sealed?)
+                        }
+                    };
+                    debug_assert_eq!(sealed.len(), n, "one sealed envelope per referral");
                     let entry = stage::Entry {
                         name: name.to_owned(),
                         file_hash,
                         items,
-                        sealed: sealed.by_ref().take(n).collect(),
+                        sealed,
                         keys: keys.by_ref().take(n).collect(),
                         batch,
                         now,
@@ -578,8 +609,8 @@ async fn off_thread<T: Send + 'static>(
         .map_err(|e| IntakeError::Worker(e.to_string()))
 }
 
-/// Seals every accepted referral of one file (signed, encrypted to its area), CPU work for the
-/// blocking pool. Nothing is stored here.
+/// Seals accepted referrals (signed, encrypted to their areas), CPU work for the blocking pool.
+/// Nothing is stored here.
 fn seal_all(
     node: &Node,
     items: &[Accepted],
