@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::core::referral::bounds::date_ranges;
-use crate::core::referral::csv::{column_for, parse_csv, write_rows, CsvLimits};
+use crate::core::referral::csv::{column_for, parse_csv_rows, write_rows, CsvLimits};
 use crate::core::referral::{classify, parse_json, Classified, Context, FieldError, Referral};
 
 /// How a file's bytes are to be read.
@@ -131,25 +131,13 @@ fn plan_csv(
     limits: &CsvLimits,
     now: DateTime<Utc>,
 ) -> Plan {
-    let batch = match parse_csv(bytes, limits) {
-        Ok(b) => b,
-        Err(errors) => {
-            let error_doc = error_document(name, now, &errors);
-            return Plan::RefuseFile {
-                refused: Refused {
-                    row: None,
-                    errors,
-                    source: None,
-                },
-                error_doc,
-            };
-        }
-    };
     let mut accepted = Vec::new();
     let mut refused = Vec::new();
     let mut bad_rows = Vec::new();
-    // Rows are taken apart, not copied: an accepted row's referral moves into the plan.
-    for mut row in batch.rows {
+    // Each row is judged as it is read and taken apart, not copied: an accepted row's referral
+    // moves into the plan and the rest of the row is let go, so a large batch is not held as
+    // rows and as a plan at once (a refused row is kept whole, for `rejected/`).
+    let header = parse_csv_rows(bytes, limits, |header, mut row| {
         let parsed = std::mem::replace(&mut row.parsed, Err(Vec::new()));
         let outcome = parsed.and_then(|r| judge(&r, ctx, now).map(|c| (r, c)));
         match outcome {
@@ -168,16 +156,30 @@ fn plan_csv(
                 refused.push(Refused {
                     row: Some(row.row),
                     errors,
-                    source: source_of_row(&batch.header, &row.raw),
+                    source: source_of_row(header, &row.raw),
                 });
                 bad_rows.push(row);
             }
         }
-    }
+    });
+    let header = match header {
+        Ok(h) => h,
+        Err(errors) => {
+            let error_doc = error_document(name, now, &errors);
+            return Plan::RefuseFile {
+                refused: Refused {
+                    row: None,
+                    errors,
+                    source: None,
+                },
+                error_doc,
+            };
+        }
+    };
     let rejected = (!bad_rows.is_empty()).then(|| {
         let all: Vec<FieldError> = refused.iter().flat_map(|r| r.errors.clone()).collect();
         (
-            write_rows(&batch.header, &bad_rows),
+            write_rows(&header, &bad_rows),
             error_document(name, now, &all),
         )
     });

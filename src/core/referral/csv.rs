@@ -201,6 +201,20 @@ fn row_to_referral(
 /// Parses a batch. File-level problems (encoding, header, size) refuse the whole file;
 /// row-level problems are reported per row.
 pub fn parse_csv(bytes: &[u8], limits: &CsvLimits) -> Result<CsvBatch, Vec<FieldError>> {
+    let mut rows = Vec::new();
+    let header = parse_csv_rows(bytes, limits, |_, row| rows.push(row))?;
+    Ok(CsvBatch { header, rows })
+}
+
+/// [`parse_csv`] handing each row to `each` (with the header) as it is read, instead of
+/// collecting them, so a caller that keeps less of a row than the row itself (intake's plan)
+/// never holds a large batch twice. Returns the header; on a file-level problem, which may come
+/// after rows were handed over, the error (the caller then drops what it kept).
+pub fn parse_csv_rows(
+    bytes: &[u8],
+    limits: &CsvLimits,
+    mut each: impl FnMut(&[String], CsvRow),
+) -> Result<Vec<String>, Vec<FieldError>> {
     let file_err = |rule: &str, msg: String| {
         vec![FieldError {
             row: None,
@@ -276,7 +290,7 @@ pub fn parse_csv(bytes: &[u8], limits: &CsvLimits) -> Result<CsvBatch, Vec<Field
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut rows = Vec::new();
+    let mut rows = 0usize;
     for (i, record) in reader.records().enumerate() {
         let row = i as u64 + 1;
         // Blank rows count too: 60,000 empty lines are as much work as 60,000 referrals.
@@ -305,15 +319,16 @@ pub fn parse_csv(bytes: &[u8], limits: &CsvLimits) -> Result<CsvBatch, Vec<Field
         } else {
             row_to_referral(&index, &raw, row, limits)
         };
-        rows.push(CsvRow { row, raw, parsed });
+        rows += 1;
+        each(&header, CsvRow { row, raw, parsed });
     }
-    if rows.is_empty() {
+    if rows == 0 {
         return Err(file_err(
             "empty_batch",
             "the batch has a header but no referral rows".into(),
         ));
     }
-    Ok(CsvBatch { header, rows })
+    Ok(header)
 }
 
 /// A cell as it may be written back for a person to open in a spreadsheet: one that a
