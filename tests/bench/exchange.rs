@@ -11,6 +11,8 @@
 //! 5. intake's plan (parse, validate, route, classify) in this process: time and heap
 //!    allocations per referral, for a 100-row CSV batch and a single JSON file. Allocations are
 //!    counted exactly (this binary's allocator counts them), so a change shows without noise.
+//! 6. one large CSV batch (20,000 rows) between two daemons: time to the last inbox file and
+//!    each daemon's peak RSS — what a provider's whole daily export in one file costs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -261,6 +263,28 @@ fn bench_end_to_end(n: usize, batch: usize) {
     );
 }
 
+/// Stage 6: one CSV file of `rows` referrals to London; time and both daemons' peak RSS.
+fn bench_big_batch(rows: usize) {
+    let mut fed = Federation::new(&["west-midlands", "london"]);
+    fed.start_all();
+    let csv = csv_batch("BIG", rows);
+    let start = Instant::now();
+    fed.node("west-midlands")
+        .drop_file("big.csv", csv.as_bytes());
+    wait_until(Duration::from_secs(600), "the batch to arrive", || {
+        fed.node("london").inbox_count() >= rows
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let peak = |area: &str| rss_kib(fed.node(area).pid(), "VmHWM:") as f64 / 1024.0;
+    println!(
+        "one CSV batch of {rows} rows ({:.1} MB): {secs:.2} s, {:.0} referrals/s; peak RSS sender {:.1} MiB, receiver {:.1} MiB",
+        csv.len() as f64 / 1e6,
+        rows as f64 / secs,
+        peak("west-midlands"),
+        peak("london")
+    );
+}
+
 async fn bench_startup(n: u32) {
     let mut fed = Federation::new(&["west-midlands", "london"]);
     let wm = fed.node("west-midlands");
@@ -283,14 +307,14 @@ fn main() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // REFEX_BENCH_ONLY=crypto,store,single,csv,startup,plan runs only the stages named.
+    // REFEX_BENCH_ONLY=crypto,store,single,csv,startup,plan,bigcsv runs only the stages named.
     let only = std::env::var("REFEX_BENCH_ONLY").unwrap_or_default();
     let on = |stage: &str| only.is_empty() || only.split(',').any(|s| s.trim() == stage);
-    if ["single", "csv", "startup"].iter().any(|s| on(s)) {
+    if ["single", "csv", "startup", "bigcsv"].iter().any(|s| on(s)) {
         common::use_shipped_daemon();
     }
-    // A bar of the six stages on a terminal only; the figures stay plain lines.
-    let bar = refex::edge::progress::counter("bench stages", 6);
+    // A bar of the seven stages on a terminal only; the figures stay plain lines.
+    let bar = refex::edge::progress::counter("bench stages", 7);
     if on("crypto") {
         bench_crypto();
     }
@@ -320,6 +344,10 @@ fn main() {
     bar.inc(1);
     if on("plan") {
         bench_plan();
+    }
+    bar.inc(1);
+    if on("bigcsv") {
+        bench_big_batch(20_000);
     }
     bar.finish_and_clear();
 }
