@@ -312,6 +312,36 @@ mod tests {
     }
 
     #[test]
+    fn good_rows_before_a_file_level_error_are_not_taken_the_batch_is_refused_whole() {
+        // Rows are judged as they are read: the 100 before the error (one row more than the
+        // limit) were already accepted when it came, and must not survive into the plan.
+        let sample = include_str!("../../config/samples/daily-2026-11-20.csv");
+        let (header, rest) = sample.split_once('\n').unwrap();
+        let good = rest.lines().next().unwrap();
+        let rows = std::iter::repeat_n(good, 101)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let csv = format!("{header}\n{rows}\n");
+        let within = format!("{header}\n{}\n", rows.split_once('\n').unwrap().1);
+        let plan_of = |csv: &str| {
+            with_ctx(|ctx| plan(Format::Csv, "b.csv", csv.as_bytes(), ctx, &limits(), now()))
+        };
+        let Plan::Take { accepted, .. } = plan_of(&within) else {
+            panic!("100 good rows are taken");
+        };
+        assert_eq!(accepted.len(), 100);
+        let Plan::RefuseFile { refused, .. } = plan_of(&csv) else {
+            panic!("101 rows: the batch is refused whole, no row taken");
+        };
+        assert_eq!(refused.row, None);
+        assert_eq!(
+            refused.errors[0].rule, "too_many_rows",
+            "{:?}",
+            refused.errors
+        );
+    }
+
+    #[test]
     fn unreadable_json_is_refused_without_a_source() {
         let plan = with_ctx(|ctx| plan(Format::Json, "x.json", b"{", ctx, &limits(), now()));
         assert!(matches!(
