@@ -474,14 +474,6 @@ impl Work {
                 let (sealed, now) = sealed?;
                 // The round removes the file unless refused rows must reach `rejected/` first.
                 let removed_by_round = !accepted.is_empty() && rejected.is_none() && file.is_some();
-                let keys: Vec<[u8; 32]> = accepted
-                    .iter()
-                    .map(|i| {
-                        self.node
-                            .subject
-                            .index_key(&i.referral.source_system, &i.referral.source_ref)
-                    })
-                    .collect();
                 // A batch larger than `intake.parallel_referrals` is carried out in slices of
                 // that many, one after the other (stored, recorded, released), the file removed
                 // with the last: a round holds one slice's store transaction and audit job, not
@@ -490,11 +482,9 @@ impl Work {
                 // logged duplicates, as after a crash.
                 let slice = self.slice();
                 let parts = accepted.len().div_ceil(slice);
-                let (mut items, mut first, mut keys) =
-                    (accepted.into_iter(), Some(sealed), keys.into_iter());
+                let (mut items, mut first) = (accepted.into_iter(), Some(sealed));
                 for part in 1..=parts {
                     let items: Vec<_> = items.by_ref().take(slice).collect();
-                    let n = items.len();
                     let (items, sealed) = match first.take() {
                         Some(sealed) => (items, sealed),
                         None => {
@@ -507,13 +497,21 @@ impl Work {
                             (items, sealed?)
                         }
                     };
-                    debug_assert_eq!(sealed.len(), n, "one sealed envelope per referral");
+                    debug_assert_eq!(sealed.len(), items.len(), "one envelope per referral");
+                    let keys = items
+                        .iter()
+                        .map(|i| {
+                            self.node
+                                .subject
+                                .index_key(&i.referral.source_system, &i.referral.source_ref)
+                        })
+                        .collect();
                     let entry = stage::Entry {
                         name: name.to_owned(),
                         file_hash,
                         items,
                         sealed,
-                        keys: keys.by_ref().take(n).collect(),
+                        keys,
                         batch,
                         now,
                         part: (parts > 1).then_some((part, parts)),
