@@ -258,7 +258,7 @@ impl Settings {
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
             parallel_files: r.number("intake.parallel_files", 64, 1, 256) as usize,
             parallel_bytes: r.number("intake.parallel_bytes", 8 << 20, 64 << 10, 1 << 30),
-            parallel_referrals: r.number("intake.parallel_referrals", 256, 1, 1_000_000),
+            parallel_referrals: r.number("intake.parallel_referrals", 128, 1, 1_000_000),
             rejected_retention: chrono::Duration::days(r.number(
                 "intake.rejected_retention_days",
                 30,

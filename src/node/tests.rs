@@ -653,7 +653,7 @@ async fn take_many_carrying(
     syncs
 }
 
-/// Budgets that hold every file of these tests: 8 MiB and 256 referrals (the defaults).
+/// Budgets that hold every file of these tests: 8 MiB (the default) and 256 referrals.
 const ROOMY: (u64, u64) = (8 << 20, 256);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
