@@ -9,7 +9,7 @@
 //! path of a referral through the code never climbs back up from the file adapter to the model.
 //! Pure: no I/O, no clock (`now` is an argument), no keys (subject keys are made by the caller).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 
 use crate::core::referral::bounds::date_ranges;
@@ -28,13 +28,39 @@ pub enum Format {
 /// The source fields a subject key is made from, when they could be read.
 pub type SourceRef = Option<(String, String)>;
 
-/// One referral that passed every rule.
+/// One referral that passed every rule, as intake needs it from here on: the envelope's
+/// payload (the referral as CBOR, encoded once, here) and the fields intake records, not the
+/// parsed referral — a large batch holds one of these per row until its slice is sealed, and
+/// the encoded form is about half the parsed one's heap.
 #[derive(Debug)]
 pub struct Accepted {
-    pub referral: Referral,
+    /// The referral as CBOR ([`Referral::to_cbor`]), sealed as it is.
+    pub payload: Vec<u8>,
+    pub source_system: String,
+    pub source_ref: String,
+    /// The day of `referred_at` (validation refuses a referral whose `referred_at` does not parse).
+    pub referred_on: Option<NaiveDate>,
     pub class: Classified,
     /// The CSV row (1 = first data row), `None` for a JSON file.
     pub row: Option<u64>,
+}
+
+impl Accepted {
+    fn new(referral: Referral, class: Classified, row: Option<u64>) -> Self {
+        let mut payload = referral.to_cbor();
+        // The encoder grows its buffer by doubling; a batch holds many of these.
+        payload.shrink_to_fit();
+        Self {
+            payload,
+            referred_on: DateTime::parse_from_rfc3339(&referral.referred_at)
+                .ok()
+                .map(|d| d.date_naive()),
+            source_system: referral.source_system,
+            source_ref: referral.source_ref,
+            class,
+            row,
+        }
+    }
 }
 
 /// One refused row of a batch, or the refused file itself (`row: None`).
@@ -97,11 +123,7 @@ fn plan_json(name: &str, bytes: &[u8], ctx: &Context, now: DateTime<Utc>) -> Pla
         Ok(referral) => match judge(&referral, ctx, now) {
             Ok(class) => {
                 return Plan::Take {
-                    accepted: vec![Accepted {
-                        referral,
-                        class,
-                        row: None,
-                    }],
+                    accepted: vec![Accepted::new(referral, class, None)],
                     refused: Vec::new(),
                     batch: false,
                     rejected: None,
@@ -141,11 +163,7 @@ fn plan_csv(
         let parsed = std::mem::replace(&mut row.parsed, Err(Vec::new()));
         let outcome = parsed.and_then(|r| judge(&r, ctx, now).map(|c| (r, c)));
         match outcome {
-            Ok((referral, class)) => accepted.push(Accepted {
-                referral,
-                class,
-                row: Some(row.row),
-            }),
+            Ok((referral, class)) => accepted.push(Accepted::new(referral, class, Some(row.row))),
             Err(mut errors) => {
                 for err in &mut errors {
                     err.row = Some(row.row);

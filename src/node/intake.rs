@@ -500,11 +500,7 @@ impl Work {
                     debug_assert_eq!(sealed.len(), items.len(), "one envelope per referral");
                     let keys = items
                         .iter()
-                        .map(|i| {
-                            self.node
-                                .subject
-                                .index_key(&i.referral.source_system, &i.referral.source_ref)
-                        })
+                        .map(|i| self.node.subject.index_key(&i.source_system, &i.source_ref))
                         .collect();
                     let entry = stage::Entry {
                         name: name.to_owned(),
@@ -622,7 +618,7 @@ fn seal_all(
         let entry = directory
             .get(to)
             .ok_or_else(|| IntakeError::Seal(to.clone(), "area not in the directory".into()))?;
-        let payload = item.referral.to_cbor();
+        let payload = &item.payload;
         let header = Header {
             v: 1,
             id: EnvelopeId::generate(),
@@ -634,11 +630,9 @@ fn seal_all(
             content_type: crate::core::envelope::CONTENT_TYPE_REFERRAL_V1.into(),
             payload_len: payload.len() as u64,
         };
-        let sealed = crypto::seal(header, &payload, &node.signer, &entry.encryption_key)
+        let sealed = crypto::seal(header, payload, &node.signer, &entry.encryption_key)
             .map_err(|e| IntakeError::Seal(to.clone(), e.to_string()))?;
-        let subject = node
-            .subject
-            .key(&item.referral.source_system, &item.referral.source_ref);
+        let subject = node.subject.key(&item.source_system, &item.source_ref);
         let bytes = sealed.to_bytes();
         let digest = sha256(&bytes);
         let new = NewEnvelope {

@@ -288,7 +288,7 @@ impl Work {
             .route(self.node.me(), &item.class.to)
             .digest(digest)
             .subject(subject.clone())
-            .source_system(&item.referral.source_system)
+            .source_system(&item.source_system)
             .priority(item.class.priority)
             .source(e.file_hash, item.row);
         if duplicate {
@@ -303,7 +303,7 @@ impl Work {
             let ev = Event::new(Operation::Combination, Actor::System, Outcome::Ok)
                 .envelope(id)
                 .subject(subject.clone())
-                .source_system(&item.referral.source_system)
+                .source_system(&item.source_system)
                 .source(e.file_hash, item.row)
                 .reason("batch_split");
             events.push(ev);
@@ -316,7 +316,7 @@ impl Work {
                 .envelope(id)
                 .route(self.node.me(), &item.class.to)
                 .subject(subject)
-                .source_system(&item.referral.source_system)
+                .source_system(&item.source_system)
                 .priority(item.class.priority)
                 .reason("late_at_intake");
             events.push(ev);
@@ -328,9 +328,7 @@ impl Work {
             priority: item.class.priority,
             category: item.class.category.as_str().to_owned(),
             incident: item.class.incident.clone(),
-            referred: chrono::DateTime::parse_from_rfc3339(&item.referral.referred_at)
-                .ok()
-                .map(|d| d.date_naive()),
+            referred: item.referred_on,
             late: Some(late),
         });
     }
