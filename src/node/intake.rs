@@ -32,13 +32,14 @@
 //! one slice after the other, and is removed after the last: a round then holds one slice's
 //! store transaction and audit job, not the file's, and a slice is sealed when its turn comes
 //! (the first with the parse), so only one slice of sealed envelopes is held; the file's
-//! content is let go once it is planned (each row is judged as it is read, `core::plan`). (A
-//! 20,000-row CSV to one peer: sender peak ~500 MB in one round, ~120 MB in slices sealed
-//! together, ~60 MB now.) A failure or crash between slices leaves the file, and taken again
-//! its queued slices are logged duplicates, as for any file. A name is never taken
-//! twice at once (the same name re-appearing while in flight waits for the first to finish),
-//! and two files carrying the same referral (idempotency key) never overlap between storing and
-//! releasing it: the second waits, then finds it queued (a logged duplicate).
+//! content is let go once it is planned (each row is judged as it is read, and an accepted one
+//! kept as its encoded payload, `core::plan`). (A 20,000-row CSV to one peer: sender peak
+//! ~500 MB in one round, ~120 MB in slices sealed together, ~48 MB now.) A failure or crash
+//! between slices leaves the file, and taken again its queued slices are logged duplicates, as
+//! for any file. A name is never taken twice at once (the same name re-appearing while in
+//! flight waits for the first to finish), and two files carrying the same referral (idempotency
+//! key) never overlap between storing and releasing it: the second waits, then finds it queued
+//! (a logged duplicate).
 //! Any failure that pauses intake stops new files for the retry pause, as with one file at a
 //! time; files in flight finish. Shutdown takes no new file and finishes every file in hand.
 //! Must not: send half a file's content, block on one bad file, or write personal data to logs.
