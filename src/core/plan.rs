@@ -311,6 +311,35 @@ mod tests {
     }
 
     #[test]
+    fn an_accepted_referral_is_held_as_the_payload_of_the_referral_it_was_parsed_from() {
+        let bytes = include_bytes!("../../config/samples/burglary-greater-manchester.json");
+        let plan = with_ctx(|ctx| plan(Format::Json, "b.json", bytes, ctx, &limits(), now()));
+        let Plan::Take { accepted, .. } = plan else {
+            panic!("the sample is taken");
+        };
+        let [a] = &accepted[..] else {
+            panic!("one referral");
+        };
+        let parsed = parse_json(bytes).unwrap();
+        assert_eq!(
+            a.payload,
+            parsed.to_cbor(),
+            "sealed as it would have been encoded"
+        );
+        assert_eq!(
+            Referral::from_cbor(&a.payload).unwrap().to_cbor(),
+            a.payload
+        );
+        assert_eq!(
+            (a.source_system.as_str(), a.source_ref.as_str()),
+            (parsed.source_system.as_str(), parsed.source_ref.as_str())
+        );
+        let day = DateTime::parse_from_rfc3339(&parsed.referred_at).unwrap();
+        assert_eq!(a.referred_on, Some(day.date_naive()));
+        assert_eq!(a.payload.capacity(), a.payload.len(), "held without slack");
+    }
+
+    #[test]
     fn a_json_file_that_breaks_a_rule_is_refused_whole_and_keeps_its_source_reference() {
         let mut v: serde_json::Value = serde_json::from_slice(include_bytes!(
             "../../config/samples/burglary-greater-manchester.json"
