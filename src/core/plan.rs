@@ -31,7 +31,7 @@ pub type SourceRef = Option<(String, String)>;
 /// One referral that passed every rule, as intake needs it from here on: the envelope's
 /// payload (the referral as CBOR, encoded once, here) and the fields intake records, not the
 /// parsed referral — a large batch holds one of these per row until its slice is sealed, and
-/// the encoded form is about half the parsed one's heap.
+/// the encoded form is smaller (a 50,000-row batch peaked ~17 MB lower, ~340 B a row).
 #[derive(Debug)]
 pub struct Accepted {
     /// The referral as CBOR ([`Referral::to_cbor`]), sealed as it is.
