@@ -145,9 +145,9 @@ pub struct Node {
     peers: RwLock<Peers>,
     /// Progress of the long-running loops, for the watchdog.
     pub heartbeats: crate::node::heartbeat::Heartbeats,
-    /// Slots for envelopes in flight to all peers together (`delivery.max_in_flight_total`);
-    /// a send holds one until it ends.
-    pub send_slots: Arc<tokio::sync::Semaphore>,
+    /// Slots for envelopes in flight to all peers together (`delivery.max_in_flight_total`,
+    /// and a lone busy peer's room up to its own limit); a send holds one until it ends.
+    pub send_slots: Arc<crate::node::slots::SendSlots>,
     /// What the running process is made of (connections, tasks), set by `run` once serving;
     /// shown by `status` (see [`RuntimeStats`]).
     pub runtime: std::sync::OnceLock<RuntimeStats>,
@@ -195,8 +195,9 @@ impl Node {
             directory: Arc::new(settings.directory.clone()),
             routing: Arc::new(settings.routing.clone()),
         });
-        let send_slots = Arc::new(tokio::sync::Semaphore::new(
+        let send_slots = Arc::new(crate::node::slots::SendSlots::new(
             settings.delivery.max_in_flight_total.get() as usize,
+            settings.delivery.max_in_flight_per_peer.get() as usize,
         ));
         Ok(Arc::new(Self {
             outbox_sync: crate::adapters::durable::DirSync::new(&s.paths.outbox),

@@ -212,6 +212,7 @@ fn status(h: &Node) -> Value {
         "non_delivered": non_delivered,
         "audit_head": h.audit.head().to_string(),
         "audit_writable": h.audit.writable(),
+        "sends_in_flight": {"shared": h.send_slots.in_use().0, "lone_peer": h.send_slots.in_use().1},
         "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count(), "inbox_dir": h.inbox.dir_syncs(), "outbox_dir": h.outbox_sync.syncs()},
         "certificates": certificates,
         "runtime": h.runtime.get().map(|f| f()).unwrap_or(Value::Null),

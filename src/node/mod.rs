@@ -17,6 +17,7 @@ pub mod receiver;
 pub mod run;
 pub mod sender;
 pub mod settings;
+pub mod slots;
 
 #[cfg(test)]
 mod tests;

@@ -22,8 +22,9 @@
 //! starts to drain within a handshake of the peer's return, not `retry_max_ms` later); a permanent refusal (the
 //! peer says the envelope can never be accepted) marks it non-delivered for an operator, at ERROR.
 //! Must not: drop an envelope, or hold more than `max_in_flight_per_peer` in memory per peer
-//! (nor more than `max_in_flight_total` for all peers together: a send holds a node-wide slot;
-//! a worker left without one waits, fairly, in the order they asked, for the next
+//! (nor more than `max_in_flight_total` for all peers together, except a peer that is the only
+//! one busy, which may fill its own window — [`crate::node::slots`]: a send holds a node-wide
+//! slot; a worker left without one waits, fairly, in the order they asked, for the next
 //! [`SLOT_GROUP`] that free, so a peer's sends leave together rather than one by one).
 
 use std::collections::{HashMap, HashSet};
@@ -100,6 +101,8 @@ impl PeerWorker {
         let mut backoff_until: Option<Instant> = None;
         let max = self.ctx.node.settings.delivery.max_in_flight_per_peer.get() as usize;
         let slots = self.ctx.node.send_slots.clone();
+        // Busy while it has sends in flight or waits for a slot (see `node::slots`).
+        let mut busy = slots.mark();
         let total = self.ctx.node.settings.delivery.max_in_flight_total.get() as usize;
         // Node-wide slots taken while waiting for them, used by the next sends.
         let mut spare: Option<tokio::sync::OwnedSemaphorePermit> = None;
@@ -131,6 +134,8 @@ impl PeerWorker {
                 // A node-wide slot is not held through a back-off.
                 spare = None;
             }
+            // Busy: sends in flight, or waiting for a slot (not through a back-off).
+            busy.set(!in_flight.is_empty() || (starved && !backing_off));
             // Only with no send in flight: a send between storing its receipt and writing its
             // records would otherwise have that envelope's records written twice (by it and by
             // the resume, which finds its receipt stored).
@@ -149,8 +154,9 @@ impl PeerWorker {
                 // learn whether anything waits): what is read beyond them is decoded and
                 // dropped, and with 42 peers sharing 64 slots a worker woken for one slot read
                 // its whole queue for each send (~20 % of a national node's CPU).
-                let free =
-                    slots.available_permits() + spare.as_ref().map_or(0, |p| p.num_permits());
+                // Busy while it reads, so that a peer alone may read its whole window.
+                busy.set(true);
+                let free = slots.available(&busy) + spare.as_ref().map_or(0, |p| p.num_permits());
                 let want = room.min(free.max(1));
                 match self
                     .ctx
@@ -178,8 +184,7 @@ impl PeerWorker {
                                 Some(p) if p.num_permits() > 1 => p.split(1),
                                 _ => spare.take(),
                             };
-                            let Some(slot) = one.or_else(|| slots.clone().try_acquire_owned().ok())
-                            else {
+                            let Some(slot) = one.or_else(|| slots.try_take(&busy)) else {
                                 starved = true;
                                 break;
                             };
@@ -203,8 +208,10 @@ impl PeerWorker {
                         // Slots waited for but not used (nothing more queued, or only standard
                         // envelopes behind an enhanced one in flight) go back at once.
                         spare = None;
+                        busy.set(!in_flight.is_empty() || starved);
                     }
                     Err(e) => {
+                        busy.set(!in_flight.is_empty());
                         error!("cannot read the queue: {e}");
                         backoff_until = Some(Instant::now() + Duration::from_secs(1));
                     }
@@ -218,7 +225,7 @@ impl PeerWorker {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Ok(slot) = slots.clone().acquire_many_owned(slot_group(total, max.saturating_sub(in_flight.len()))), if starved && spare.is_none() && !backing_off => {
+                Ok(slot) = slots.shared().acquire_many_owned(slot_group(total, max.saturating_sub(in_flight.len()))), if starved && spare.is_none() && !backing_off => {
                     spare = Some(slot);
                     starved = false;
                 }

@@ -94,6 +94,8 @@ pub struct Intake {
 /// Sending side settings.
 #[derive(Clone, Debug)]
 pub struct Delivery {
+    /// Envelopes in flight to one peer. Past `max_in_flight_total` only while that peer is the
+    /// only one busy (`node::slots`).
     pub max_in_flight_per_peer: NonZeroU32,
     /// Envelopes in flight to all peers together: with 42 peers, 32 each let a burst hold
     /// ~1,300 sends and their receipts in memory at once.
@@ -256,7 +258,7 @@ impl Settings {
             max_file_bytes: r.number("intake.max_file_bytes", 16 << 20, 1, 1 << 30),
             max_csv_rows: r.number("intake.max_csv_rows", 50_000, 1, 1_000_000) as usize,
             max_field_bytes: r.number("intake.max_field_bytes", 8_192, 64, 1 << 20) as usize,
-            parallel_files: r.number("intake.parallel_files", 64, 1, 256) as usize,
+            parallel_files: r.number("intake.parallel_files", 256, 1, 256) as usize,
             parallel_bytes: r.number("intake.parallel_bytes", 8 << 20, 64 << 10, 1 << 30),
             parallel_referrals: r.number("intake.parallel_referrals", 128, 1, 1_000_000),
             rejected_retention: chrono::Duration::days(r.number(
@@ -267,7 +269,7 @@ impl Settings {
             ) as i64),
         };
         let delivery = Delivery {
-            max_in_flight_per_peer: r.count("delivery.max_in_flight_per_peer", 64, 1024),
+            max_in_flight_per_peer: r.count("delivery.max_in_flight_per_peer", 128, 1024),
             max_in_flight_total: r.count("delivery.max_in_flight_total", 64, 65_536),
             retry_initial: r.millis("delivery.retry_initial_ms", 500),
             retry_max: r.millis("delivery.retry_max_ms", 60_000),

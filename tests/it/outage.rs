@@ -430,10 +430,11 @@ fn a_receipt_lost_after_the_inbox_write_is_answered_from_the_original() {
 #[test]
 fn peers_share_the_node_wide_send_slots_in_turn() {
     // One slot for all peers: each peer's worker waits its turn for it, so neither peer's
-    // backlog waits for the other's to empty (nor for a worker's one-second heartbeat).
+    // backlog waits for the other's to empty (nor for a worker's one-second heartbeat). One per
+    // peer too, so that neither borrows a lone peer's room while the other is not yet busy.
     let mut fed = Federation::with_config(
         &["west-midlands", "greater-manchester", "london"],
-        "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nmax_in_flight_total = 1\n",
+        "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nmax_in_flight_total = 1\nmax_in_flight_per_peer = 1\n",
     );
     fed.start_all();
     // One file, so both peers' queues fill in the same store transaction.
@@ -472,4 +473,72 @@ fn peers_share_the_node_wide_send_slots_in_turn() {
         refs.dedup();
         assert_eq!(refs.len(), 20, "{area}: each referral exactly once");
     }
+}
+
+/// `kill -STOP` / `-CONT` of a daemon: a frozen peer holds every stream sent to it open.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// The sender's `sends_in_flight` from `status --json`: (shared slots, a lone peer's).
+fn sends_in_flight(fed: &Federation, area: &str) -> Option<(u64, u64)> {
+    let (_, out, _) = fed.node(area).cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let s = &v["sends_in_flight"];
+    Some((s["shared"].as_u64()?, s["lone_peer"].as_u64()?))
+}
+
+#[test]
+fn a_peer_alone_fills_its_own_window_past_the_node_wide_slots() {
+    // Two slots for all peers, six per peer. London is frozen, so every send to it waits for
+    // its reply and stays in flight, where `status` shows it.
+    let mut fed = Federation::with_config(
+        &["west-midlands", "london"],
+        "[intake]\nsettle_ms = 100\nrescan_ms = 500\n[delivery]\nmax_in_flight_total = 2\nmax_in_flight_per_peer = 6\n",
+    );
+    fed.start_all();
+    fed.node("west-midlands")
+        .drop_file("first.json", referral("LONE-0", "london").as_bytes());
+    wait_until(WAIT, "a first delivery (the connection is up)", || {
+        fed.node("london").inbox_files().len() == 1
+    });
+    let london = fed.node("london").pid();
+    signal(london, "-STOP");
+    for i in 1..=10 {
+        fed.node("west-midlands").drop_file(
+            &format!("r{i}.json"),
+            referral(&format!("LONE-{i}"), "london").as_bytes(),
+        );
+    }
+    let mut seen = Vec::new();
+    wait_until(WAIT, "the lone peer's whole window in flight", || {
+        let now = sends_in_flight(&fed, "west-midlands");
+        seen.extend(now);
+        now == Some((2, 4))
+    });
+    signal(london, "-CONT");
+    wait_until(WAIT, "all eleven delivered", || {
+        fed.node("london").inbox_files().len() == 11
+    });
+    assert!(
+        seen.iter().all(|&(shared, lone)| shared <= 2 && lone <= 4),
+        "never more than the peer's six: {seen:?}"
+    );
+    let mut refs: Vec<String> = fed
+        .node("london")
+        .inbox_docs()
+        .iter()
+        .map(|d| d["source_ref"].as_str().unwrap_or("").to_owned())
+        .collect();
+    refs.sort();
+    refs.dedup();
+    assert_eq!(refs.len(), 11, "each referral exactly once");
+    wait_until(WAIT, "every slot back", || {
+        sends_in_flight(&fed, "west-midlands") == Some((0, 0))
+    });
 }
