@@ -290,3 +290,33 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
 pub fn cpu_ms(pid: u32) -> u64 {
     (refex::edge::harness::cpu_secs(pid) * 1000.0).round() as u64
 }
+
+/// The whole machine's CPU time so far from `/proc/stat`: (busy, idle + iowait), in clock ticks.
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    let idle = at(3) + at(4);
+    let busy = (0..8).filter(|&i| i != 3 && i != 4).map(at).sum();
+    (busy, idle)
+}
+
+/// The share of the machine's CPU left idle between two [`machine_ticks`] readings, in %:
+/// near 0 says a run was bound by CPU, not by waiting.
+pub fn idle_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let busy = after.0.saturating_sub(before.0) as f64;
+    let idle = after.1.saturating_sub(before.1) as f64;
+    if busy + idle == 0.0 {
+        0.0
+    } else {
+        100.0 * idle / (busy + idle)
+    }
+}

@@ -30,7 +30,7 @@ use chrono::Utc;
 use refex::adapters::store::{NewEnvelope, Store};
 use refex::core::types::{AreaId, EnvelopeId, PriorityClass};
 
-use common::{cpu_ms, rss_kib};
+use common::{cpu_ms, idle_percent, machine_ticks, rss_kib};
 use harness::{referral, wait_until, Federation};
 
 /// The system allocator, counting allocations (stage 5 reads the count around its loop).
@@ -209,6 +209,7 @@ fn bench_end_to_end(n: usize, batch: usize) {
     let before = [syncs(&fed, "west-midlands"), syncs(&fed, "london")];
     let cpu = |fed: &Federation, area: &str| cpu_ms(fed.node(area).pid());
     let cpu_before = [cpu(&fed, "west-midlands"), cpu(&fed, "london")];
+    let machine_before = machine_ticks();
     let start = Instant::now();
     if batch == 1 {
         for i in 0..n {
@@ -228,6 +229,7 @@ fn bench_end_to_end(n: usize, batch: usize) {
         fed.node("london").inbox_count() >= n
     });
     let secs = start.elapsed().as_secs_f64();
+    let idle = idle_percent(machine_before, machine_ticks());
     let cpu_used = [
         cpu(&fed, "west-midlands").saturating_sub(cpu_before[0]),
         cpu(&fed, "london").saturating_sub(cpu_before[1]),
@@ -244,7 +246,7 @@ fn bench_end_to_end(n: usize, batch: usize) {
     );
     let per_ref = |ms: u64| ms as f64 * 1000.0 / n as f64;
     println!(
-        "  CPU per referral ({what}): sender {:.0} µs + receiver {:.0} µs (user + system, until the last inbox file; {cores} cores give {:.0} µs per referral at this rate)",
+        "  CPU per referral ({what}): sender {:.0} µs + receiver {:.0} µs (user + system, until the last inbox file; {cores} cores give {:.0} µs per referral at this rate, {idle:.0} % of them idle)",
         per_ref(cpu_used[0]),
         per_ref(cpu_used[1]),
         cores as f64 * 1e6 * secs / n as f64

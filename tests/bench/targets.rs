@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use common::{cpu_ms, rss_kib};
+use common::{cpu_ms, idle_percent, machine_ticks, rss_kib};
 use harness::{referral, referral_with, wait_until, Federation};
 
 const AREAS: [&str; 2] = ["west-midlands", "london"];
@@ -232,6 +232,7 @@ fn refex_single(files: &[(String, Vec<u8>)]) -> f64 {
     fed.start_all();
     let cpu = |fed: &Federation| AREAS.map(|a| cpu_ms(fed.node(a).pid()));
     let cpu_before = cpu(&fed);
+    let machine_before = machine_ticks();
     let start = Instant::now();
     for (name, bytes) in files {
         fed.node("west-midlands").drop_file(name, bytes);
@@ -240,13 +241,14 @@ fn refex_single(files: &[(String, Vec<u8>)]) -> f64 {
         fed.node("london").inbox_count() >= files.len()
     });
     let secs = start.elapsed().as_secs_f64();
+    let idle = idle_percent(machine_before, machine_ticks());
     let used: Vec<f64> = cpu(&fed)
         .iter()
         .zip(cpu_before)
         .map(|(now, then)| now.saturating_sub(then) as f64 * 1000.0 / files.len() as f64)
         .collect();
     println!(
-        "  refex CPU per file: {} (user + system, until the last inbox file)",
+        "  refex CPU per file: {} (user + system, until the last inbox file); the machine {idle:.0} % idle meanwhile",
         AREAS
             .iter()
             .zip(&used)
