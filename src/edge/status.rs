@@ -42,6 +42,14 @@ pub fn table(r: &Value) -> String {
         text(&r["audit_head"]),
         text(&r["audit_writable"])
     );
+    if let Some(sends) = r["sends_in_flight"].as_object() {
+        let _ = writeln!(
+            out,
+            "sends in flight: {} on shared slots, {} on a lone peer's",
+            text(&sends["shared"]),
+            text(&sends["lone_peer"])
+        );
+    }
     if let Some(certs) = r["certificates"].as_object() {
         for (name, t) in certs {
             let _ = writeln!(out, "certificate {name}: expires {}", text(t));
@@ -108,10 +116,14 @@ mod tests {
             "problems": [{"problem": "peer_down", "detail": "london unreachable for 20s: timed out"}],
             "peers": {"london": {"up": false, "queued": 1, "enhanced": 0, "past_due": 1, "sent": 0,
                 "retries": 3, "last_error": "2026-01-01T00:00:00Z", "last_error_message": "timed out"}},
-            "non_delivered": [],
+            "non_delivered": [], "sends_in_flight": {"shared": 64, "lone_peer": 12},
         });
         let t = table(&r);
         assert!(t.contains("DEGRADED"), "{t}");
+        assert!(
+            t.contains("sends in flight: 64 on shared slots, 12 on a lone peer's"),
+            "{t}"
+        );
         assert!(t.contains("PROBLEM peer_down: london unreachable"), "{t}");
         assert!(
             t.lines()
