@@ -5,7 +5,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use crate::harness::{referral, wait_until, Federation};
+use crate::harness::{referral, source_refs, wait_until, Federation};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -96,15 +96,6 @@ fn a_state_directory_from_a_newer_version_is_refused_at_start_with_exit_78() {
             && err.contains("supports only 'refex-state 1'"),
         "{err}"
     );
-}
-
-fn source_refs(docs: &[serde_json::Value]) -> Vec<String> {
-    let mut v: Vec<String> = docs
-        .iter()
-        .map(|d| d["source_ref"].as_str().unwrap_or("?").to_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

@@ -397,3 +397,13 @@ impl Node {
         assert_eq!(code, 0, "{}: audit verify failed: {out}{err}", self.area);
     }
 }
+
+/// The `source_ref` of every inbox document, sorted (duplicates kept, so a caller can count them).
+pub fn source_refs(docs: &[serde_json::Value]) -> Vec<String> {
+    let mut v: Vec<String> = docs
+        .iter()
+        .map(|d| d["source_ref"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -3,7 +3,9 @@
 use std::fs;
 use std::time::Duration;
 
-use crate::harness::{audit_records, referral, referral_with, wait_until, Federation, Tmpfs};
+use crate::harness::{
+    audit_records, referral, referral_with, source_refs, wait_until, Federation, Tmpfs,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -463,13 +465,7 @@ fn peers_share_the_node_wide_send_slots_in_turn() {
         "{first_done:?} had all 20 while the other peer had {other_then}: the slot was not shared in turn"
     );
     for area in ["london", "greater-manchester"] {
-        let mut refs: Vec<String> = fed
-            .node(area)
-            .inbox_docs()
-            .iter()
-            .map(|d| d["source_ref"].as_str().unwrap_or("").to_owned())
-            .collect();
-        refs.sort();
+        let mut refs = source_refs(&fed.node(area).inbox_docs());
         refs.dedup();
         assert_eq!(refs.len(), 20, "{area}: each referral exactly once");
     }
@@ -529,13 +525,7 @@ fn a_peer_alone_fills_its_own_window_past_the_node_wide_slots() {
         seen.iter().all(|&(shared, lone)| shared <= 2 && lone <= 4),
         "never more than the peer's six: {seen:?}"
     );
-    let mut refs: Vec<String> = fed
-        .node("london")
-        .inbox_docs()
-        .iter()
-        .map(|d| d["source_ref"].as_str().unwrap_or("").to_owned())
-        .collect();
-    refs.sort();
+    let mut refs = source_refs(&fed.node("london").inbox_docs());
     refs.dedup();
     assert_eq!(refs.len(), 11, "each referral exactly once");
     wait_until(WAIT, "every slot back", || {
