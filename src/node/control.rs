@@ -200,6 +200,7 @@ fn status(h: &Node) -> Value {
         .into_iter()
         .map(|(name, t)| (name.to_owned(), json!(t)))
         .collect();
+    let (shared_sends, lone_sends) = h.send_slots.in_use();
     json!({
         "ok": true,
         "healthy": problems.is_empty(),
@@ -212,7 +213,7 @@ fn status(h: &Node) -> Value {
         "non_delivered": non_delivered,
         "audit_head": h.audit.head().to_string(),
         "audit_writable": h.audit.writable(),
-        "sends_in_flight": {"shared": h.send_slots.in_use().0, "lone_peer": h.send_slots.in_use().1},
+        "sends_in_flight": {"shared": shared_sends, "lone_peer": lone_sends},
         "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count(), "inbox_dir": h.inbox.dir_syncs(), "outbox_dir": h.outbox_sync.syncs()},
         "certificates": certificates,
         "runtime": h.runtime.get().map(|f| f()).unwrap_or(Value::Null),

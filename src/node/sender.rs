@@ -208,14 +208,14 @@ impl PeerWorker {
                         // Slots waited for but not used (nothing more queued, or only standard
                         // envelopes behind an enhanced one in flight) go back at once.
                         spare = None;
-                        busy.set(!in_flight.is_empty() || starved);
                     }
                     Err(e) => {
-                        busy.set(!in_flight.is_empty());
                         error!("cannot read the queue: {e}");
                         backoff_until = Some(Instant::now() + Duration::from_secs(1));
                     }
                 }
+                // What the read left: sends in flight, or a wait for a slot.
+                busy.set(!in_flight.is_empty() || starved);
             }
             // Never longer than a heartbeat: an idle or backing-off worker still beats.
             let beat_due = Instant::now() + crate::node::heartbeat::BEAT_EVERY;

@@ -29,10 +29,11 @@ pub struct SendSlots {
 impl SendSlots {
     /// `total` shared slots, and a lone peer's room up to `per_peer`.
     pub fn new(total: usize, per_peer: usize) -> Self {
+        let lone = per_peer.saturating_sub(total);
         Self {
             shared: Arc::new(Semaphore::new(total)),
-            lone: Arc::new(Semaphore::new(per_peer.saturating_sub(total))),
-            sizes: (total, per_peer.saturating_sub(total)),
+            lone: Arc::new(Semaphore::new(lone)),
+            sizes: (total, lone),
             busy: AtomicUsize::new(0),
         }
     }
