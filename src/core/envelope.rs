@@ -9,6 +9,11 @@
 //! - `WireEnvelope` {v, header (bstr: the exact CBOR bytes of the header), enc (bstr: the HPKE
 //!   encapsulated key, 32 bytes), ct (bstr: ciphertext), sig (bstr: 64-byte Ed25519)}. The
 //!   header travels as bytes so that what was signed and used as AAD is exactly what is checked.
+//!   The wire envelope alone also comes in version 2 ([`SHARED_KEY_VERSION`]): the same fields,
+//!   but `enc` names an HPKE context that the sender shares among many envelopes to the same
+//!   area and `ct` is sealed under a key exported from it for this envelope alone (the
+//!   `crypto` module doc). A build reads both; which one it writes to an area is the peer
+//!   directory's `envelope_version` for that area.
 //! - `ReceiptBody` {v, envelope_id, envelope_sha256 (SHA-256 of the exact wire envelope bytes),
 //!   receiver, received_at, status, audit_head}; `SignedReceipt` {v, body (bstr), sig (bstr)}.
 //! - `Reply` (receiver → sender, one per stream): {v, reply} where reply is `{"receipt": bstr}`
@@ -39,6 +44,10 @@ use crate::core::types::{AreaId, EnvelopeId, PriorityClass};
 /// The format version this build writes and accepts.
 pub const VERSION: u8 = 1;
 
+/// The wire envelope's second version: the same fields, sealed under a key exported from an HPKE
+/// context shared by many envelopes (headers, receipts and replies stay at [`VERSION`]).
+pub const SHARED_KEY_VERSION: u8 = 2;
+
 /// Content type of a `refex.referral.v1` payload encoded as CBOR.
 pub const CONTENT_TYPE_REFERRAL_V1: &str = "application/vnd.refex.referral.v1+cbor";
 
@@ -59,7 +68,10 @@ pub enum FormatError {
     #[error("malformed {0}")]
     Malformed(&'static str),
     /// A version this build does not know.
-    #[error("{what} version {found} is not supported (expected {VERSION})")]
+    #[error(
+        "{what} version {found} is not supported (this build reads {})",
+        supported(what)
+    )]
     Version { what: &'static str, found: u8 },
     /// Larger than this structure may ever be (checked before decoding).
     #[error("{what} of {size} bytes exceeds the limit of {max}")]
@@ -83,7 +95,10 @@ fn decode_versioned<T: serde::de::DeserializeOwned>(
     b: &[u8],
 ) -> Result<T, FormatError> {
     let VersionOnly { v } = serde_cbor::from_slice(b).map_err(|_| FormatError::Malformed(what))?;
-    check_version(what, v)?;
+    let known = v == VERSION || (what == ENVELOPE && v == SHARED_KEY_VERSION);
+    if !known {
+        return Err(FormatError::Version { what, found: v });
+    }
     serde_cbor::from_slice(b).map_err(|_| FormatError::Malformed(what))
 }
 
@@ -138,11 +153,15 @@ impl Header {
     }
 }
 
-fn check_version(what: &'static str, found: u8) -> Result<(), FormatError> {
-    if found == VERSION {
-        Ok(())
+/// The structure whose decoder also reads [`SHARED_KEY_VERSION`].
+const ENVELOPE: &str = "envelope";
+
+/// The versions this build reads of structure `what`, for [`FormatError::Version`]'s message.
+fn supported(what: &str) -> &'static str {
+    if what == ENVELOPE {
+        "1 and 2"
     } else {
-        Err(FormatError::Version { what, found })
+        "1"
     }
 }
 
@@ -163,7 +182,7 @@ impl WireEnvelope {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
-        decode_versioned("envelope", b)
+        decode_versioned(ENVELOPE, b)
     }
 }
 
@@ -348,7 +367,29 @@ mod tests {
         ]);
         let version = |what| FormatError::Version { what, found: 2 };
         assert_eq!(Header::decode(&v2).unwrap_err(), version("header"));
-        assert_eq!(WireEnvelope::decode(&v2).unwrap_err(), version("envelope"));
+        // The envelope knows a version 2 (same fields), so an unknown field there is malformed,
+        // and its next version is the one it names.
+        assert_eq!(
+            WireEnvelope::decode(&v2).unwrap_err(),
+            FormatError::Malformed("envelope")
+        );
+        let v3 = cbor_map(&[("v", serde_cbor::Value::Integer(3))]);
+        let err = WireEnvelope::decode(&v3).unwrap_err();
+        assert_eq!(
+            err,
+            FormatError::Version {
+                what: "envelope",
+                found: 3
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "envelope version 3 is not supported (this build reads 1 and 2)"
+        );
+        assert_eq!(
+            version("header").to_string(),
+            "header version 2 is not supported (this build reads 1)"
+        );
         assert_eq!(
             ReceiptBody::decode(&v2).unwrap_err(),
             version("receipt body")

@@ -10,7 +10,13 @@
 //! server_name = "west-midlands.refex.internal"  # TLS name in its certificate
 //! signing_keys = ["<64 hex>"]             # Ed25519; two during a rotation
 //! encryption_key = "<64 hex>"             # X25519 (HPKE)
+//! envelope_version = 2                    # optional, 1 or 2 (default 1): see below
 //! ```
+//! `envelope_version` is the envelope format the area's node opens besides version 1: with 2,
+//! senders seal to it under a shared HPKE context (`crypto` module doc), which halves their
+//! public-key work; without it (or with 1) they seal version 1, which every build opens. A build
+//! that predates the field refuses a directory holding it, so a federation adds it only once
+//! every area runs a build that knows it (such a build opens both versions).
 //! Invariants: ids are unique, each entry has one or two signing keys, every key parsed.
 //! Must not: do I/O (the caller reads the file) or resolve names.
 
@@ -31,6 +37,15 @@ pub struct PeerEntry {
     pub server_name: String,
     pub signing_keys: Vec<VerifyingKey>,
     pub encryption_key: KemPublicKey,
+    /// The envelope format to seal to this area: 1, or 2 once it opens shared-key envelopes.
+    pub envelope_version: u8,
+}
+
+impl PeerEntry {
+    /// True when envelopes to this area are sealed under a shared context (version 2).
+    pub fn opens_shared_key_envelopes(&self) -> bool {
+        self.envelope_version == crate::core::envelope::SHARED_KEY_VERSION
+    }
 }
 
 /// The parsed peer directory.
@@ -56,6 +71,8 @@ struct RawEntry {
     server_name: String,
     signing_keys: Vec<String>,
     encryption_key: String,
+    #[serde(default)]
+    envelope_version: Option<u8>,
 }
 
 impl Directory {
@@ -102,6 +119,12 @@ impl Directory {
             let encryption_key = KemPublicKey::from_hex(&e.encryption_key)
                 .map_err(|err| errors.push(format!("{at}.encryption_key: {err}")))
                 .ok();
+            let envelope_version = e.envelope_version.unwrap_or(1);
+            if !(1..=2).contains(&envelope_version) {
+                errors.push(format!(
+                    "{at}.envelope_version: {envelope_version} is not 1 or 2"
+                ));
+            }
             if e.server_name.is_empty() {
                 errors.push(format!("{at}.server_name: must not be empty"));
             }
@@ -117,6 +140,7 @@ impl Directory {
                     server_name: e.server_name,
                     signing_keys,
                     encryption_key,
+                    envelope_version,
                 };
                 areas.insert(id, entry);
             }
@@ -155,13 +179,18 @@ impl Directory {
                 .map(|k| format!("\"{}\"", k.to_hex()))
                 .collect();
             out.push_str(&format!(
-                "\n[[area]]\nid = \"{}\"\nname = \"{}\"\naddress = \"{}\"\nserver_name = \"{}\"\nsigning_keys = [{}]\nencryption_key = \"{}\"\n",
+                "\n[[area]]\nid = \"{}\"\nname = \"{}\"\naddress = \"{}\"\nserver_name = \"{}\"\nsigning_keys = [{}]\nencryption_key = \"{}\"\n{}",
                 e.id,
                 e.name.replace('"', "'"),
                 e.address,
                 e.server_name,
                 keys.join(", "),
-                e.encryption_key.to_hex()
+                e.encryption_key.to_hex(),
+                if e.envelope_version == 1 {
+                    String::new()
+                } else {
+                    format!("envelope_version = {}\n", e.envelope_version)
+                }
             ));
         }
         out

@@ -198,6 +198,8 @@ pub fn random_bytes(buf: &mut [u8]) {
 pub struct KemSecretKey {
     pub(super) sk: <Kem as hpke::Kem>::PrivateKey,
     pk: KemPublicKey,
+    /// Version-2 contexts set up with this key (`shared`), by `enc`.
+    pub(super) opened: super::shared::OpenContexts,
 }
 
 impl fmt::Debug for KemSecretKey {
@@ -213,7 +215,11 @@ impl KemSecretKey {
         let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(bytes).ok()?;
         let pk = <Kem as hpke::Kem>::sk_to_pk(&sk);
         let pk = KemPublicKey(pk.to_bytes().as_slice().try_into().ok()?);
-        Some(Self { sk, pk })
+        Some(Self {
+            sk,
+            pk,
+            opened: Default::default(),
+        })
     }
 
     /// Generates a new key and returns it with its key-file text.
@@ -240,6 +246,11 @@ impl KemSecretKey {
 
     pub fn public_key(&self) -> KemPublicKey {
         self.pk
+    }
+
+    /// Version-2 contexts this key has set up (each one Diffie-Hellman), for tests and benches.
+    pub fn shared_setups(&self) -> u64 {
+        self.opened.setups()
     }
 }
 

@@ -12,6 +12,10 @@
 //! Opening checks run in DESIGN.md's order, each with its own [`OpenError`]: size, decode,
 //! recipient, sender = TLS peer, known sender, signature, clock window; the caller then checks
 //! duplicates (it owns the store) before [`VerifiedEnvelope::decrypt`], then decodes the payload.
+//! Envelope format v2 (`shared`): the same suite and fields, but one HPKE context per recipient
+//! key shared by many envelopes, each sealed under a key exported from it for its id alone;
+//! `info` = `refex/2 envelope context`, the signature tag `refex/2 envelope-signature`. Which
+//! version an area gets is its peer-directory entry's `envelope_version`; both are opened.
 //! Receipts: Ed25519 over `RECEIPT_TAG ‖ body bytes`.
 //! The tags end in NUL and are fixed, and every variable part of the envelope signature is
 //! length-prefixed (u64 big-endian), so no two different (header, enc, ct) triples and no
@@ -31,9 +35,11 @@ pub mod directory;
 mod keys;
 pub mod pki;
 mod seal;
+mod shared;
 
 pub use keys::*;
 pub use seal::*;
+pub use shared::{SealContexts, OPEN_CACHE, ROTATE_AFTER, ROTATE_EVERY};
 
 #[cfg(test)]
 mod tests;

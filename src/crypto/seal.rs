@@ -10,15 +10,17 @@ use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
 
 use crate::core::digest::sha256;
 use crate::core::envelope::{
-    FormatError, Header, ReceiptBody, SignedReceipt, WireEnvelope, VERSION,
+    FormatError, Header, ReceiptBody, SignedReceipt, WireEnvelope, SHARED_KEY_VERSION, VERSION,
 };
 use crate::core::types::{AreaId, EnvelopeId};
 
 use super::keys::*;
 
 use super::keys::Kem;
+use super::shared::{self, SealContexts};
 pub(super) const HPKE_INFO: &[u8] = b"refex/1 envelope";
 pub(super) const SIG_TAG: &[u8] = b"refex/1 envelope-signature\0";
+pub(super) const SIG_TAG_V2: &[u8] = b"refex/2 envelope-signature\0";
 pub(super) const RECEIPT_TAG: &[u8] = b"refex/1 receipt\0";
 
 /// Why sealing failed.
@@ -111,9 +113,15 @@ pub(super) fn hpke_open(
     .ok()
 }
 
-pub(super) fn signed_message(header: &[u8], enc: &[u8], ct: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIG_TAG.len() + 24 + header.len() + enc.len() + ct.len());
-    m.extend_from_slice(SIG_TAG);
+/// What an envelope of wire version `v` signs (each version under its own tag).
+pub(super) fn signed_message(v: u8, header: &[u8], enc: &[u8], ct: &[u8]) -> Vec<u8> {
+    let tag = if v == SHARED_KEY_VERSION {
+        SIG_TAG_V2
+    } else {
+        SIG_TAG
+    };
+    let mut m = Vec::with_capacity(tag.len() + 24 + header.len() + enc.len() + ct.len());
+    m.extend_from_slice(tag);
     for part in [header, enc, ct] {
         m.extend_from_slice(&(part.len() as u64).to_be_bytes());
         m.extend_from_slice(part);
@@ -121,12 +129,15 @@ pub(super) fn signed_message(header: &[u8], enc: &[u8], ct: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Encrypts `payload` to `recipient` and signs the result.
+/// Encrypts `payload` to `recipient` and signs the result: as a version-2 envelope under a
+/// context of `shared` when given (the recipient's directory entry says it opens them), else as
+/// version 1 with an HPKE key of its own.
 pub fn seal(
     header: Header,
     payload: &[u8],
     signer: &SigningKey,
     recipient: &KemPublicKey,
+    shared: Option<&SealContexts>,
 ) -> Result<SealedEnvelope, SealError> {
     if header.v != VERSION {
         return Err(SealError::Version(header.v));
@@ -139,11 +150,20 @@ pub fn seal(
     }
     let header_bytes = header.encode();
     // The OS random source failing is not recoverable and not input-driven (see random_bytes).
-    let mut rng = rand_core::UnwrapErr(rand_core::OsRng);
-    let (enc, ct) = hpke_seal(recipient, HPKE_INFO, &header_bytes, payload, &mut rng)?;
-    let sig = signer.sign(&signed_message(&header_bytes, &enc, &ct));
+    let (v, (enc, ct)) = match shared {
+        Some(contexts) => (
+            SHARED_KEY_VERSION,
+            contexts.seal(recipient, &header.id, &header_bytes, payload)?,
+        ),
+        None => {
+            let mut rng = rand_core::UnwrapErr(rand_core::OsRng);
+            let sealed = hpke_seal(recipient, HPKE_INFO, &header_bytes, payload, &mut rng)?;
+            (VERSION, sealed)
+        }
+    };
+    let sig = signer.sign(&signed_message(v, &header_bytes, &enc, &ct));
     let wire = WireEnvelope {
-        v: VERSION,
+        v,
         header: serde_bytes::ByteBuf::from(header_bytes),
         enc: serde_bytes::ByteBuf::from(enc),
         ct: serde_bytes::ByteBuf::from(ct),
@@ -284,7 +304,7 @@ pub fn verify(
         Some(keys) if !keys.is_empty() => keys,
         _ => return Err(OpenError::UnknownSender(header.from)),
     };
-    let msg = signed_message(&wire.header, &wire.enc, &wire.ct);
+    let msg = signed_message(wire.v, &wire.header, &wire.enc, &wire.ct);
     if !keys.iter().any(|k| k.verify(&msg, &wire.sig)) {
         return Err(OpenError::BadSignature);
     }
@@ -314,7 +334,19 @@ pub fn intact_but_unknown_signer(bytes: &[u8], key: &KemSecretKey) -> bool {
     let Ok(wire) = WireEnvelope::decode(bytes) else {
         return false;
     };
-    hpke_open(key, &wire.enc, HPKE_INFO, &wire.header, &wire.ct).is_some()
+    let Ok(header) = Header::decode(&wire.header) else {
+        return false;
+    };
+    open_payload(key, &wire, &header.id).is_some()
+}
+
+/// Decrypts `wire` (of either version) with `key`; `None` for any failure.
+fn open_payload(key: &KemSecretKey, wire: &WireEnvelope, id: &EnvelopeId) -> Option<Vec<u8>> {
+    if wire.v == SHARED_KEY_VERSION {
+        shared::open(key, &wire.enc, id, &wire.header, &wire.ct)
+    } else {
+        hpke_open(key, &wire.enc, HPKE_INFO, &wire.header, &wire.ct)
+    }
 }
 
 impl VerifiedEnvelope {
@@ -330,14 +362,7 @@ impl VerifiedEnvelope {
     /// Decrypts with this node's key (the caller has checked for duplicates first), then checks
     /// the plaintext length against the signed header.
     pub fn decrypt(self, key: &KemSecretKey) -> Result<OpenedEnvelope, OpenError> {
-        let payload = hpke_open(
-            key,
-            &self.wire.enc,
-            HPKE_INFO,
-            &self.wire.header,
-            &self.wire.ct,
-        )
-        .ok_or(OpenError::Decrypt)?;
+        let payload = open_payload(key, &self.wire, &self.header.id).ok_or(OpenError::Decrypt)?;
         if payload.len() as u64 != self.header.payload_len {
             return Err(OpenError::Length);
         }

@@ -102,6 +102,7 @@ mod envelopes {
             b"hello",
             &w.sender,
             &w.kem.public_key(),
+            None,
         )
         .unwrap()
         .to_bytes()
@@ -169,6 +170,7 @@ mod envelopes {
             b"hello",
             &w.sender,
             &other.public_key(),
+            None,
         )
         .unwrap()
         .to_bytes();
@@ -211,9 +213,15 @@ mod envelopes {
             (Utc::now() - chrono::Duration::days(2), true),
             (Utc::now() + chrono::Duration::hours(1), false),
         ] {
-            let bytes = seal(header(&w, created, 1), b"x", &w.sender, &w.kem.public_key())
-                .unwrap()
-                .to_bytes();
+            let bytes = seal(
+                header(&w, created, 1),
+                b"x",
+                &w.sender,
+                &w.kem.public_key(),
+                None,
+            )
+            .unwrap()
+            .to_bytes();
             let r = verify(
                 &bytes,
                 &w.london,
@@ -504,7 +512,9 @@ mod envelopes {
             &mut rand_core::UnwrapErr(rand_core::OsRng),
         )
         .unwrap();
-        let sig = w.sender.sign(&signed_message(&header_bytes, &enc, &ct));
+        let sig = w
+            .sender
+            .sign(&signed_message(VERSION, &header_bytes, &enc, &ct));
         let bytes = WireEnvelope {
             v: VERSION,
             header: header_bytes.into(),
@@ -520,7 +530,7 @@ mod envelopes {
     fn seal_refuses_a_wrong_payload_length_or_version() {
         let w = world();
         let pk = w.kem.public_key();
-        let r = seal(header(&w, Utc::now(), 4), b"hello", &w.sender, &pk);
+        let r = seal(header(&w, Utc::now(), 4), b"hello", &w.sender, &pk, None);
         assert!(matches!(
             r,
             Err(SealError::Length {
@@ -531,7 +541,7 @@ mod envelopes {
         let mut h = header(&w, Utc::now(), 5);
         h.v = 2;
         assert!(matches!(
-            seal(h, b"hello", &w.sender, &pk),
+            seal(h, b"hello", &w.sender, &pk, None),
             Err(SealError::Version(2))
         ));
     }
@@ -540,7 +550,7 @@ mod envelopes {
     fn a_stored_envelope_reloads_as_it_was_sealed() {
         let w = world();
         let h = header(&w, Utc::now(), 5);
-        let sealed = seal(h.clone(), b"hello", &w.sender, &w.kem.public_key()).unwrap();
+        let sealed = seal(h.clone(), b"hello", &w.sender, &w.kem.public_key(), None).unwrap();
         let reloaded = SealedEnvelope::from_stored(sealed.to_bytes()).unwrap();
         assert_eq!(reloaded.header(), &h);
         assert_eq!(reloaded.id(), h.id);
@@ -569,9 +579,15 @@ mod envelopes {
         let keys = vec![w.sender.public_key()];
         let now = Utc::now();
         for created in [now - policy().max_age, now + policy().max_skew] {
-            let bytes = seal(header(&w, created, 1), b"x", &w.sender, &w.kem.public_key())
-                .unwrap()
-                .to_bytes();
+            let bytes = seal(
+                header(&w, created, 1),
+                b"x",
+                &w.sender,
+                &w.kem.public_key(),
+                None,
+            )
+            .unwrap()
+            .to_bytes();
             let r = verify(
                 &bytes,
                 &w.london,
@@ -670,4 +686,226 @@ fn the_idempotency_index_key_needs_the_secret_and_is_not_the_subject_key() {
         a.key("test-records", "REF-1").0,
         "domain-separated"
     );
+}
+
+/// Version-2 envelopes: one HPKE context shared by many envelopes to the same key.
+mod shared_key_envelopes {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::core::envelope::{Header, CONTENT_TYPE_REFERRAL_V1, SHARED_KEY_VERSION};
+    use crate::core::types::PriorityClass;
+    use crate::crypto::directory::Directory;
+    use crate::crypto::{SealContexts, OPEN_CACHE};
+
+    struct World {
+        sender: SigningKey,
+        kem: KemSecretKey,
+        wm: AreaId,
+        london: AreaId,
+    }
+
+    fn world() -> World {
+        World {
+            sender: SigningKey::generate().unwrap().0,
+            kem: KemSecretKey::generate().unwrap().0,
+            wm: "west-midlands".parse().unwrap(),
+            london: "london".parse().unwrap(),
+        }
+    }
+
+    fn seal_v2(w: &World, contexts: &SealContexts, payload: &[u8]) -> Vec<u8> {
+        let header = Header {
+            v: 1,
+            id: EnvelopeId::generate(),
+            from: w.wm.clone(),
+            to: w.london.clone(),
+            created: Utc::now(),
+            priority: PriorityClass::Standard,
+            due_by: Utc::now(),
+            content_type: CONTENT_TYPE_REFERRAL_V1.into(),
+            payload_len: payload.len() as u64,
+        };
+        seal(
+            header,
+            payload,
+            &w.sender,
+            &w.kem.public_key(),
+            Some(contexts),
+        )
+        .unwrap()
+        .to_bytes()
+    }
+
+    fn open(w: &World, key: &KemSecretKey, bytes: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let keys = vec![w.sender.public_key()];
+        let policy = OpenPolicy {
+            max_bytes: 64 * 1024,
+            max_age: chrono::Duration::days(1),
+            max_skew: chrono::Duration::minutes(5),
+        };
+        let verified = verify(
+            bytes,
+            &w.london,
+            &w.wm,
+            |_| Some(keys.clone()),
+            Utc::now(),
+            &policy,
+        )?;
+        Ok(verified.decrypt(key)?.payload)
+    }
+
+    #[test]
+    fn envelopes_share_one_context_and_each_opens_alone_in_any_order() {
+        let w = world();
+        let contexts = SealContexts::new();
+        let sealed: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| seal_v2(&w, &contexts, &[b'a' + i; 40]))
+            .collect();
+        let wires: Vec<WireEnvelope> = sealed
+            .iter()
+            .map(|b| WireEnvelope::decode(b).unwrap())
+            .collect();
+        assert!(wires.iter().all(|x| x.v == SHARED_KEY_VERSION));
+        assert!(
+            wires.iter().all(|x| x.enc == wires[0].enc),
+            "one encapsulated key for all three"
+        );
+        assert_ne!(wires[0].ct, wires[1].ct);
+        assert_eq!(
+            contexts.setups(),
+            1,
+            "one key generation and DH to seal three"
+        );
+        for i in [2, 0, 1] {
+            assert_eq!(
+                open(&w, &w.kem, &sealed[i]).unwrap(),
+                vec![b'a' + i as u8; 40]
+            );
+        }
+        assert_eq!(w.kem.shared_setups(), 1, "one DH to open three");
+    }
+
+    #[test]
+    fn a_ciphertext_moved_under_another_header_of_its_context_does_not_open() {
+        let w = world();
+        let contexts = SealContexts::new();
+        let a = WireEnvelope::decode(&seal_v2(&w, &contexts, b"first")).unwrap();
+        let b = WireEnvelope::decode(&seal_v2(&w, &contexts, b"other")).unwrap();
+        // Validly signed by the sender, so only the decryption can catch it.
+        let sig = w.sender.sign(&signed_message(
+            SHARED_KEY_VERSION,
+            &a.header,
+            &b.enc,
+            &b.ct,
+        ));
+        let moved = WireEnvelope {
+            v: SHARED_KEY_VERSION,
+            header: a.header.clone(),
+            enc: b.enc.clone(),
+            ct: b.ct.clone(),
+            sig: sig.to_vec().into(),
+        }
+        .encode();
+        assert_eq!(open(&w, &w.kem, &moved).unwrap_err(), OpenError::Decrypt);
+        assert!(!intact_but_unknown_signer(&moved, &w.kem));
+        assert!(intact_but_unknown_signer(&a.encode(), &w.kem));
+    }
+
+    #[test]
+    fn neither_version_s_signature_passes_for_the_other() {
+        let w = world();
+        let v2 = seal_v2(&w, &SealContexts::new(), b"hello");
+        let as_v1 = tamper_version(&v2, VERSION);
+        assert_eq!(
+            open(&w, &w.kem, &as_v1).unwrap_err(),
+            OpenError::BadSignature
+        );
+        let header = Header::decode(&WireEnvelope::decode(&v2).unwrap().header).unwrap();
+        let v1 = seal(header, b"hello", &w.sender, &w.kem.public_key(), None)
+            .unwrap()
+            .to_bytes();
+        assert_eq!(open(&w, &w.kem, &v1).unwrap(), b"hello");
+        let as_v2 = tamper_version(&v1, SHARED_KEY_VERSION);
+        assert_eq!(
+            open(&w, &w.kem, &as_v2).unwrap_err(),
+            OpenError::BadSignature
+        );
+    }
+
+    fn tamper_version(bytes: &[u8], v: u8) -> Vec<u8> {
+        let mut wire = WireEnvelope::decode(bytes).unwrap();
+        wire.v = v;
+        wire.encode()
+    }
+
+    #[test]
+    fn another_recipient_cannot_open_and_a_context_rotates_after_its_budget() {
+        let w = world();
+        let contexts = SealContexts::with_rotation(2, Duration::from_secs(60));
+        let sealed: Vec<Vec<u8>> = (0..5).map(|_| seal_v2(&w, &contexts, b"x")).collect();
+        let encs: std::collections::BTreeSet<Vec<u8>> = sealed
+            .iter()
+            .map(|b| WireEnvelope::decode(b).unwrap().enc.into_vec())
+            .collect();
+        assert_eq!(encs.len(), 3, "two envelopes per context: 5 need 3");
+        assert_eq!(contexts.setups(), 3);
+        let stranger = KemSecretKey::generate().unwrap().0;
+        assert_eq!(
+            open(&w, &stranger, &sealed[0]).unwrap_err(),
+            OpenError::Decrypt
+        );
+        let expired = SealContexts::with_rotation(100, Duration::ZERO);
+        seal_v2(&w, &expired, b"x");
+        seal_v2(&w, &expired, b"x");
+        assert_eq!(expired.setups(), 2, "a context past its age is replaced");
+    }
+
+    #[test]
+    fn the_receiver_keeps_a_bounded_number_of_contexts_and_reopens_an_evicted_one() {
+        let w = world();
+        let first = seal_v2(&w, &SealContexts::new(), b"first");
+        open(&w, &w.kem, &first).unwrap();
+        for _ in 0..OPEN_CACHE {
+            open(&w, &w.kem, &seal_v2(&w, &SealContexts::new(), b"x")).unwrap();
+        }
+        assert_eq!(w.kem.opened.len(), OPEN_CACHE);
+        let before = w.kem.shared_setups();
+        assert_eq!(open(&w, &w.kem, &first).unwrap(), b"first");
+        assert_eq!(
+            w.kem.shared_setups(),
+            before + 1,
+            "evicted, so set up again"
+        );
+        assert_eq!(w.kem.opened.len(), OPEN_CACHE);
+    }
+
+    fn directory(extra: &str) -> Result<Directory, Vec<String>> {
+        let (s, _) = SigningKey::generate().unwrap();
+        let (k, _) = KemSecretKey::generate().unwrap();
+        Directory::from_toml(&format!(
+            "version = 1\n[[area]]\nid = \"london\"\nname = \"London\"\naddress = \"127.0.0.1:1\"\n\
+             server_name = \"london.refex.internal\"\nsigning_keys = [\"{}\"]\n\
+             encryption_key = \"{}\"\n{extra}",
+            s.public_key().to_hex(),
+            k.public_key().to_hex()
+        ))
+    }
+
+    #[test]
+    fn the_directory_says_which_areas_open_version_2_and_renders_it_back() {
+        let london: AreaId = "london".parse().unwrap();
+        let v1 = directory("").unwrap();
+        assert!(!v1.get(&london).unwrap().opens_shared_key_envelopes());
+        let v2 = directory("envelope_version = 2\n").unwrap();
+        let entry = v2.get(&london).unwrap().clone();
+        assert!(entry.opens_shared_key_envelopes());
+        let again = Directory::from_toml(&Directory::render(&[entry])).unwrap();
+        assert!(again.get(&london).unwrap().opens_shared_key_envelopes());
+        let errors = directory("envelope_version = 3\n").unwrap_err();
+        assert_eq!(
+            errors,
+            vec!["area 'london'.envelope_version: 3 is not 1 or 2".to_owned()]
+        );
+    }
 }

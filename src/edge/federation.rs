@@ -117,6 +117,7 @@ pub fn init(dir: &Path, areas: &[AreaId], base_port: u16) -> Result<Vec<PathBuf>
             server_name: area_server_name(area),
             signing_keys: vec![signing.public_key()],
             encryption_key: kem.public_key(),
+            envelope_version: crate::core::envelope::SHARED_KEY_VERSION,
         });
         let config = node.join("refex.toml");
         write(&config, &node_config(area, address))?;

@@ -127,6 +127,8 @@ pub struct Node {
     pub settings: Arc<Settings>,
     pub signer: Arc<SigningKey>,
     pub kem: KemSecretKey,
+    /// The HPKE contexts shared by the version-2 envelopes this node seals, per recipient key.
+    pub seal_contexts: crate::crypto::SealContexts,
     pub subject: SubjectSecret,
     pub store: Store,
     pub audit: AuditLog,
@@ -208,6 +210,7 @@ impl Node {
             settings: Arc::new(settings),
             signer,
             kem,
+            seal_contexts: Default::default(),
             subject,
             store,
             audit,

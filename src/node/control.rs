@@ -214,6 +214,7 @@ fn status(h: &Node) -> Value {
         "audit_head": h.audit.head().to_string(),
         "audit_writable": h.audit.writable(),
         "sends_in_flight": {"shared": shared_sends, "lone_peer": lone_sends},
+        "hpke_contexts": {"sealed": h.seal_contexts.setups(), "opened": h.kem.shared_setups()},
         "syncs": {"store": h.store.sync_count(), "audit": h.audit.sync_count(), "inbox_dir": h.inbox.dir_syncs(), "outbox_dir": h.outbox_sync.syncs()},
         "certificates": certificates,
         "runtime": h.runtime.get().map(|f| f()).unwrap_or(Value::Null),

@@ -631,7 +631,10 @@ fn seal_all(
             content_type: crate::core::envelope::CONTENT_TYPE_REFERRAL_V1.into(),
             payload_len: payload.len() as u64,
         };
-        let sealed = crypto::seal(header, payload, &node.signer, &entry.encryption_key)
+        let shared = entry
+            .opens_shared_key_envelopes()
+            .then_some(&node.seal_contexts);
+        let sealed = crypto::seal(header, payload, &node.signer, &entry.encryption_key, shared)
             .map_err(|e| IntakeError::Seal(to.clone(), e.to_string()))?;
         let subject = node.subject.key(&item.source_system, &item.source_ref);
         let bytes = sealed.to_bytes();

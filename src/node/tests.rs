@@ -86,8 +86,11 @@ fn sealed_as(
         content_type: CONTENT_TYPE_REFERRAL_V1.into(),
         payload_len: payload.len() as u64,
     };
-    let key = &from.directory().get(to).unwrap().encryption_key.clone();
-    crypto::seal(header, &payload, signer, key)
+    let entry = from.directory().get(to).unwrap().clone();
+    let shared = entry
+        .opens_shared_key_envelopes()
+        .then_some(&from.seal_contexts);
+    crypto::seal(header, &payload, signer, &entry.encryption_key, shared)
         .unwrap()
         .to_bytes()
 }

@@ -79,6 +79,9 @@ pub fn header(from: &AreaId, to: &AreaId, len: usize) -> Header {
 pub struct DeliveryCrypto {
     signer: SigningKey,
     kem: KemSecretKey,
+    /// Version-2 envelopes (one HPKE context shared by the envelopes to london), as the
+    /// benches' federations seal; `None` seals version 1 (an HPKE key per envelope).
+    shared: Option<crypto::SealContexts>,
     from: AreaId,
     to: AreaId,
     /// The referral, as CBOR.
@@ -88,13 +91,15 @@ pub struct DeliveryCrypto {
 }
 
 impl DeliveryCrypto {
-    pub fn new() -> Self {
+    /// Envelope format `version` (1, or 2: a shared HPKE context).
+    pub fn new(version: u8) -> Self {
         let (signer, _) = SigningKey::generate().unwrap();
         let (kem, _) = KemSecretKey::generate().unwrap();
         let keys = vec![signer.public_key()];
         Self {
             signer,
             kem,
+            shared: (version == 2).then(crypto::SealContexts::new),
             from: "west-midlands".parse().unwrap(),
             to: "london".parse().unwrap(),
             payload: parse_json(referral("BENCH-1", "london").as_bytes())
@@ -116,6 +121,7 @@ impl DeliveryCrypto {
             &self.payload,
             &self.signer,
             &self.kem.public_key(),
+            self.shared.as_ref(),
         )
         .unwrap()
         .to_bytes()
@@ -213,8 +219,8 @@ impl DeliveryCrypto {
 /// `bench` profile, no LTO): a program built as shipped measured per-operation costs adding up
 /// to 0.53–0.70 ms, the range this measured the same day (ring's are assembly, dalek's
 /// hand-tuned Rust).
-pub fn delivery_crypto_us(n: u32) -> f64 {
-    let c = DeliveryCrypto::new();
+pub fn delivery_crypto_us(n: u32, version: u8) -> f64 {
+    let c = DeliveryCrypto::new(version);
     let start = Instant::now();
     for _ in 0..n {
         let opened = c.envelope();
@@ -224,8 +230,8 @@ pub fn delivery_crypto_us(n: u32) -> f64 {
 }
 
 /// [`DeliveryCrypto::steps_us`] as one line: "seal (HPKE + signature) 80, verify 45, …".
-pub fn crypto_steps_line(n: u32) -> String {
-    DeliveryCrypto::new()
+pub fn crypto_steps_line(n: u32, version: u8) -> String {
+    DeliveryCrypto::new(version)
         .steps_us(n)
         .iter()
         .map(|(what, us)| format!("{what} {us:.0}"))
@@ -242,12 +248,14 @@ pub async fn fill(wm: &Node, n: u32) {
     let payload = parse_json(referral("BENCH", "london").as_bytes())
         .unwrap()
         .to_cbor();
+    let contexts = crypto::SealContexts::new();
     for i in 0..n {
         let sealed = crypto::seal(
             header(&wm.area, &to, payload.len()),
             &payload,
             &signer,
             &kem,
+            Some(&contexts),
         )
         .unwrap();
         let mut key = [0u8; 32];

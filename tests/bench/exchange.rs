@@ -108,28 +108,31 @@ fn bench_plan() {
 }
 
 fn bench_crypto() {
-    let c = common::DeliveryCrypto::new();
     let n = 2_000;
-    let start = Instant::now();
-    for _ in 0..n {
-        c.envelope();
-    }
-    let per_sec = n as f64 / start.elapsed().as_secs_f64();
-    println!(
-        "crypto: seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s",
-        c.payload.len()
-    );
-    let us = common::delivery_crypto_us(n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    println!(
-        "crypto: one whole delivery (seal, sign, verify, open; receipt sign and verify): {us:.0} µs \
-         of one core; alone it caps {cores} cores at {:.0} deliveries/s",
-        cores as f64 * 1e6 / us
-    );
-    println!(
-        "crypto: per step, µs of one core: {}",
-        common::crypto_steps_line(n)
-    );
+    // Version 1 (an HPKE key per envelope) is the baseline; 2 shares one context.
+    for (version, what) in [(1, "v1, own HPKE key"), (2, "v2, shared context")] {
+        let c = common::DeliveryCrypto::new(version);
+        let start = Instant::now();
+        for _ in 0..n {
+            c.envelope();
+        }
+        let per_sec = n as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "crypto ({what}): seal+verify+decrypt of a {}-byte referral: {per_sec:.0}/s",
+            c.payload.len()
+        );
+        let us = common::delivery_crypto_us(n, version);
+        println!(
+            "crypto ({what}): one whole delivery (seal, sign, verify, open; receipt sign and \
+             verify): {us:.0} µs of one core; alone it caps {cores} cores at {:.0} deliveries/s",
+            cores as f64 * 1e6 / us
+        );
+        println!(
+            "crypto ({what}): per step, µs of one core: {}",
+            common::crypto_steps_line(n, version)
+        );
+    }
 }
 
 async fn bench_store() {

@@ -289,7 +289,8 @@ fn bench_sftp_vs_refex(n: usize) {
     }
     // The floor: what the public-key work alone costs on this machine, and what 1.2x sftp
     // leaves for everything else.
-    let us = common::delivery_crypto_us(500);
+    // The federation the bench starts seals version-2 envelopes (a shared HPKE context).
+    let us = common::delivery_crypto_us(500, 2);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
     println!(
         "  public-key work per delivery, both ends (timed here, one core): {us:.0} µs; alone it \
@@ -298,7 +299,7 @@ fn bench_sftp_vs_refex(n: usize) {
     );
     println!(
         "    per step, µs of one core: {}",
-        common::crypto_steps_line(500)
+        common::crypto_steps_line(500, 2)
     );
     if let Some(sftp) = sftp {
         let budget = cores * 1e6 / (1.2 * sftp);

@@ -99,7 +99,7 @@ fn seal(fed: &Federation, from: &str, to: &str, signer: &SigningKey, source_ref:
         .get(&to.parse().unwrap())
         .unwrap()
         .encryption_key;
-    crypto::seal(header, &payload, signer, &recipient)
+    crypto::seal(header, &payload, signer, &recipient, None)
         .expect("seal")
         .to_bytes()
 }
@@ -225,4 +225,55 @@ fn sighup_reloads_certificates_without_dropping_queued_work() {
     wait_until(WAIT, "the queued referral to arrive", || {
         fed.node("london").inbox_files().len() == 1
     });
+}
+
+/// A federation part-way through adopting version-2 envelopes: london's directory entry does
+/// not say it opens them yet, west-midlands' does. Each side seals what the other's entry
+/// says, both open both, and every referral arrives once.
+#[test]
+fn areas_seal_each_peer_the_envelope_version_its_directory_entry_names() {
+    let fed = Federation::new(&["west-midlands", "london"]);
+    let path = fed.dir.path().join("directory.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let blocks: Vec<String> = text
+        .split("[[area]]")
+        .map(|b| {
+            if b.contains("id = \"london\"") {
+                b.replace("envelope_version = 2\n", "")
+            } else {
+                b.to_owned()
+            }
+        })
+        .collect();
+    let edited = blocks.join("[[area]]");
+    assert_eq!(edited.matches("envelope_version = 2").count(), 1);
+    std::fs::write(&path, edited).unwrap();
+    let mut fed = fed;
+    fed.start_all();
+    for i in 0..3 {
+        fed.node("west-midlands").drop_file(
+            &format!("v1-{i}.json"),
+            referral(&format!("MIX-WM-{i}"), "london").as_bytes(),
+        );
+        fed.node("london").drop_file(
+            &format!("v2-{i}.json"),
+            referral(&format!("MIX-LON-{i}"), "west-midlands").as_bytes(),
+        );
+    }
+    for area in ["west-midlands", "london"] {
+        wait_until(WAIT, &format!("three referrals in {area}'s inbox"), || {
+            fed.node(area).inbox_files().len() == 3
+        });
+    }
+    let contexts = |area: &str| {
+        let (code, out, _) = fed.node(area).cli(&["status", "--json"]);
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let c = &v["hpke_contexts"];
+        (c["sealed"].as_u64().unwrap(), c["opened"].as_u64().unwrap())
+    };
+    // west-midlands sealed version 1 to london (no shared context) and opened london's
+    // version-2 envelopes (one context for all three); london the other way round.
+    assert_eq!(contexts("west-midlands"), (0, 1));
+    assert_eq!(contexts("london"), (1, 0));
 }

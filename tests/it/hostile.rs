@@ -197,7 +197,7 @@ fn seal(
         .get(&to.parse().unwrap())
         .unwrap()
         .encryption_key;
-    crypto::seal(header, &payload, signer, &recipient)
+    crypto::seal(header, &payload, signer, &recipient, None)
         .expect("seal")
         .to_bytes()
 }
