@@ -248,7 +248,7 @@ impl KemSecretKey {
         self.pk
     }
 
-    /// Version-2 contexts this key has set up (each one Diffie-Hellman), for tests and benches.
+    /// Version-2 contexts this key has set up (each one Diffie-Hellman), shown by `status`.
     pub fn shared_setups(&self) -> u64 {
         self.opened.setups()
     }

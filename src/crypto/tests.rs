@@ -58,14 +58,15 @@ mod envelopes {
     #[allow(unused_imports)]
     use crate::crypto::keys::*;
 
-    struct World {
-        sender: SigningKey,
-        kem: KemSecretKey,
-        wm: AreaId,
-        london: AreaId,
+    /// West Midlands' signing key and London's encryption key (shared with the format-2 tests).
+    pub(super) struct World {
+        pub(super) sender: SigningKey,
+        pub(super) kem: KemSecretKey,
+        pub(super) wm: AreaId,
+        pub(super) london: AreaId,
     }
 
-    fn world() -> World {
+    pub(super) fn world() -> World {
         World {
             sender: SigningKey::generate().unwrap().0,
             kem: KemSecretKey::generate().unwrap().0,
@@ -100,6 +101,19 @@ mod envelopes {
         seal(
             header(w, Utc::now(), 5),
             b"hello",
+            &w.sender,
+            &w.kem.public_key(),
+            None,
+        )
+        .unwrap()
+        .to_bytes()
+    }
+
+    /// A format-1 envelope of one byte created at `created`.
+    fn sealed_at(w: &World, created: DateTime<Utc>) -> Vec<u8> {
+        seal(
+            header(w, created, 1),
+            b"x",
             &w.sender,
             &w.kem.public_key(),
             None,
@@ -213,15 +227,7 @@ mod envelopes {
             (Utc::now() - chrono::Duration::days(2), true),
             (Utc::now() + chrono::Duration::hours(1), false),
         ] {
-            let bytes = seal(
-                header(&w, created, 1),
-                b"x",
-                &w.sender,
-                &w.kem.public_key(),
-                None,
-            )
-            .unwrap()
-            .to_bytes();
+            let bytes = sealed_at(&w, created);
             let r = verify(
                 &bytes,
                 &w.london,
@@ -579,15 +585,7 @@ mod envelopes {
         let keys = vec![w.sender.public_key()];
         let now = Utc::now();
         for created in [now - policy().max_age, now + policy().max_skew] {
-            let bytes = seal(
-                header(&w, created, 1),
-                b"x",
-                &w.sender,
-                &w.kem.public_key(),
-                None,
-            )
-            .unwrap()
-            .to_bytes();
+            let bytes = sealed_at(&w, created);
             let r = verify(
                 &bytes,
                 &w.london,
@@ -698,21 +696,7 @@ mod shared_key_envelopes {
     use crate::crypto::directory::Directory;
     use crate::crypto::{SealContexts, OPEN_CACHE};
 
-    struct World {
-        sender: SigningKey,
-        kem: KemSecretKey,
-        wm: AreaId,
-        london: AreaId,
-    }
-
-    fn world() -> World {
-        World {
-            sender: SigningKey::generate().unwrap().0,
-            kem: KemSecretKey::generate().unwrap().0,
-            wm: "west-midlands".parse().unwrap(),
-            london: "london".parse().unwrap(),
-        }
-    }
+    use super::envelopes::{world, World};
 
     fn seal_v2(w: &World, contexts: &SealContexts, payload: &[u8]) -> Vec<u8> {
         let header = Header {
