@@ -242,10 +242,15 @@ impl Daemon {
 
     /// Sends SIGHUP (reload keys and certificates).
     pub fn hangup(&self) -> Result<(), HarnessError> {
+        self.send(rustix::process::Signal::HUP)
+    }
+
+    /// Sends `sig` to the daemon's process (e.g. STOP and CONT to freeze and thaw it).
+    pub fn send(&self, sig: rustix::process::Signal) -> Result<(), HarnessError> {
         let pid = self.pid().ok_or(HarnessError::NotRunning {
             area: self.area.clone(),
         })?;
-        self.signal(pid, rustix::process::Signal::HUP)
+        self.signal(pid, sig)
     }
 
     /// SIGKILL: the process dies wherever it is.

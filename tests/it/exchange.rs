@@ -266,9 +266,8 @@ fn areas_seal_each_peer_the_envelope_version_its_directory_entry_names() {
         });
     }
     let contexts = |area: &str| {
-        let (code, out, _) = fed.node(area).cli(&["status", "--json"]);
-        assert_eq!(code, 0, "{out}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let (code, v) = fed.node(area).status_json();
+        assert_eq!(code, 0, "{v}");
         let c = &v["hpke_contexts"];
         (c["sealed"].as_u64().unwrap(), c["opened"].as_u64().unwrap())
     };

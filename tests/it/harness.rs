@@ -204,6 +204,18 @@ impl Node {
         self.0.hangup().unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Sends `sig` to the daemon (STOP freezes it: every stream sent to it stays open; CONT).
+    pub fn send(&self, sig: rustix::process::Signal) {
+        self.0.send(sig).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// `status --json`: the exit code and the parsed answer (panics on output that is not JSON).
+    pub fn status_json(&self) -> (i32, serde_json::Value) {
+        let (code, out, err) = self.cli(&["status", "--json"]);
+        let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        (code, v)
+    }
+
     /// Drops a file the careful way: temporary name, then rename.
     pub fn drop_file(&self, name: &str, bytes: &[u8]) {
         self.0

@@ -76,12 +76,6 @@ fn referral_at(source_ref: &str, area: &str, days_ago: i64) -> String {
     v.to_string()
 }
 
-fn status_json(node: &Node) -> (i32, serde_json::Value) {
-    let (code, out, err) = node.cli(&["status", "--json"]);
-    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
-    (code, v)
-}
-
 #[test]
 fn a_delivery_shows_in_the_metrics_of_both_ends_and_status_is_healthy() {
     let mut fed = Federation::with_config(&["west-midlands", "london"], CONFIG);
@@ -149,7 +143,7 @@ fn a_delivery_shows_in_the_metrics_of_both_ends_and_status_is_healthy() {
     assert_eq!(get(&wm_addr, "/").0, 404);
     assert_eq!(get(&wm_addr, "/metrics/../status").0, 404);
 
-    let (code, v) = status_json(wm);
+    let (code, v) = wm.status_json();
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["healthy"], true);
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
@@ -214,7 +208,7 @@ fn status_is_degraded_naming_the_down_peer_and_the_past_due_referral() {
         WAIT,
         "status to report london down and the referral past due",
         || {
-            let (code, v) = status_json(wm);
+            let (code, v) = wm.status_json();
             let kinds: Vec<&str> = v["problems"]
                 .as_array()
                 .into_iter()
@@ -225,7 +219,7 @@ fn status_is_degraded_naming_the_down_peer_and_the_past_due_referral() {
             code == 2 && kinds.contains(&"peer_down") && kinds.contains(&"past_due")
         },
     );
-    let (code, v) = status_json(wm);
+    let (code, v) = wm.status_json();
     assert_eq!(v["healthy"], false);
     assert_eq!(v["peers"]["london"]["up"], false, "{v:#}");
     assert!(

@@ -471,16 +471,6 @@ fn peers_share_the_node_wide_send_slots_in_turn() {
     }
 }
 
-/// `kill -STOP` / `-CONT` of a daemon: a frozen peer holds every stream sent to it open.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "kill {sig} {pid}");
-}
-
 /// The sender's `sends_in_flight` from `status --json`: (shared slots, a lone peer's).
 fn sends_in_flight(fed: &Federation, area: &str) -> Option<(u64, u64)> {
     let (_, out, _) = fed.node(area).cli(&["status", "--json"]);
@@ -503,8 +493,7 @@ fn a_peer_alone_fills_its_own_window_past_the_node_wide_slots() {
     wait_until(WAIT, "a first delivery (the connection is up)", || {
         fed.node("london").inbox_files().len() == 1
     });
-    let london = fed.node("london").pid();
-    signal(london, "-STOP");
+    fed.node("london").send(rustix::process::Signal::STOP);
     for i in 1..=10 {
         fed.node("west-midlands").drop_file(
             &format!("r{i}.json"),
@@ -517,7 +506,7 @@ fn a_peer_alone_fills_its_own_window_past_the_node_wide_slots() {
         seen.extend(now);
         now == Some((2, 4))
     });
-    signal(london, "-CONT");
+    fed.node("london").send(rustix::process::Signal::CONT);
     wait_until(WAIT, "all eleven delivered", || {
         fed.node("london").inbox_files().len() == 11
     });
