@@ -39,7 +39,7 @@ mod shared;
 
 pub use keys::*;
 pub use seal::*;
-pub use shared::{SealContexts, OPEN_CACHE, ROTATE_AFTER, ROTATE_EVERY};
+pub use shared::{SealContexts, OPEN_CACHE};
 
 #[cfg(test)]
 mod tests;

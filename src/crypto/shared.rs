@@ -72,14 +72,6 @@ impl Default for SealContexts {
     }
 }
 
-impl std::fmt::Debug for SealContexts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SealContexts")
-            .field("setups", &self.setups())
-            .finish_non_exhaustive()
-    }
-}
-
 impl SealContexts {
     pub fn new() -> Self {
         Self::default()
