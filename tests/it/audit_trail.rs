@@ -342,9 +342,7 @@ fn deadlines_missed_before_and_during_queueing_are_warned_and_recorded_once() {
             .count(),
         1
     );
-    let (code, out, _) = wm.cli(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("status --json (exit {code}) did not parse: {e}: {out}"));
+    let (_, status) = wm.status_json();
     assert_eq!(status["peers"]["london"]["past_due"], 2, "{status}");
     let queued = 3;
     assert_eq!(status["peers"]["london"]["queued"], queued, "{status}");

@@ -165,9 +165,8 @@ fn a_backup_taken_under_load_restores_and_its_queue_is_delivered_exactly_once() 
         queued.iter().all(|r| got.contains(r))
     });
     wait_until(WAIT, "the queue to drain", || {
-        let (_, out, _) = fed.node("west-midlands").cli(&["status", "--json"]);
-        serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
+        fed.node("west-midlands")
+            .try_status_json()
             .and_then(|v| v["peers"]["greater-manchester"]["queued"].as_u64())
             == Some(0)
     });

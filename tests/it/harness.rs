@@ -216,6 +216,16 @@ impl Node {
         (code, v)
     }
 
+    /// `status --json` for a wait that polls: `None` while the daemon does not answer with it
+    /// (starting, stopped, or an exit other than 0 or 2, "degraded", which still carries it).
+    pub fn try_status_json(&self) -> Option<serde_json::Value> {
+        let (code, out, _) = self.cli(&["status", "--json"]);
+        if code != 0 && code != 2 {
+            return None;
+        }
+        serde_json::from_str(&out).ok()
+    }
+
     /// Drops a file the careful way: temporary name, then rename.
     pub fn drop_file(&self, name: &str, bytes: &[u8]) {
         self.0

@@ -494,11 +494,7 @@ pub fn loss_trail(source_ref: &str, sender: &Node, receiver: &Node) -> String {
 
 /// True when `refex status` on a running node reports no envelope queued to any peer.
 pub fn queue_is_empty(node: &Node) -> bool {
-    let (code, out, _) = node.cli(&["status", "--json"]);
-    if code != 0 && code != 2 {
-        return false;
-    }
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&out) else {
+    let Some(v) = node.try_status_json() else {
         return false;
     };
     v["peers"]

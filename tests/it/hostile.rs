@@ -405,9 +405,7 @@ async fn a_black_hole_peer_does_not_hold_up_a_healthy_one() {
         "black hole: 5 referrals to a healthy peer in {took:?} (bound {BLACK_HOLE_BOUND:?}); {} packets swallowed",
         swallowed.load(std::sync::atomic::Ordering::Relaxed)
     );
-    let (code, out, _) = sender.cli(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("status --json (exit {code}) did not parse: {e}: {out}"));
+    let (_, status) = sender.status_json();
     assert_eq!(status["peers"][HOLE]["queued"], 3, "{status}");
     assert_eq!(status["peers"][VICTIM]["queued"], 0, "{status}");
 }

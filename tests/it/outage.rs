@@ -194,9 +194,9 @@ fn an_envelope_past_the_non_delivery_window_is_kept_until_an_operator_acts() {
     wm.drop_file("a.json", referral("ND-1", "london").as_bytes());
     wm.drop_file("b.json", referral("ND-2", "london").as_bytes());
     let status = |fed: &Federation| -> serde_json::Value {
-        let (code, out, err) = fed.node("west-midlands").cli(&["status", "--json"]);
-        assert!(code == 0 || code == 2, "the daemon answers: {err}");
-        serde_json::from_str(&out).unwrap()
+        let (code, v) = fed.node("west-midlands").status_json();
+        assert!(code == 0 || code == 2, "the daemon answers: {v}");
+        v
     };
     wait_until(WAIT, "both to be marked non-delivered", || {
         status(&fed)["non_delivered"].as_array().map(Vec::len) == Some(2)
@@ -473,8 +473,7 @@ fn peers_share_the_node_wide_send_slots_in_turn() {
 
 /// The sender's `sends_in_flight` from `status --json`: (shared slots, a lone peer's).
 fn sends_in_flight(fed: &Federation, area: &str) -> Option<(u64, u64)> {
-    let (_, out, _) = fed.node(area).cli(&["status", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let v = fed.node(area).try_status_json()?;
     let s = &v["sends_in_flight"];
     Some((s["shared"].as_u64()?, s["lone_peer"].as_u64()?))
 }
