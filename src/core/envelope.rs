@@ -48,6 +48,9 @@ pub const VERSION: u8 = 1;
 /// context shared by many envelopes (headers, receipts and replies stay at [`VERSION`]).
 pub const SHARED_KEY_VERSION: u8 = 2;
 
+/// The wire envelope versions this build reads (and a peer directory may name).
+pub const ENVELOPE_VERSIONS: [u8; 2] = [VERSION, SHARED_KEY_VERSION];
+
 /// Content type of a `refex.referral.v1` payload encoded as CBOR.
 pub const CONTENT_TYPE_REFERRAL_V1: &str = "application/vnd.refex.referral.v1+cbor";
 
@@ -95,8 +98,7 @@ fn decode_versioned<T: serde::de::DeserializeOwned>(
     b: &[u8],
 ) -> Result<T, FormatError> {
     let VersionOnly { v } = serde_cbor::from_slice(b).map_err(|_| FormatError::Malformed(what))?;
-    let known = v == VERSION || (what == ENVELOPE && v == SHARED_KEY_VERSION);
-    if !known {
+    if !readable(what).contains(&v) {
         return Err(FormatError::Version { what, found: v });
     }
     serde_cbor::from_slice(b).map_err(|_| FormatError::Malformed(what))
@@ -156,13 +158,19 @@ impl Header {
 /// The structure whose decoder also reads [`SHARED_KEY_VERSION`].
 const ENVELOPE: &str = "envelope";
 
-/// The versions this build reads of structure `what`, for [`FormatError::Version`]'s message.
-fn supported(what: &str) -> &'static str {
+/// The versions this build reads of structure `what`.
+fn readable(what: &str) -> &'static [u8] {
     if what == ENVELOPE {
-        "1 and 2"
+        &ENVELOPE_VERSIONS
     } else {
-        "1"
+        &[VERSION]
     }
+}
+
+/// [`readable`] for [`FormatError::Version`]'s message: "1", "1 and 2".
+fn supported(what: &str) -> String {
+    let v: Vec<String> = readable(what).iter().map(u8::to_string).collect();
+    v.join(" and ")
 }
 
 /// A sealed envelope as it travels and is stored.

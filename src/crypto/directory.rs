@@ -119,8 +119,8 @@ impl Directory {
             let encryption_key = KemPublicKey::from_hex(&e.encryption_key)
                 .map_err(|err| errors.push(format!("{at}.encryption_key: {err}")))
                 .ok();
-            let envelope_version = e.envelope_version.unwrap_or(1);
-            if !(1..=2).contains(&envelope_version) {
+            let envelope_version = e.envelope_version.unwrap_or(crate::core::envelope::VERSION);
+            if !crate::core::envelope::ENVELOPE_VERSIONS.contains(&envelope_version) {
                 errors.push(format!(
                     "{at}.envelope_version: {envelope_version} is not 1 or 2"
                 ));
@@ -186,7 +186,7 @@ impl Directory {
                 e.server_name,
                 keys.join(", "),
                 e.encryption_key.to_hex(),
-                if e.envelope_version == 1 {
+                if e.envelope_version == crate::core::envelope::VERSION {
                     String::new()
                 } else {
                     format!("envelope_version = {}\n", e.envelope_version)
