@@ -18,6 +18,13 @@ use crate::node::settings::Settings;
 /// How long a daemon may take to start serving, or to stop after SIGTERM.
 pub const START_STOP_LIMIT: Duration = Duration::from_secs(30);
 
+/// The malloc environment the systemd unit gives a node (`systemd/refex.service` says why),
+/// given to every daemon started here so that tests, benches and the demo run what ships.
+pub const MALLOC_ENV: [(&str, &str); 2] = [
+    ("MALLOC_ARENA_MAX", "2"),
+    ("GLIBC_TUNABLES", "glibc.malloc.tcache_max=256"),
+];
+
 /// What went wrong driving a daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
@@ -120,8 +127,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
-            // As the systemd unit runs it (systemd/refex.service).
-            .env("MALLOC_ARENA_MAX", "2")
+            .envs(MALLOC_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -390,4 +396,25 @@ pub fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The harness's daemons run with exactly the malloc environment the shipped unit sets.
+    #[test]
+    fn daemons_get_the_malloc_environment_of_the_systemd_unit() {
+        let unit = include_str!("../../systemd/refex.service");
+        let set: Vec<&str> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("Environment="))
+            .filter(|kv| kv.starts_with("MALLOC_") || kv.starts_with("GLIBC_"))
+            .collect();
+        let ours: Vec<String> = MALLOC_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(
+            set, ours,
+            "systemd/refex.service and harness::MALLOC_ENV differ"
+        );
+    }
 }
