@@ -1,5 +1,5 @@
-//! The store's group commit: one thread applies the record changes sent to it in one
-//! transaction (see `changes`), then flushes sled and fdatasyncs its files for every waiter
+//! The store's group commit: one thread applies the record changes sent to it in transactions
+//! of at most 64 records (see `changes`), then flushes sled and fdatasyncs its files for every waiter
 //! that has arrived (see "Durability" in the parent module).
 //!
 //! A failed flush or sync is final (the PostgreSQL "fsyncgate" lesson): after a failed `fsync`
@@ -25,8 +25,8 @@ use super::{Pending, StoreError, WRITING};
 /// The exit status after a failed store flush or sync (EX_TEMPFAIL: restart and recover).
 pub const EXIT_STORE_LOST: i32 = 75;
 
-/// The group-commit loop: take every job that has arrived, apply their record changes in one
-/// transaction (see `changes`), flush and sync once, answer all.
+/// The group-commit loop: take every job that has arrived, apply their record changes (see
+/// `changes`), flush and sync once, answer all.
 pub(super) fn committer(
     db: sled::Db,
     dir: PathBuf,

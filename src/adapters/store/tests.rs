@@ -622,6 +622,54 @@ async fn changes_sent_to_the_committer_share_a_transaction_each_with_its_own_out
     assert!(store.get(&missing).unwrap().is_none());
 }
 
+/// A large round goes into transactions of at most `WRITES_PER_TRANSACTION` records, in order,
+/// each job whole; every job keeps its own outcome.
+#[test]
+fn a_large_round_is_applied_in_bounded_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ids: Vec<EnvelopeId> = (0..200u16)
+        .map(|n| {
+            let mut key = [0u8; 32];
+            key[..2].copy_from_slice(&n.to_be_bytes());
+            store
+                .enqueue(env("london", PriorityClass::Standard, 1_000), &key)
+                .unwrap()
+                .id()
+        })
+        .collect();
+    let release = |id: &EnvelopeId| Job::Apply {
+        changes: vec![(*id, changes::release_change())],
+        release: false,
+        done: None,
+    };
+    // 200 one-record jobs: 64 + 64 + 64 + 8.
+    let before = store.transaction_count();
+    let out = tables(&store).apply(&ids.iter().map(release).collect::<Vec<_>>());
+    assert_eq!(store.transaction_count() - before, 4);
+    assert_eq!(out.len(), 200);
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, changes::Outcome::Changed(c) if c.len() == 1 && c[0].is_ok())));
+    for id in &ids {
+        assert_eq!(store.get(id).unwrap().unwrap().state, OutState::Queued);
+    }
+}
+
+#[test]
+fn runs_keep_order_stay_within_the_limit_and_never_split_a_job() {
+    let limit = changes::WRITES_PER_TRANSACTION;
+    assert_eq!(
+        changes::runs(&[], limit),
+        Vec::<std::ops::Range<usize>>::new()
+    );
+    assert_eq!(changes::runs(&[0, 0, 0], limit), vec![(0..3)]);
+    assert_eq!(changes::runs(&[limit], limit), vec![(0..1)]);
+    assert_eq!(changes::runs(&[limit, 1], limit), [0..1, 1..2]);
+    assert_eq!(changes::runs(&[1, limit + 5, 1], limit), [0..1, 1..2, 2..3]);
+    assert_eq!(changes::runs(&[40, 24, 1, 0], limit), [0..2, 2..4]);
+}
+
 /// The committer's tables, to hand it a round directly.
 fn tables(store: &Store) -> changes::Tables {
     let i = &store.inner;
