@@ -9,8 +9,8 @@
 //! pool ~16 % of both daemons' CPU. So the changes that are synced at once anyway — intake's
 //! release, the sender's stored receipt and its erasure after the receipt — are sent to the
 //! committer ([`Store::release_durably`], [`Store::store_receipt_durably`],
-//! [`Store::mark_delivered_soon`]), which applies all that arrived while it last synced in ONE
-//! transaction, then flushes and syncs once. Each change keeps its own outcome: one that finds
+//! [`Store::mark_delivered_soon`]), which applies all that arrived while it last synced in as
+//! few transactions as the bound below allows, then flushes and syncs once. Each change keeps its own outcome: one that finds
 //! no record fails alone, with no write, and never aborts the others.
 //! Intake's new envelopes go the same way ([`Store::enqueue_all_durably`]): storing a file's
 //! envelopes in a transaction of their own cost two more log-buffer writes per file. A file's
@@ -176,8 +176,8 @@ impl Job {
     }
 }
 
-/// `jobs` cut, in order, into runs that write at most `limit` records each; a job with more
-/// than `limit` is a run of its own.
+/// The jobs of a round (`writes`: the records each writes) cut, in order, into runs that write
+/// at most `limit` records each; a job with more than `limit` is a run of its own.
 pub(super) fn runs(writes: &[usize], limit: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut sum) = (0, 0);
