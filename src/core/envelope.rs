@@ -169,8 +169,13 @@ fn readable(what: &str) -> &'static [u8] {
 
 /// [`readable`] for [`FormatError::Version`]'s message: "1", "1 and 2".
 fn supported(what: &str) -> String {
-    let v: Vec<String> = readable(what).iter().map(u8::to_string).collect();
-    v.join(" and ")
+    versions_text(readable(what), " and ")
+}
+
+/// `versions` for a message, joined by `conjunction`: "1 and 2", "1 or 2".
+pub fn versions_text(versions: &[u8], conjunction: &str) -> String {
+    let v: Vec<String> = versions.iter().map(u8::to_string).collect();
+    v.join(conjunction)
 }
 
 /// A sealed envelope as it travels and is stored.

@@ -120,9 +120,11 @@ impl Directory {
                 .map_err(|err| errors.push(format!("{at}.encryption_key: {err}")))
                 .ok();
             let envelope_version = e.envelope_version.unwrap_or(crate::core::envelope::VERSION);
-            if !crate::core::envelope::ENVELOPE_VERSIONS.contains(&envelope_version) {
+            let versions = crate::core::envelope::ENVELOPE_VERSIONS;
+            if !versions.contains(&envelope_version) {
                 errors.push(format!(
-                    "{at}.envelope_version: {envelope_version} is not 1 or 2"
+                    "{at}.envelope_version: {envelope_version} is not {}",
+                    crate::core::envelope::versions_text(&versions, " or ")
                 ));
             }
             if e.server_name.is_empty() {

@@ -173,15 +173,18 @@ pub(crate) fn start_daemons(
     // five alternating pairs: 1,086-1,105 MiB in all against 1,109-1,115, the same wall time;
     // a node alone and busy loses ~5 % of its single-file rate with one arena.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let arenas = if settings.len() > cores { "1" } else { "2" };
+    let one_arena = settings.len() > cores;
     let mut daemons: Vec<Daemon> = settings
         .iter()
         .zip(configs)
         .map(|(s, config)| {
             let log = dir.join(format!("{}.log", s.area));
             let mut d = Daemon::new(exe.clone(), config.clone(), s.clone(), log);
-            d.extra_env
-                .push(("MALLOC_ARENA_MAX".to_owned(), arenas.to_owned()));
+            if one_arena {
+                // Overrides the unit's value, which the harness gives every daemon (MALLOC_ENV).
+                d.extra_env
+                    .push(("MALLOC_ARENA_MAX".to_owned(), "1".to_owned()));
+            }
             d
         })
         .collect();
