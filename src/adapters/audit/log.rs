@@ -13,12 +13,18 @@
 //! is abandoned: the next write goes to a new file and starts with a `torn_tail` record binding
 //! the leftover bytes (offset, length, SHA-256), which `verify` then skips. Once the chain
 //! append is durable the head moves even if `checkpoints.jsonl` then fails (its lines are
-//! retried with the next commit), so nothing is ever written twice under one sequence number.
+//! retried with the next commit), so the chain never holds two records under one sequence
+//! number (the unacknowledged records of a noted torn tail are outside it).
+//! Start after a crash: the head is the last record of the newest file's intact part (its lines
+//! from the start while each parses as a record). The rest of the file is a torn tail, noted by
+//! the first write: a last line without its newline, or, where blocks of the unsynced append
+//! reached the disk out of order, a line with a hole in it and the records behind it.
 //! Files: `audit-YYYY-MM-DD-NN.jsonl` (UTC date of the records; NN starts at 00 and rises when a
 //! file must not be appended to, e.g. after a torn tail; 100 and on have three digits, and the
-//! chain order is by date, then NN as a number), created mode 0640 with the directory
-//! fsynced; `checkpoints.jsonl` (every checkpoint line again, so truncation of the main log after
-//! a checkpoint is detectable). Tally counts are chained `tally` records (no `tally.json`).
+//! chain order is by date, then NN as a number), always created new (`O_EXCL`, mode 0640)
+//! with the directory fsynced; `checkpoints.jsonl` (every checkpoint line again, so truncation
+//! of the main log after a checkpoint is detectable). Tally counts are chained `tally` records
+//! (no `tally.json`).
 //! Must not: answer a caller before its record is durable; append to a file after a failed
 //! sync on it without first cutting it back through a fresh fd.
 
@@ -45,8 +51,8 @@ struct Writer {
     head: Head,
     file: Option<(String, File, u64)>,
     next_suffix: BTreeMap<NaiveDate, u32>,
-    /// A file with bytes past `offset` that are not in the chain (noted before the next record).
-    pending_torn: Option<(String, u64)>,
+    /// Files with bytes past `offset` that are not in the chain (noted before the next record).
+    pending_torn: Vec<(String, u64)>,
     /// Checkpoint lines durable in the chain but not yet in `checkpoints.jsonl`.
     pending_checkpoints: Vec<String>,
     /// Records since the last checkpoint (for `checkpoint_every_records`).
@@ -175,6 +181,34 @@ pub(super) fn fragment_digest(path: &Path, offset: u64) -> std::io::Result<(u64,
     Ok((len, out))
 }
 
+/// The intact part of a log file: its lines from the start, while each ends in a newline and
+/// parses as a record. Returns where that part ends and the head its last record makes.
+///
+/// After a crash during an append, not only can the last line lack its newline: blocks of the
+/// unsynced write can reach the disk out of order, so one that never did reads back as zeros
+/// (or, on some filesystems, old bytes) in front of one that did. Such a line ends in a
+/// newline and may be followed by whole records, none of them acknowledged. So everything
+/// from the first line that is not a record to the end is the damaged tail. Records that
+/// parse but do not chain are not cut off here: no crash makes those, `verify` names them.
+fn intact_prefix(bytes: &[u8]) -> (usize, Option<Head>) {
+    let mut end = 0;
+    // The last intact record: its sequence number and its line.
+    let mut last: Option<(u64, &[u8])> = None;
+    while let Some(nl) = bytes[end..].iter().position(|b| *b == b'\n') {
+        let line = &bytes[end..end + nl];
+        let Ok(rec) = serde_json::from_slice::<Record>(line) else {
+            break;
+        };
+        last = Some((rec.seq, line));
+        end += nl + 1;
+    }
+    let head = last.map(|(seq, line)| Head {
+        seq,
+        hash: line_hash(line),
+    });
+    (end, head)
+}
+
 /// Starts the writer: takes the lock, finds the chain head, notes a torn tail.
 pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started, AuditError> {
     fs::create_dir_all(&cfg.dir).map_err(|e| AuditError::io(&cfg.dir, e))?;
@@ -183,7 +217,7 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
         seq: 0,
         hash: GENESIS.into(),
     };
-    let mut pending_torn = None;
+    let mut pending_torn = Vec::new();
     let mut next_suffix = BTreeMap::new();
     let files = log_files(&cfg.dir)?;
     for f in &files {
@@ -196,7 +230,9 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
             *e = (*e).max(n + 1);
         }
     }
-    // The head is the last complete line of the newest file that has one.
+    // The head is the last record of the intact part of the newest file that has one. A file
+    // walked past (nothing intact in it) may hold the only note of an older file's damage, so
+    // every damaged file on the way is noted again.
     for f in files.iter().rev() {
         let mut bytes = Vec::new();
         File::open(f)
@@ -206,30 +242,17 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let complete = match bytes.iter().rposition(|b| *b == b'\n') {
-            Some(i) => i + 1,
-            None => 0,
-        };
-        if complete < bytes.len() && Some(f) == files.last() {
-            error!(file = %name, offset = complete, "audit log ends with a torn record (crash while writing); it is kept and noted, not repaired");
-            pending_torn = Some((name.clone(), complete as u64));
+        let (intact, last) = intact_prefix(&bytes);
+        if intact < bytes.len() {
+            error!(file = %name, offset = intact, damaged_bytes = bytes.len() - intact, "audit log ends with a torn or damaged tail (crash while writing); it is kept and noted, not repaired");
+            pending_torn.push((name, intact as u64));
         }
-        if complete == 0 {
-            continue;
+        if let Some(last) = last {
+            head = last;
+            break;
         }
-        let body = &bytes[..complete - 1];
-        let last = match body.iter().rposition(|b| *b == b'\n') {
-            Some(i) => &body[i + 1..],
-            None => body,
-        };
-        let rec: Record = serde_json::from_slice(last)
-            .map_err(|_| AuditError::Corrupt(format!("{name}: last record does not parse")))?;
-        head = Head {
-            seq: rec.seq,
-            hash: line_hash(last),
-        };
-        break;
     }
+    pending_torn.reverse();
     seal_torn_checkpoints(&cfg.dir)?;
     let shared_head = Arc::new(Mutex::new(head.clone()));
     let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -300,7 +323,7 @@ impl Writer {
             };
             lines.push((time, line));
         };
-        if let Some((file, offset)) = self.pending_torn.clone() {
+        for (file, offset) in self.pending_torn.clone() {
             let t = self.now();
             let path = self.cfg.dir.join(&file);
             match fragment_digest(&path, offset) {
@@ -401,7 +424,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 // The chain is durable: the head moves whatever happens to the copy below.
-                self.pending_torn = None;
+                self.pending_torn.clear();
                 self.head = head;
                 self.since_checkpoint = since;
                 if let Ok(mut h) = self.shared_head.lock() {
@@ -445,24 +468,47 @@ impl Writer {
             Ok(f) => self.file = Some((name, f, len)),
             Err(e) => {
                 error!(file = %name, offset = len, "audit file could not be cut back after a failed write ({e}); it is abandoned and the leftover bytes are noted");
-                self.pending_torn = Some((name, len));
+                self.pending_torn.push((name, len));
             }
         }
     }
 
+    /// Starts the day's next file. Always a new one (`O_EXCL`): a name that exists already is
+    /// skipped, so the writer never appends to a file it did not start, such as one that may
+    /// end in a torn line. A new file that does not read back as empty is removed again and the
+    /// write fails (the next takes the next name): the filesystem is not telling the truth, and
+    /// a line appended there would not land where the writer counts it.
     fn open_file(&mut self, day: NaiveDate) -> Result<(), AuditError> {
-        let n = self.next_suffix.get(&day).copied().unwrap_or(0);
-        let name = format!("audit-{}-{n:02}.jsonl", day.format("%Y-%m-%d"));
+        let n = self.next_suffix.entry(day).or_insert(0);
+        let (name, f) = loop {
+            let name = format!("audit-{}-{:02}.jsonl", day.format("%Y-%m-%d"), *n);
+            let path = self.cfg.dir.join(&name);
+            *n += 1;
+            match OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o640)
+                .open(&path)
+            {
+                Ok(f) => break (name, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(AuditError::io(&path, e)),
+            }
+        };
         let path = self.cfg.dir.join(&name);
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(&path)
-            .map_err(|e| AuditError::io(&path, e))?;
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let len = f.metadata().map_err(|e| AuditError::io(&path, e))?.len();
+        if len != 0 {
+            drop(f);
+            let _ = fs::remove_file(&path);
+            return Err(AuditError::io(
+                &path,
+                std::io::Error::other(format!(
+                    "created just now, yet the filesystem says it holds {len} bytes; not written to"
+                )),
+            ));
+        }
         sync_dir(&self.cfg.dir)?;
-        self.file = Some((name, f, len));
+        self.file = Some((name, f, 0));
         Ok(())
     }
 
@@ -475,7 +521,6 @@ impl Writer {
                 // A new day, or a first write after start: never append to a file that may end
                 // in a torn line; take the next file number of the day.
                 self.open_file(day)?;
-                *self.next_suffix.entry(day).or_insert(0) += 1;
             }
             let mut buf = Vec::new();
             while i < lines.len() && lines[i].0.date_naive() == day {

@@ -14,11 +14,13 @@
 //! subject key, no envelope id (see README, "Data protection"); the report is computed from
 //! them, so `verify` covers every figure. A `tally.json` left by older versions is ignored.
 //! Chain: `prev` = SHA-256 of the previous line's bytes; it continues across daily files.
-//! Recovery: a torn last line (crash mid-write) is left as it is; the next run writes to a new
-//! file, first a `torn_tail` record naming the file and offset, and `verify` accepts a torn line
-//! only when such a record acknowledges it. Truncation after a checkpoint is caught through
-//! `checkpoints.jsonl`. A retention purge removes whole old files and records an erasure naming
-//! them and the first surviving record (the new anchor).
+//! Recovery: a torn tail (crash mid-write: a last line without its newline, or from the first
+//! line that is no record, e.g. one with a block of zeros in it, to the end) is left as it is;
+//! the next run writes to a new file, first a `torn_tail` record naming the file and offset and
+//! binding the bytes, and `verify` accepts torn bytes only when such a record acknowledges
+//! them. Truncation after a checkpoint is caught through `checkpoints.jsonl`. A retention purge
+//! removes whole old files and records an erasure naming them and the first surviving record
+//! (the new anchor).
 //! Must not: be written by two processes at once — enforced by a `flock` on `audit.lock` (the
 //! daemon owns it; CLI commands go through its control socket, or open it only when no daemon
 //! runs, and get [`AuditError::Locked`] otherwise).
@@ -266,51 +268,79 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Calls `f` with every complete record of the log, in chain order, streaming.
-pub fn for_each_record(dir: &Path, mut f: impl FnMut(&Record, &str)) -> Result<(), AuditError> {
+/// Calls `f` with every record of the chain, in chain order, streaming.
+pub fn for_each_record(dir: &Path, f: impl FnMut(&Record, &str)) -> Result<(), AuditError> {
+    for_each_record_in(&log::log_files(dir)?, f)
+}
+
+/// [`for_each_record`] over some of the log's files, in chain order. A file is read up to its
+/// torn tail, noted or not yet noted: the offset a `torn_tail` note gives, or else its first
+/// line that is no record (see `log::intact_prefix`). The records behind it were never
+/// acknowledged, so a recovery that asks "is it recorded?" must not count them. The notes of a
+/// file are in later files, so `files` must run to the newest.
+fn for_each_record_in(
+    files: &[PathBuf],
+    mut f: impl FnMut(&Record, &str),
+) -> Result<(), AuditError> {
     use std::io::BufRead;
-    for path in log::log_files(dir)? {
-        let file = std::fs::File::open(&path).map_err(|e| AuditError::io(&path, e))?;
-        for line in std::io::BufReader::new(file).split(b'\n') {
-            let line = line.map_err(|e| AuditError::io(&path, e))?;
-            let Ok(text) = std::str::from_utf8(&line) else {
-                continue;
-            };
-            if let Ok(rec) = serde_json::from_str::<Record>(text) {
-                f(&rec, text);
+    let notes = verify::torn_notes(files).map_err(|e| AuditError::Corrupt(e.to_string()))?;
+    for path in files {
+        let name = verify::name_of(path);
+        let torn_at = notes
+            .keys()
+            .filter(|(file, _)| *file == name)
+            .map(|(_, offset)| *offset)
+            .min()
+            .unwrap_or(u64::MAX);
+        let file = std::fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
+        let mut r = std::io::BufReader::new(file);
+        let mut line = Vec::new();
+        let mut offset = 0u64;
+        while offset < torn_at {
+            line.clear();
+            let n = r
+                .read_until(b'\n', &mut line)
+                .map_err(|e| AuditError::io(path, e))?;
+            if line.pop() != Some(b'\n') {
+                break;
             }
+            let Some((rec, text)) = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|t| Some((serde_json::from_str::<Record>(t).ok()?, t)))
+            else {
+                break;
+            };
+            f(&rec, text);
+            offset += n as u64;
         }
     }
     Ok(())
 }
 
-/// True when a record of the log names envelope `id`, looking only at day files modified at or
-/// after `since` (the envelope's creation). Intake uses it when it finds an envelope it stored
-/// but never released (a crash in between) to tell whether its records were already written.
+/// True when a record of the chain names envelope `id`, looking only at day files modified at
+/// or after `since` (the envelope's creation). Intake uses it when it finds an envelope it
+/// stored but never released (a crash in between) to tell whether its records were already
+/// written.
 pub fn mentions_envelope(
     dir: &Path,
     id: &crate::core::types::EnvelopeId,
     since: std::time::SystemTime,
 ) -> Result<bool, AuditError> {
-    use std::io::BufRead;
-    let needle = format!("\"envelope_id\":\"{id}\"");
-    for path in log::log_files(dir)? {
-        let fresh = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .map(|t| t >= since)
-            .unwrap_or(true);
-        if !fresh {
-            continue;
-        }
-        let file = std::fs::File::open(&path).map_err(|e| AuditError::io(&path, e))?;
-        for line in std::io::BufReader::new(file).split(b'\n') {
-            let line = line.map_err(|e| AuditError::io(&path, e))?;
-            if line.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
+    let fresh: Vec<PathBuf> = log::log_files(dir)?
+        .into_iter()
+        .filter(|path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .map(|t| t >= since)
+                .unwrap_or(true)
+        })
+        .collect();
+    let id = id.to_string();
+    let mut found = false;
+    for_each_record_in(&fresh, |rec, _| {
+        found |= rec.envelope_id.as_deref() == Some(id.as_str());
+    })?;
+    Ok(found)
 }
 
 /// The provider systems named in the log (to search for a reference without its system).

@@ -213,15 +213,7 @@ async fn a_torn_last_line_is_reported_and_acknowledged_never_repaired() {
         "an unacknowledged torn line fails: {failure}"
     );
 
-    let log = AuditLog::open(config(dir.path()), signer).unwrap();
-    log.record(Event::new(
-        Operation::Consultation,
-        Actor::User("tester".into()),
-        Outcome::Ok,
-    ))
-    .await
-    .unwrap();
-    log.close().await.unwrap();
+    one_more_run(dir.path(), &signer).await;
     assert_eq!(
         fs::read(&file).unwrap(),
         bytes,
@@ -813,6 +805,186 @@ async fn a_torn_tail_note_binds_the_fragment_bytes() {
     bytes.extend_from_slice(b"me\":\"x\"}\n");
     fs::write(&file, &bytes).unwrap();
     assert!(verify(dir.path(), &keys).is_err());
+}
+
+/// One consultation recorded by a fresh run of the writer, then closed.
+async fn one_more_run(dir: &Path, signer: &Arc<SigningKey>) -> Head {
+    let log = AuditLog::open(config(dir), signer.clone()).unwrap();
+    let head = log
+        .record(Event::new(
+            Operation::Consultation,
+            Actor::User("tester".into()),
+            Outcome::Ok,
+        ))
+        .await
+        .unwrap();
+    log.close().await.unwrap();
+    head
+}
+
+/// A crash during an append can leave a block that never reached the disk (zeros) in front of
+/// one that did: a line that ends in a newline but is no record, then whole records. That used
+/// to stop the writer ("last record does not parse") or, when the last line happened to parse,
+/// to continue the chain from a record behind the damage, which `verify` then refused forever.
+#[tokio::test]
+async fn a_hole_in_an_unsynced_tail_is_noted_with_all_that_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let (keys, ..) = sample_log_signed(dir.path(), 3, signer.clone()).await;
+    let file = only_file(dir.path());
+    let intact = fs::read(&file).unwrap();
+    let last_seq = verify(dir.path(), &keys).unwrap().records;
+    let first_line = intact.split(|b| *b == b'\n').next().unwrap().to_vec();
+    for (case, damage) in [
+        // A hole, the end of a line, then a whole record that parses.
+        [&[0u8; 40][..], b"\"}\n", &first_line, b"\n"].concat(),
+        // A last line that is complete but no record.
+        [&[0u8; 7][..], b"}\n"].concat(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let case_dir = tempfile::tempdir().unwrap();
+        let case_file = case_dir.path().join(name_of(&file));
+        let bytes = [&intact[..], damage].concat();
+        fs::write(&case_file, &bytes).unwrap();
+        let failure = verify(case_dir.path(), &keys).unwrap_err();
+        assert!(
+            failure.problem.contains("does not parse"),
+            "case {case}: {failure}"
+        );
+        let head = one_more_run(case_dir.path(), &signer).await;
+        assert_eq!(
+            head.seq,
+            last_seq + 2,
+            "case {case}: the chain goes on from the last intact record, after the note"
+        );
+        assert_eq!(fs::read(&case_file).unwrap(), bytes, "case {case}: kept");
+        let report = verify(case_dir.path(), &keys).unwrap();
+        assert_eq!(report.torn_acknowledged, 1, "case {case}");
+    }
+}
+
+/// Recovery asks the log "is it recorded?" (intake's unreleased envelopes, the sender's stored
+/// receipts, withdrawals, the return): a record behind a hole in a torn tail was never
+/// acknowledged and is not in the chain, so it must not count — before the tail is noted and
+/// after.
+#[tokio::test]
+async fn records_behind_a_torn_tail_are_not_read_as_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let (keys, ..) = sample_log_signed(dir.path(), 3, signer.clone()).await;
+    let file = only_file(dir.path());
+    let mut bytes = fs::read(&file).unwrap();
+    let first_line =
+        String::from_utf8(bytes.split(|b| *b == b'\n').next().unwrap().to_vec()).unwrap();
+    let first: Record = serde_json::from_str(&first_line).unwrap();
+    let behind = EnvelopeId::generate();
+    let unacknowledged =
+        first_line.replace(first.envelope_id.as_deref().unwrap(), &behind.to_string());
+    bytes.extend_from_slice(&[0; 30]);
+    bytes.extend_from_slice(format!("\"}}\n{unacknowledged}\n").as_bytes());
+    fs::write(&file, &bytes).unwrap();
+    let since = std::time::SystemTime::UNIX_EPOCH;
+    let count = |dir: &Path| {
+        let mut n = 0;
+        for_each_record(dir, |_, _| n += 1).unwrap();
+        n
+    };
+    let intact = count(dir.path());
+    assert_eq!(intact, 4, "three records and the closing checkpoint");
+    assert!(!mentions_envelope(dir.path(), &behind, since).unwrap());
+    assert!(mentions_envelope(
+        dir.path(),
+        &first.envelope_id.unwrap().parse().unwrap(),
+        since
+    )
+    .unwrap());
+    one_more_run(dir.path(), &signer).await;
+    assert_eq!(verify(dir.path(), &keys).unwrap().torn_acknowledged, 1);
+    assert_eq!(
+        count(dir.path()),
+        intact + 3,
+        "the note, the consultation and the closing checkpoint"
+    );
+    assert!(!mentions_envelope(dir.path(), &behind, since).unwrap());
+}
+
+/// The newest file damaged from its first byte: its first line was the note of the torn tail
+/// before it, so that tail is noted again with it, and the chain goes on from the file before.
+#[tokio::test]
+async fn a_newest_file_damaged_from_its_start_is_noted_with_the_tail_it_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let (keys, ..) = sample_log_signed(dir.path(), 3, signer.clone()).await;
+    let first = only_file(dir.path());
+    let last_seq = verify(dir.path(), &keys).unwrap().records;
+    let mut torn = fs::read(&first).unwrap();
+    torn.extend_from_slice(b"{\"v\":2,\"seq\":99,\"ti");
+    fs::write(&first, &torn).unwrap();
+    let copies = dir.path().join("checkpoints.jsonl");
+    let copies_before = fs::read(&copies).unwrap();
+    one_more_run(dir.path(), &signer).await;
+    // The second run's append never fully reached the disk: its first block is zeros, and the
+    // copy of its closing checkpoint was never written.
+    let second = only_file(dir.path());
+    assert_ne!(second, first);
+    let mut bytes = fs::read(&second).unwrap();
+    assert!(String::from_utf8_lossy(&bytes).starts_with("{\"v\":2,\"seq\":"));
+    bytes[..64].fill(0);
+    fs::write(&second, &bytes).unwrap();
+    fs::write(&copies, &copies_before).unwrap();
+
+    let head = one_more_run(dir.path(), &signer).await;
+    assert_eq!(head.seq, last_seq + 3, "two notes, then the consultation");
+    assert_eq!(fs::read(&first).unwrap(), torn);
+    assert_eq!(fs::read(&second).unwrap(), bytes);
+    let report = verify(dir.path(), &keys).unwrap();
+    assert_eq!(report.torn_acknowledged, 2);
+    assert_eq!(report.files, 3);
+}
+
+/// A file with the name the writer would take next (here it appeared after the writer
+/// started) is never appended to: the writer takes the name after it.
+#[tokio::test]
+async fn the_writer_never_appends_to_a_file_it_did_not_start() {
+    static NEXT_DAY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    fn clock() -> chrono::DateTime<Utc> {
+        if NEXT_DAY.load(std::sync::atomic::Ordering::SeqCst) {
+            day_two()
+        } else {
+            day_one()
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Arc::new(SigningKey::generate().unwrap().0);
+    let keys = vec![signer.public_key()];
+    let mut cfg = config(dir.path());
+    cfg.clock = clock;
+    let log = AuditLog::open(cfg, signer).unwrap();
+    let (secret, _) = SubjectSecret::generate().unwrap();
+    let k = secret.key("s", "r");
+    log.record(event(0, &k)).await.unwrap();
+    let planted = dir.path().join("audit-2026-11-21-00.jsonl");
+    fs::write(&planted, b"").unwrap();
+    NEXT_DAY.store(true, std::sync::atomic::Ordering::SeqCst);
+    log.record(event(1, &k)).await.unwrap();
+    log.close().await.unwrap();
+    assert_eq!(fs::read(&planted).unwrap(), b"", "left alone");
+    let names: Vec<String> = log::log_files(dir.path())
+        .unwrap()
+        .iter()
+        .map(|p| name_of(p).to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "audit-2026-11-20-00.jsonl",
+            "audit-2026-11-21-00.jsonl",
+            "audit-2026-11-21-01.jsonl"
+        ]
+    );
+    assert_eq!(verify(dir.path(), &keys).unwrap().records, 3);
 }
 
 #[tokio::test]

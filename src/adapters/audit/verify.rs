@@ -89,7 +89,7 @@ fn fail(file: &str, line: usize, seq: Option<u64>, problem: impl Into<String>) -
 }
 
 /// A torn-tail note: (file, offset) → (length, sha256) for v2, `None` for a v1 note.
-type Acks = BTreeMap<(String, u64), Option<(u64, String)>>;
+pub(super) type Acks = BTreeMap<(String, u64), Option<(u64, String)>>;
 
 /// Reads one line (without the newline) into `buf`; `Ok(false)` at end of file. A last line
 /// without a newline is returned with `complete = false`.
@@ -108,7 +108,7 @@ fn next_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<
 }
 
 /// First pass: every torn-tail note in the files (trusted only once pass two meets it chained).
-fn torn_notes(files: &[std::path::PathBuf]) -> Result<Acks, VerifyFailure> {
+pub(super) fn torn_notes(files: &[std::path::PathBuf]) -> Result<Acks, VerifyFailure> {
     let mut acks = Acks::new();
     let mut buf = Vec::new();
     for path in files {
