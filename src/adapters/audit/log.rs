@@ -181,32 +181,47 @@ pub(super) fn fragment_digest(path: &Path, offset: u64) -> std::io::Result<(u64,
     Ok((len, out))
 }
 
-/// The intact part of a log file: its lines from the start, while each ends in a newline and
-/// parses as a record. Returns where that part ends and the head its last record makes.
+/// Reads the records of the log file `path` in order, up to `stop` (a noted torn tail's
+/// offset) or its torn tail not yet noted: a last line without its newline, or the first line
+/// that is no record. Calls `f` with each record and its line; returns where it stopped.
+/// Streams, one line (at most `MAX_LINE`) in memory.
 ///
 /// After a crash during an append, not only can the last line lack its newline: blocks of the
 /// unsynced write can reach the disk out of order, so one that never did reads back as zeros
 /// (or, on some filesystems, old bytes) in front of one that did. Such a line ends in a
 /// newline and may be followed by whole records, none of them acknowledged. So everything
-/// from the first line that is not a record to the end is the damaged tail. Records that
-/// parse but do not chain are not cut off here: no crash makes those, `verify` names them.
-fn intact_prefix(bytes: &[u8]) -> (usize, Option<Head>) {
-    let mut end = 0;
-    // The last intact record: its sequence number and its line.
-    let mut last: Option<(u64, &[u8])> = None;
-    while let Some(nl) = bytes[end..].iter().position(|b| *b == b'\n') {
-        let line = &bytes[end..end + nl];
-        let Ok(rec) = serde_json::from_slice::<Record>(line) else {
+/// from the first line that is not a record to the end is the torn tail. Records that parse
+/// but do not chain are not cut off here: no crash makes those, `verify` names them.
+pub(super) fn each_intact_record(
+    path: &Path,
+    stop: u64,
+    mut f: impl FnMut(&Record, &str),
+) -> Result<u64, AuditError> {
+    use std::io::BufRead;
+    let file = File::open(path).map_err(|e| AuditError::io(path, e))?;
+    let mut r = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    let mut offset = 0u64;
+    while offset < stop {
+        line.clear();
+        let n = r
+            .by_ref()
+            .take(super::verify::MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| AuditError::io(path, e))?;
+        if line.pop() != Some(b'\n') {
+            break;
+        }
+        let Some((rec, text)) = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|t| Some((serde_json::from_str::<Record>(t).ok()?, t)))
+        else {
             break;
         };
-        last = Some((rec.seq, line));
-        end += nl + 1;
+        f(&rec, text);
+        offset += n as u64;
     }
-    let head = last.map(|(seq, line)| Head {
-        seq,
-        hash: line_hash(line),
-    });
-    (end, head)
+    Ok(offset)
 }
 
 /// Starts the writer: takes the lock, finds the chain head, notes a torn tail.
@@ -234,21 +249,27 @@ pub(super) fn start(cfg: AuditConfig, signer: Arc<SigningKey>) -> Result<Started
     // walked past (nothing intact in it) may hold the only note of an older file's damage, so
     // every damaged file on the way is noted again.
     for f in files.iter().rev() {
-        let mut bytes = Vec::new();
-        File::open(f)
-            .and_then(|mut h| h.read_to_end(&mut bytes))
-            .map_err(|e| AuditError::io(f, e))?;
         let name = f
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (intact, last) = intact_prefix(&bytes);
-        if intact < bytes.len() {
-            error!(file = %name, offset = intact, damaged_bytes = bytes.len() - intact, "audit log ends with a torn or damaged tail (crash while writing); it is kept and noted, not repaired");
-            pending_torn.push((name, intact as u64));
+        let mut last: Option<(u64, Vec<u8>)> = None;
+        let intact = each_intact_record(f, u64::MAX, |rec, line| {
+            let (seq, bytes) = last.get_or_insert_with(Default::default);
+            *seq = rec.seq;
+            bytes.clear();
+            bytes.extend_from_slice(line.as_bytes());
+        })?;
+        let len = fs::metadata(f).map_err(|e| AuditError::io(f, e))?.len();
+        if intact < len {
+            error!(file = %name, offset = intact, damaged_bytes = len - intact, "audit log ends with a torn or damaged tail (crash while writing); it is kept and noted, not repaired");
+            pending_torn.push((name, intact));
         }
-        if let Some(last) = last {
-            head = last;
+        if let Some((seq, line)) = last {
+            head = Head {
+                seq,
+                hash: line_hash(&line),
+            };
             break;
         }
     }

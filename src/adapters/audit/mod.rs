@@ -275,14 +275,13 @@ pub fn for_each_record(dir: &Path, f: impl FnMut(&Record, &str)) -> Result<(), A
 
 /// [`for_each_record`] over some of the log's files, in chain order. A file is read up to its
 /// torn tail, noted or not yet noted: the offset a `torn_tail` note gives, or else its first
-/// line that is no record (see `log::intact_prefix`). The records behind it were never
+/// line that is no record (see `log::each_intact_record`). The records behind it were never
 /// acknowledged, so a recovery that asks "is it recorded?" must not count them. The notes of a
 /// file are in later files, so `files` must run to the newest.
 fn for_each_record_in(
     files: &[PathBuf],
     mut f: impl FnMut(&Record, &str),
 ) -> Result<(), AuditError> {
-    use std::io::BufRead;
     let notes = verify::torn_notes(files).map_err(|e| AuditError::Corrupt(e.to_string()))?;
     for path in files {
         let name = verify::name_of(path);
@@ -292,27 +291,7 @@ fn for_each_record_in(
             .map(|(_, offset)| *offset)
             .min()
             .unwrap_or(u64::MAX);
-        let file = std::fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
-        let mut r = std::io::BufReader::new(file);
-        let mut line = Vec::new();
-        let mut offset = 0u64;
-        while offset < torn_at {
-            line.clear();
-            let n = r
-                .read_until(b'\n', &mut line)
-                .map_err(|e| AuditError::io(path, e))?;
-            if line.pop() != Some(b'\n') {
-                break;
-            }
-            let Some((rec, text)) = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|t| Some((serde_json::from_str::<Record>(t).ok()?, t)))
-            else {
-                break;
-            };
-            f(&rec, text);
-            offset += n as u64;
-        }
+        log::each_intact_record(path, torn_at, &mut f)?;
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::crypto::VerifyingKey;
 const TORN_OP: &[u8] = b"\"op\":\"torn_tail\"";
 
 /// Longest line `verify` reads (a record is well under 4 KiB).
-const MAX_LINE: u64 = 1 << 20;
+pub(super) const MAX_LINE: u64 = 1 << 20;
 
 /// What `verify` found in a good log.
 #[derive(Debug)]
