@@ -528,7 +528,15 @@ impl Writer {
                 )),
             ));
         }
-        sync_dir(&self.cfg.dir)?;
+        if let Err(e) = sync_dir(&self.cfg.dir) {
+            // Not started after all: the next write takes this name again, so a directory that
+            // keeps failing its sync does not fill with empty files.
+            drop(f);
+            if fs::remove_file(&path).is_ok() {
+                *self.next_suffix.entry(day).or_insert(1) -= 1;
+            }
+            return Err(e);
+        }
         self.file = Some((name, f, 0));
         Ok(())
     }
