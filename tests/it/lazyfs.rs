@@ -476,6 +476,9 @@ impl LazyFs {
 
 fn spawn(bin: &Path, mnt: &Path, cfg: &Path, root: &Path, log: &Path) -> Child {
     Command::new(bin)
+        // Beside its log, in the test's own directory: a core dump of a LazyFS crash (a test
+        // makes one happen) must not land in the checkout.
+        .current_dir(log.parent().unwrap_or(Path::new("/")))
         .arg(mnt)
         .arg("--config-path")
         .arg(cfg)
