@@ -24,8 +24,9 @@
 //! a handful of syncs, not N. Nothing may be acknowledged (outbox file deleted, receipt sent)
 //! before `durable()` returns. The hot writes (intake's new envelopes and their release, the
 //! sender's stored receipt and erasure) are handed to the committer itself, which applies all
-//! that arrived during its last sync in few transactions (up to 64 records each) before it syncs
-//! once (see `changes`: each sled transaction costs two log-buffer writes).
+//! that arrived during its last sync in few transactions (up to
+//! `changes::WRITES_PER_TRANSACTION` records each) before it syncs once (see `changes`: each
+//! sled transaction costs two log-buffer writes).
 //! Visibility (write-ahead audit): [`Store::enqueue`] writes an envelope in state `Held`, outside
 //! every queue. Intake syncs it, writes its audit records (collection first), and only then
 //! [`Store::release`]s it into its peer's queue. So the sender can never take an envelope whose

@@ -10,8 +10,9 @@
 //! release, the sender's stored receipt and its erasure after the receipt — are sent to the
 //! committer ([`Store::release_durably`], [`Store::store_receipt_durably`],
 //! [`Store::mark_delivered_soon`]), which applies all that arrived while it last synced in as
-//! few transactions as the bound below allows, then flushes and syncs once. Each change keeps its own outcome: one that finds
-//! no record fails alone, with no write, and never aborts the others.
+//! few transactions as the bound below allows, then flushes and syncs once. Each change keeps
+//! its own outcome: one that finds no record fails alone, with no write, and never aborts the
+//! others.
 //! Intake's new envelopes go the same way ([`Store::enqueue_all_durably`]): storing a file's
 //! envelopes in a transaction of their own cost two more log-buffer writes per file. A file's
 //! envelopes are all stored or none: an enqueue that fails inside the shared transaction aborts

@@ -1,6 +1,7 @@
 //! The store's group commit: one thread applies the record changes sent to it in transactions
-//! of at most 64 records (see `changes`), then flushes sled and fdatasyncs its files for every
-//! waiter that has arrived (see "Durability" in the parent module).
+//! of at most [`super::changes::WRITES_PER_TRANSACTION`] records, then flushes sled and
+//! fdatasyncs its files for every waiter that has arrived (see "Durability" in the parent
+//! module).
 //!
 //! A failed flush or sync is final (the PostgreSQL "fsyncgate" lesson): after a failed `fsync`
 //! the kernel may already have dropped the dirty pages and marked them clean, so a second
